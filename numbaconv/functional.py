@@ -138,9 +138,7 @@ def im2col(x, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1) -> np.ndar
     cols = np.empty((rows, geom.batch, pixels), dtype=x.dtype)
     if geom.batch:
         with kernel_guard():
-            im2col_kernel(
-                np.ascontiguousarray(x), cols.transpose(1, 0, 2), *geometry_args(geom)
-            )
+            im2col_kernel(np.ascontiguousarray(x), cols.transpose(1, 0, 2), *geometry_args(geom))
     return cols.reshape(rows, geom.batch * pixels)
 
 

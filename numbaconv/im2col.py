@@ -119,8 +119,9 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     g, pixels = geom.groups, oh * ow
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     chunk = images_per_chunk(geom, x.itemsize)
-    cols = np.empty((chunk, geom.in_channels * geom.filter_height * geom.filter_width, pixels),
-                    dtype=x.dtype)
+    cols = np.empty(
+        (chunk, geom.in_channels * geom.filter_height * geom.filter_width, pixels), dtype=x.dtype
+    )
     w_groups = _grouped_weight(w, geom)
     args = geometry_args(geom)
     for n0 in range(0, n, chunk):
@@ -141,8 +142,9 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     n, k, oh, ow = geom.output_shape
     g, pixels = geom.groups, oh * ow
     chunk = images_per_chunk(geom, x.itemsize)
-    cols = np.empty((chunk, geom.in_channels * geom.filter_height * geom.filter_width, pixels),
-                    dtype=x.dtype)
+    cols = np.empty(
+        (chunk, geom.in_channels * geom.filter_height * geom.filter_width, pixels), dtype=x.dtype
+    )
     w_groups = _grouped_weight(w, geom)
     w_groups_t = np.ascontiguousarray(w_groups.transpose(0, 2, 1))
     grad_x = np.empty_like(x)
