@@ -91,8 +91,8 @@ class ConvLayer:
         self.dtype = dtype
 
         if rng is None:
-            w = wb_width * np.random.randn(*weight_shape)
-            b = wb_width * np.random.randn(1, n_flt)
+            w = wb_width * np.random.randn(*weight_shape)  # noqa: NPY002 (teaching init)
+            b = wb_width * np.random.randn(1, n_flt)  # noqa: NPY002
         else:
             w = wb_width * rng.standard_normal(weight_shape)
             b = wb_width * rng.standard_normal((1, n_flt))
