@@ -233,8 +233,8 @@ class TextbookConvLayer:
         self.relu = relu
 
         # Initial filters and biases
-        self.w = wb_width * np.random.randn(n_flt, x_ch, flt_h, flt_w)
-        self.b = wb_width * np.random.randn(1, n_flt)
+        self.w = wb_width * np.random.randn(n_flt, x_ch, flt_h, flt_w)  # noqa: NPY002
+        self.b = wb_width * np.random.randn(1, n_flt)  # noqa: NPY002
 
         # Output size
         self.y_ch = n_flt

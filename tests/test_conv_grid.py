@@ -54,10 +54,7 @@ def test_forward_with_list_arguments(kernel, cfg):
     """Pairs may be given as lists too."""
     x, w, b, _ = make_data(cfg, np.float64)
     ref = reference(cfg, np.float64)
-    kw = {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in cfg.kwargs.items()
-    }
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.kwargs.items()}
     y = nc.conv2d(x, w, b, kernel=kernel, **kw)
     assert_close(y, ref.y, ref.y_abs, np.float64, f"forward {cfg}")
 

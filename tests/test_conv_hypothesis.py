@@ -1,4 +1,4 @@
-"""Random small configurations (hypothesis) against the loop reference, every kernel, both dtypes."""
+"""Random small configurations (hypothesis) vs the loop reference, every kernel, both dtypes."""
 
 from __future__ import annotations
 

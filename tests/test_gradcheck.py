@@ -60,8 +60,9 @@ def test_finite_differences(kernel, cfg):
 
 def test_backward_is_transpose_of_forward(kernel):
     """<conv2d(x, w), g> == <x, grad_x(g)> == <w, grad_w(g)> (bilinearity), for every kernel."""
-    cfg = Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
-              bias=False)
+    cfg = Cfg(
+        2, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, bias=False
+    )
     x, w, _, g = make_data(cfg, np.float64, seed=11)
     y = nc.conv2d(x, w, kernel=kernel, **cfg.kwargs)
     gx, gw, gb = nc.conv2d_backward(g, x, w, kernel=kernel, **cfg.kwargs)

@@ -1,0 +1,139 @@
+"""Public im2col / col2im: teaching layout, element-by-element reference, adjointness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from naive import col2im as textbook_col2im
+from naive import col2im_naive, im2col_naive
+from naive import im2col as textbook_im2col
+
+import numbaconv as nc
+
+# (x_shape, flt_h, flt_w, stride, pad)
+CASES = [
+    ((2, 3, 5, 4), 3, 3, 1, 0),
+    ((2, 3, 5, 4), 3, 3, 1, 1),
+    ((1, 2, 7, 6), 3, 2, 2, 1),
+    ((2, 2, 6, 6), 2, 2, 2, 0),
+    ((2, 1, 7, 7), 2, 2, 3, 0),
+    ((1, 2, 4, 5), 1, 1, 1, 0),
+    ((2, 2, 3, 3), 3, 3, 1, 2),
+    ((3, 1, 4, 4), 4, 4, 1, 0),
+    ((2, 2, 6, 5), 5, 3, 2, 2),
+]
+
+
+def _out(size, k, stride, pad):
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _args(case):
+    x_shape, fh, fw, stride, pad = case
+    y_h = _out(x_shape[2], fh, stride, pad)
+    y_w = _out(x_shape[3], fw, stride, pad)
+    return x_shape, fh, fw, y_h, y_w, stride, pad
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_im2col_matches_naive_and_textbook(case, dtype):
+    x_shape, fh, fw, y_h, y_w, stride, pad = _args(case)
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(dtype)
+    cols = nc.im2col(x, fh, fw, y_h, y_w, stride, pad)
+    expect = im2col_naive(x, fh, fw, y_h, y_w, stride, pad)
+    assert cols.shape == (x_shape[1] * fh * fw, x_shape[0] * y_h * y_w)
+    assert cols.dtype == dtype
+    # A copy: exact.
+    np.testing.assert_array_equal(cols, expect)
+    np.testing.assert_array_equal(cols, textbook_im2col(x, fh, fw, y_h, y_w, stride, pad))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_col2im_matches_naive_and_textbook(case, dtype):
+    x_shape, fh, fw, y_h, y_w, stride, pad = _args(case)
+    rng = np.random.default_rng(1)
+    cols = rng.standard_normal((x_shape[1] * fh * fw, x_shape[0] * y_h * y_w)).astype(dtype)
+    img = nc.col2im(cols, x_shape, fh, fw, y_h, y_w, stride, pad)
+    expect = col2im_naive(cols, x_shape, fh, fw, y_h, y_w, stride, pad)
+    assert img.shape == x_shape
+    assert img.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(img, expect, rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        img, textbook_col2im(cols, x_shape, fh, fw, y_h, y_w, stride, pad), rtol=tol, atol=tol
+    )
+
+
+def test_col2im_sums_overlaps():
+    """All-ones columns: each pixel receives the number of windows that contain it."""
+    x_shape, fh, fw, stride, pad = (1, 1, 4, 4), 3, 3, 1, 0
+    cols = np.ones((9, 4))
+    img = nc.col2im(cols, x_shape, fh, fw, 2, 2, stride, pad)
+    counts = np.array([[1, 2, 2, 1], [2, 4, 4, 2], [2, 4, 4, 2], [1, 2, 2, 1]], dtype=float)
+    np.testing.assert_array_equal(img[0, 0], counts)
+
+
+def test_im2col_row_and_column_order():
+    """Row (c, r, s), column (n, oh, ow): check a few entries by index arithmetic."""
+    n_b, n_c, h, w = 2, 3, 4, 5
+    x = np.arange(n_b * n_c * h * w, dtype=np.float64).reshape(n_b, n_c, h, w)
+    cols = nc.im2col(x, 2, 3, 3, 3, 1, 0)
+    for n, c, r, s, oh, ow in [(0, 0, 0, 0, 0, 0), (1, 2, 1, 2, 2, 2), (1, 1, 0, 2, 1, 0)]:
+        row = (c * 2 + r) * 3 + s
+        col = (n * 3 + oh) * 3 + ow
+        assert cols[row, col] == x[n, c, oh + r, ow + s]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_adjoint_identity(case):
+    x_shape, fh, fw, y_h, y_w, stride, pad = _args(case)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(x_shape)
+    c = rng.standard_normal((x_shape[1] * fh * fw, x_shape[0] * y_h * y_w))
+    lhs = float(np.sum(nc.im2col(x, fh, fw, y_h, y_w, stride, pad) * c))
+    rhs = float(np.sum(x * nc.col2im(c, x_shape, fh, fw, y_h, y_w, stride, pad)))
+    assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
+
+
+def test_im2col_inputs_not_modified_and_layouts():
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((2, 3, 10, 12))
+    x = base[:, :, ::2, ::2]  # non-contiguous view (2, 3, 5, 6)
+    x_copy = x.copy()
+    expect = im2col_naive(x_copy, 3, 3, 3, 4, 1, 0)
+    np.testing.assert_array_equal(nc.im2col(x, 3, 3, 3, 4, 1, 0), expect)
+    np.testing.assert_array_equal(x, x_copy)
+    f = np.asfortranarray(x_copy)
+    f.setflags(write=False)
+    np.testing.assert_array_equal(nc.im2col(f, 3, 3, 3, 4, 1, 0), expect)
+    cols = rng.standard_normal((27, 2 * 3 * 4))
+    cols_f = np.asfortranarray(cols)
+    cols_f.setflags(write=False)
+    expect_img = col2im_naive(cols, (2, 3, 5, 6), 3, 3, 3, 4, 1, 0)
+    np.testing.assert_allclose(
+        nc.col2im(cols_f, (2, 3, 5, 6), 3, 3, 3, 4, 1, 0), expect_img, rtol=1e-13, atol=1e-13
+    )
+    np.testing.assert_array_equal(cols_f, cols)
+
+
+def test_im2col_batch_zero():
+    cols = nc.im2col(np.zeros((0, 2, 4, 4)), 3, 3, 2, 2, 1, 0)
+    assert cols.shape == (18, 0)
+    img = nc.col2im(np.zeros((18, 0)), (0, 2, 4, 4), 3, 3, 2, 2, 1, 0)
+    assert img.shape == (0, 2, 4, 4)
+
+
+def test_im2col_errors():
+    x = np.zeros((1, 2, 4, 4))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        nc.im2col(np.zeros((2, 4, 4)), 3, 3, 2, 2, 1, 0)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        nc.im2col(x.astype(np.int64), 3, 3, 2, 2, 1, 0)
+    with pytest.raises(ValueError, match=r"y_h, y_w = \(3, 2\) do not match"):
+        nc.im2col(x, 3, 3, 3, 2, 1, 0)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        nc.col2im(np.zeros((18, 4), dtype=np.float16), (1, 2, 4, 4), 3, 3, 2, 2, 1, 0)
+    with pytest.raises(ValueError, match=r"cols must have shape \(18, 4\)"):
+        nc.col2im(np.zeros((18, 5)), (1, 2, 4, 4), 3, 3, 2, 2, 1, 0)

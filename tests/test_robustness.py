@@ -1,0 +1,173 @@
+"""Inputs untouched, any memory layout, empty batch, NaN/Inf propagation, dtype preservation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import Cfg, assert_close, make_data, naive_reference, reference, run_all
+
+import numbaconv as nc
+
+CFG = Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=1, groups=2, name="robust")
+CFG_SAME = Cfg(2, 2, 5, 6, 3, 2, 3, padding="same", dilation=(2, 1), name="robust-same")
+
+
+def _check_all(cfg, got, ref, dtype, tag):
+    y, gx, gw, gb = got
+    assert_close(y, ref.y, ref.y_abs, dtype, f"forward {tag}")
+    assert_close(gx, ref.gx, ref.gx_abs, dtype, f"grad_x {tag}")
+    assert_close(gw, ref.gw, ref.gw_abs, dtype, f"grad_w {tag}")
+    assert_close(gb, ref.gb, ref.gb_abs, dtype, f"grad_b {tag}")
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_SAME], ids=str)
+def test_inputs_not_modified(kernel, dtype, cfg):
+    x, w, b, gy = make_data(cfg, dtype)
+    copies = [a.copy() for a in (x, w, b, gy)]
+    got = run_all(cfg, x, w, b, gy, kernel)
+    for a, c, name in zip((x, w, b, gy), copies, "x w b grad_y".split(), strict=True):
+        np.testing.assert_array_equal(a, c, err_msg=f"{name} was modified")
+    # Outputs are fresh arrays, not views of the inputs.
+    for out in got:
+        for a in (x, w, b, gy):
+            assert not np.shares_memory(out, a)
+    _check_all(cfg, got, reference(cfg, dtype), dtype, kernel)
+
+
+def _layouts(a, how):
+    """The same values as ``a`` in another memory layout."""
+    if how == "fortran":
+        return np.asfortranarray(a)
+    if how == "readonly":
+        r = a.copy()
+        r.setflags(write=False)
+        return r
+    if how == "strided":  # every other element of a twice-as-large buffer
+        big = np.zeros(tuple(2 * s for s in a.shape), dtype=a.dtype)
+        big[tuple(slice(None, None, 2) for _ in a.shape)] = a
+        return big[tuple(slice(None, None, 2) for _ in a.shape)]
+    if how == "reversed":  # negative strides
+        r = np.ascontiguousarray(a[..., ::-1])
+        return r[..., ::-1]
+    if how == "transposed":  # C-contiguous in another axis order, viewed back
+        axes = tuple(reversed(range(a.ndim)))
+        return np.ascontiguousarray(a.transpose(axes)).transpose(axes)
+    if how == "readonly-strided":
+        r = _layouts(a, "strided")
+        r.setflags(write=False)
+        return r
+    raise AssertionError(how)
+
+
+LAYOUTS = ["fortran", "readonly", "strided", "reversed", "transposed", "readonly-strided"]
+
+
+@pytest.mark.parametrize("how", LAYOUTS)
+def test_any_memory_layout(kernel, dtype, how):
+    x, w, b, gy = make_data(CFG, dtype)
+    xs, ws, bs, gys = (_layouts(a, how) for a in (x, w, b, gy))
+    if how != "readonly":
+        assert not xs.flags.c_contiguous
+    for a, a0 in zip((xs, ws, bs, gys), (x, w, b, gy), strict=True):
+        np.testing.assert_array_equal(a, a0)
+    got = run_all(CFG, xs, ws, bs, gys, kernel)
+    _check_all(CFG, got, reference(CFG, dtype), dtype, f"{kernel} {how}")
+    for a, a0 in zip((xs, ws, bs, gys), (x, w, b, gy), strict=True):
+        np.testing.assert_array_equal(a, a0)
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_SAME], ids=str)
+def test_batch_zero(kernel, dtype, cfg):
+    x = np.zeros((0, cfg.c, cfg.h, cfg.w), dtype=dtype)
+    _, w, b, _ = make_data(cfg, dtype)
+    y = nc.conv2d(x, w, b, kernel=kernel, **cfg.kwargs)
+    _, k, oh, ow = cfg.y_shape
+    assert y.shape == (0, k, oh, ow) and y.dtype == dtype
+    gy = np.zeros((0, k, oh, ow), dtype=dtype)
+    gx, gw, gb = nc.conv2d_backward(gy, x, w, kernel=kernel, **cfg.kwargs)
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert gw.shape == w.shape and gw.dtype == dtype
+    assert gb.shape == (k,) and gb.dtype == dtype
+    np.testing.assert_array_equal(gw, 0)
+    np.testing.assert_array_equal(gb, 0)
+
+
+def test_batch_zero_errors_still_raised():
+    x = np.zeros((0, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"weight has 2 input channels per group"):
+        nc.conv2d(x, np.zeros((2, 2, 3, 3)))
+    with pytest.raises(ValueError, match=r"unknown kernel"):
+        nc.conv2d(x, np.zeros((2, 3, 3, 3)), kernel="nope")
+    with pytest.raises(ValueError, match=r"grad_y must have the output's shape \(0, 2, 3, 3\)"):
+        nc.conv2d_backward(np.zeros((0, 2, 3, 4)), x, np.zeros((2, 3, 3, 3)))
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_SAME], ids=str)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_in_x(kernel, dtype, cfg, bad):
+    """A NaN/Inf in x reaches exactly the outputs (and weight gradients) that read it."""
+    x, w, b, gy = make_data(cfg, dtype, seed=1)
+    x = x.copy()
+    x[1, 1, 2, 3] = bad
+    x[0, 0, 0, 0] = bad  # a corner: read through padding by few windows
+    ref = naive_reference(cfg, x, w, b, gy)
+    y, gx, gw, gb = run_all(cfg, x, w, b, gy, kernel)
+    _check_nonfinite(y, ref.y, "forward")
+    _check_nonfinite(gw, ref.gw, "grad_w")
+    # Neither grad_x nor grad_b depends on x.
+    assert np.isfinite(gx).all() and np.isfinite(gb).all()
+    ref_clean = naive_reference(cfg, *make_data(cfg, dtype, seed=1))
+    assert_close(gx, ref_clean.gx, ref_clean.gx_abs, dtype, "grad_x")
+    assert_close(gb, ref_clean.gb, ref_clean.gb_abs, dtype, "grad_b")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_nonfinite_in_grad_y(kernel, dtype, bad):
+    """A NaN/Inf in grad_y reaches exactly the gradients that read it.
+
+    padding=0, so that no weight gradient pairs the NaN with a padding zero (whether 0 * NaN
+    is computed there or skipped is not specified).
+    """
+    cfg = Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), dilation=(1, 2), groups=2, name="gy-nan")
+    x, w, b, gy = make_data(cfg, dtype, seed=2)
+    gy = gy.copy()
+    gy[1, 2, 1, 1] = bad
+    ref = naive_reference(cfg, x, w, b, gy)
+    gx, gw, gb = nc.conv2d_backward(gy, x, w, kernel=kernel, **cfg.kwargs)
+    _check_nonfinite(gx, ref.gx, "grad_x")
+    _check_nonfinite(gw, ref.gw, "grad_w")
+    _check_nonfinite(gb, ref.gb, "grad_b")
+
+
+def _check_nonfinite(got, ref, what):
+    """Same NaN / +Inf / -Inf masks as the reference, and the reference's finite part."""
+    assert got.shape == ref.shape, what
+    for name, mask in [("nan", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)]:
+        bad = mask(got) != mask(ref)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise AssertionError(
+                f"{what}: {name} mask differs from the reference at {int(bad.sum())} places, "
+                f"first {idx}: got {got[idx]!r}, expected {ref[idx]!r}"
+            )
+    finite = np.isfinite(ref)
+    assert finite.any(), f"{what}: vacuous check, no finite outputs"
+    assert (~finite).any(), f"{what}: vacuous check, nothing non-finite"
+    tol = 1e-4 if got.dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=tol, atol=tol, err_msg=what)
+
+
+def test_float32_stays_float32_for_every_output(kernel):
+    x, w, b, gy = make_data(CFG, np.float32)
+    for out in run_all(CFG, x, w, b, gy, kernel):
+        assert out.dtype == np.float32
+
+
+def test_results_are_writable_arrays(kernel):
+    x, w, b, gy = make_data(CFG, np.float64)
+    y, gx, gw, gb = run_all(CFG, x, w, b, gy, kernel)
+    for out in (y, gx, gw, gb):
+        assert isinstance(out, np.ndarray) and out.flags.writeable
+    y[...] = 0  # must not raise, must not affect a second call
+    y2 = nc.conv2d(x, w, b, kernel=kernel, **CFG.kwargs)
+    assert np.abs(y2).max() > 0
