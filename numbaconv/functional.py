@@ -18,7 +18,7 @@ from .geometry import (
     validate_conv,
     validate_grad_output,
 )
-from .im2col import col2im_kernel, geometry_args, im2col_kernel
+from .kernels.im2col import col2im_kernel, geometry_args, im2col_kernel
 
 
 def conv2d(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from . import direct, im2col, numpy_kernel
+from .kernels import direct, im2col, teaching
 
 ENV_VAR = "NUMBACONV_KERNEL"
 BUILTIN_DEFAULT = "im2col"
@@ -18,7 +18,7 @@ BUILTIN_DEFAULT = "im2col"
 _IMPLEMENTATIONS: dict[str, ModuleType] = {
     "im2col": im2col,
     "direct": direct,
-    "numpy": numpy_kernel,
+    "numpy": teaching,
 }
 
 #: The names accepted by ``kernel=`` and ``NUMBACONV_KERNEL``.

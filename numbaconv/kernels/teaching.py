@@ -1,4 +1,4 @@
-"""The ``numpy`` kernel: the teaching algorithm in plain NumPy, the baseline for every other kernel.
+"""The ``numpy`` kernel (module ``teaching``): the teaching algorithm in plain NumPy, the baseline for every other kernel.
 
 im2col by strided slices of the padded input (one slice per filter tap), one GEMM, and col2im by
 strided ``+=`` of the same slices. Generalised from the textbook to rectangular strides,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import ConvGeometry
+from ..geometry import ConvGeometry
 
 
 def _tap_slices(geom: ConvGeometry, r: int, s: int) -> tuple[slice, slice]:

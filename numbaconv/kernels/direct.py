@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..geometry import ConvGeometry
 from ._loops import valid_range
-from .geometry import ConvGeometry
 
 
 @njit(parallel=True, cache=True)

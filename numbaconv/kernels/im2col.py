@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..geometry import ConvGeometry
 from ._loops import valid_range
-from .geometry import ConvGeometry
 
 #: Upper bound for the columns workspace of one chunk of images, in bytes. 16 MiB keeps the
 #: chunk's columns within a few times the L2+L3 of these 2-core machines while leaving each GEMM
