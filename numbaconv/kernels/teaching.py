@@ -1,4 +1,4 @@
-"""The ``numpy`` kernel (module ``teaching``): the teaching algorithm in plain NumPy, the baseline for every other kernel.
+"""The ``numpy`` kernel: the teaching algorithm in plain NumPy, the baseline for other kernels.
 
 im2col by strided slices of the padded input (one slice per filter tap), one GEMM, and col2im by
 strided ``+=`` of the same slices. Generalised from the textbook to rectangular strides,
