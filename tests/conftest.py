@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import numba
-import numpy as np
-import pytest
-from helpers import DTYPES, KERNELS
+import os
+
+# The thread-count determinism tests compare 1 against 2 Numba threads; make 2 available even on
+# a 1-core machine (on larger machines this is Numba's own default, one thread per core).
+os.environ.setdefault("NUMBA_NUM_THREADS", str(max(2, os.cpu_count() or 1)))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from helpers import DTYPES, KERNELS  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from helpers import Cfg, assert_close, make_data, naive_reference, reference, run_all
 
 import numbaconv as nc
+from numbaconv import registry
+
+# The im2col kernel family's module, wherever it lives in the package.
+im2col_module = registry.implementation("im2col")
 
 CFG = Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=1, groups=2, name="robust")
 CFG_SAME = Cfg(2, 2, 5, 6, 3, 2, 3, padding="same", dilation=(2, 1), name="robust-same")
@@ -102,6 +108,11 @@ def test_batch_zero_errors_still_raised():
         nc.conv2d_backward(np.zeros((0, 2, 3, 4)), x, np.zeros((2, 3, 3, 3)))
 
 
+# BLAS may raise the "invalid" flag on Inf inputs (e.g. in padded lanes it discards).
+NONFINITE_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@NONFINITE_WARNINGS
 @pytest.mark.parametrize("cfg", [CFG, CFG_SAME], ids=str)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_nonfinite_in_x(kernel, dtype, cfg, bad):
@@ -121,6 +132,7 @@ def test_nonfinite_in_x(kernel, dtype, cfg, bad):
     assert_close(gb, ref_clean.gb, ref_clean.gb_abs, dtype, "grad_b")
 
 
+@NONFINITE_WARNINGS
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 def test_nonfinite_in_grad_y(kernel, dtype, bad):
     """A NaN/Inf in grad_y reaches exactly the gradients that read it.
@@ -171,3 +183,42 @@ def test_results_are_writable_arrays(kernel):
     y[...] = 0  # must not raise, must not affect a second call
     y2 = nc.conv2d(x, w, b, kernel=kernel, **CFG.kwargs)
     assert np.abs(y2).max() > 0
+
+
+# -------------------------------------------------------------------------------------------
+# The im2col kernel works in batch chunks: correct for any chunking, bounded workspace
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget_images", [1, 2, 3], ids=lambda b: f"{b}-images-per-chunk")
+def test_im2col_kernel_batch_chunks(monkeypatch, dtype, budget_images):
+    cfg = Cfg(5, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=1, groups=2, name="chunks")
+    _, _, oh, ow = cfg.y_shape
+    per_image = cfg.c * cfg.r * cfg.s * oh * ow * np.dtype(dtype).itemsize
+    monkeypatch.setattr(im2col_module, "WORKSPACE_BYTES", budget_images * per_image)
+    x, w, b, gy = make_data(cfg, dtype, seed=8)
+    _check_all(cfg, run_all(cfg, x, w, b, gy, "im2col"), reference(cfg, dtype, 8), dtype, "chunks")
+
+
+@pytest.mark.parametrize("name", ["im2col", "direct"])
+def test_workspace_stays_bounded_as_the_batch_grows(monkeypatch, name):
+    """Peak NumPy memory of forward+backward is about the outputs, not the full im2col matrix."""
+    budget = 256 * 1024
+    monkeypatch.setattr(im2col_module, "WORKSPACE_BYTES", budget)
+    cfg = Cfg(64, 8, 16, 16, 8, 3, 3, padding=1, name="big-batch")
+    x, w, b, gy = make_data(cfg, np.float64)
+    full_cols = cfg.c * 9 * 16 * 16 * 64 * 8  # 9.4 MB: what an unchunked im2col would take
+    out_bytes = x.nbytes  # y and grad_x are each this large
+    run_all(cfg, x, w, b, gy, name)  # compile outside the measurement
+    tracemalloc.start()
+    try:
+        nc.conv2d(x, w, b, kernel=name, **cfg.kwargs)
+        _, peak_fwd = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        nc.conv2d_backward(gy, x, w, kernel=name, **cfg.kwargs)
+        _, peak_bwd = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    limit = out_bytes + 2 * budget + 256 * 1024
+    assert peak_fwd < limit < full_cols, (peak_fwd, limit)
+    assert peak_bwd < limit < full_cols, (peak_bwd, limit)
