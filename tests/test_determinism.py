@@ -84,6 +84,8 @@ def test_concurrent_calls_from_python_threads(kernel, dtype):
     barrier = threading.Barrier(4)
 
     def work(t):
+        # Numba's thread count is per Python thread: mix 1- and 2-thread callers.
+        numba.set_num_threads(1 + t % 2)
         barrier.wait()
         out = []
         for rep in range(3):

@@ -222,3 +222,16 @@ def test_workspace_stays_bounded_as_the_batch_grows(monkeypatch, name):
     limit = out_bytes + 2 * budget + 256 * 1024
     assert peak_fwd < limit < full_cols, (peak_fwd, limit)
     assert peak_bwd < limit < full_cols, (peak_bwd, limit)
+
+
+def test_broadcast_and_numpy_integer_arguments(kernel, dtype):
+    """Zero-stride (broadcast) inputs and NumPy integer hyper-parameters."""
+    cfg = Cfg(3, 2, 6, 5, 3, 3, 2, stride=(2, 1), padding=(1, 0), name="broadcast")
+    x, w, b, gy = make_data(cfg, dtype, seed=12)
+    xb = np.broadcast_to(x[:1], x.shape)  # read-only, stride 0 along the batch
+    gyb = np.broadcast_to(gy[:, :, :1, :], gy.shape)
+    kw = dict(stride=(np.int64(2), np.int32(1)), padding=(np.int64(1), 0), dilation=np.int8(1))
+    y = nc.conv2d(xb, w, b, kernel=kernel, **kw)
+    gx, gw, gb = nc.conv2d_backward(gyb, xb, w, kernel=kernel, **kw)
+    ref = naive_reference(cfg, np.array(xb), w, b, np.array(gyb))
+    _check_all(cfg, (y, gx, gw, gb), ref, dtype, "broadcast")
