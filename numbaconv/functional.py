@@ -134,12 +134,11 @@ def im2col(x, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1) -> np.ndar
     check_dtype(x, "x")
     geom = _teaching_geometry(x.shape, flt_h, flt_w, y_h, y_w, stride, pad, dilation)
     rows = geom.in_channels * flt_h * flt_w
-    pixels = geom.out_height * geom.out_width
-    cols = np.empty((rows, geom.batch, pixels), dtype=x.dtype)
+    cols = np.empty((rows, geom.batch * geom.out_height * geom.out_width), dtype=x.dtype)
     if geom.batch:
         with kernel_guard():
-            im2col_kernel(np.ascontiguousarray(x), cols.transpose(1, 0, 2), *geometry_args(geom))
-    return cols.reshape(rows, geom.batch * pixels)
+            im2col_kernel(np.ascontiguousarray(x), cols, *geometry_args(geom))
+    return cols
 
 
 def col2im(cols, x_shape, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1) -> np.ndarray:
@@ -161,9 +160,8 @@ def col2im(cols, x_shape, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1
         )
     img = np.empty(geom.input_shape, dtype=cols.dtype)
     if geom.batch:
-        per_image = np.ascontiguousarray(cols).reshape(rows, geom.batch, pixels)
         with kernel_guard():
-            col2im_kernel(per_image.transpose(1, 0, 2), img, *geometry_args(geom))
+            col2im_kernel(np.ascontiguousarray(cols), img, *geometry_args(geom))
     return img
 
 

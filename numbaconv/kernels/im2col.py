@@ -1,11 +1,19 @@
-"""The ``im2col`` kernel family: Numba-parallel im2col, a BLAS GEMM, Numba-parallel col2im.
+"""The ``im2col`` kernel family: Numba-parallel im2col, one BLAS GEMM per chunk, Numba col2im.
 
-The batch is processed in chunks so that the columns workspace stays under
-:data:`WORKSPACE_BYTES` (or one image's columns, if that is larger) however large the batch is.
-Columns are laid out per image, ``(n, c*R*S + r*S + s, oh*OW + ow)``, so that the GEMM of a chunk
-writes straight into the ``(N, K, OH*OW)`` output with no transpose. GEMMs run through NumPy's
-``matmul`` (OpenBLAS, with its own threads) between the parallel Numba passes, so Numba's and
-BLAS's threads never run at the same time.
+The batch is processed in chunks of images. For a chunk, the columns are built in the teaching
+layout ``(C*R*S, n*OH*OW)`` (rows ordered c, r, s; columns n, oh, ow), one GEMM per group turns
+them into ``(K, n*OH*OW)``, and a parallel pass scatters that into ``y`` ``(N, K, OH, OW)`` while
+adding the bias. Backward gathers ``grad_y`` into the same layout and runs two GEMMs (grad-w and
+the gradient columns) and a parallel col2im.
+
+Why this shape: every parallel region and every multi-threaded BLAS call is a fork/join of the
+thread pool, and on a busy 2-core machine each join can cost a scheduler time slice. One GEMM per
+chunk (not one per image) keeps the joins to a handful per call; it also keeps the GEMMs large
+enough to run near BLAS peak. GEMMs run through NumPy (OpenBLAS, with its own threads) between the
+Numba passes, so Numba's and BLAS's threads never compute at the same time.
+
+Workspace: the columns and the GEMM result of one chunk, at most :data:`WORKSPACE_BYTES` (or what
+one image needs, if that is more), whatever the batch size.
 """
 
 from __future__ import annotations
@@ -16,29 +24,31 @@ from numba import njit, prange
 from ..geometry import ConvGeometry
 from ._loops import valid_range
 
-#: Upper bound for the columns workspace of one chunk of images, in bytes. 16 MiB keeps the
-#: chunk's columns within a few times the L2+L3 of these 2-core machines while leaving each GEMM
-#: large enough to run near BLAS peak; one image's columns are always allowed.
-WORKSPACE_BYTES = 16 * 2**20
+#: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result). 8 MiB: enough
+#: images per chunk that GEMMs stay large, small enough to stay mostly in this machine's caches
+#: (2 MiB L2 per core); one image's workspace is always allowed.
+WORKSPACE_BYTES = 8 * 2**20
 
 
 @njit(parallel=True, cache=True)
 def im2col_kernel(x, cols, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw):
-    """Fill ``cols[n, (c*R + r)*S + s, oh*OW + ow] = x_padded[n, c, oh*sh + r*dh, ow*sw + s*dw]``.
+    """Fill the teaching columns ``cols[(c*R + r)*S + s, (n*OH + oh)*OW + ow]`` with the
+    zero-padded input at ``(n, c, oh*sh + r*dh - pad_t, ow*sw + s*dw - pad_l)``.
 
     Parameters
     ----------
     x : (N, C, H, W) array
-    cols : (N, C*R*S, OH*OW) array, any layout; overwritten.
+    cols : (C*R*S, N*OH*OW) C-contiguous array; overwritten.
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw : int
         Filter and output sizes, strides, top/left padding and dilations.
     """
     n_batch, n_chan, height, width = x.shape
     taps = filter_h * filter_w
     rows = n_chan * taps
-    for job in prange(n_batch * rows):
-        n = job // rows
-        row = job - n * rows
+    pixels = out_h * out_w
+    for job in prange(rows * n_batch):
+        row = job // n_batch
+        n = job - row * n_batch
         c = row // taps
         r = (row // filter_w) % filter_h
         s = row % filter_w
@@ -46,26 +56,29 @@ def im2col_kernel(x, cols, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_
         lo, hi = valid_range(out_w, sw, col_offset, width)
         for oh in range(out_h):
             ih = oh * sh - pad_t + r * dh
-            base = oh * out_w
+            base = n * pixels + oh * out_w
             if ih < 0 or ih >= height:
                 for ow in range(out_w):
-                    cols[n, row, base + ow] = 0
+                    cols[row, base + ow] = 0
                 continue
             for ow in range(lo):
-                cols[n, row, base + ow] = 0
+                cols[row, base + ow] = 0
             for ow in range(lo, hi):
-                cols[n, row, base + ow] = x[n, c, ih, ow * sw + col_offset]
+                cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
             for ow in range(hi, out_w):
-                cols[n, row, base + ow] = 0
+                cols[row, base + ow] = 0
 
 
 @njit(parallel=True, cache=True)
 def col2im_kernel(cols, img, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw):
-    """Adjoint of :func:`im2col_kernel`: ``img`` (N, C, H, W) is overwritten with the sum of the
-    columns that read each pixel. Each ``prange`` job owns one ``(n, c)`` plane of ``img`` and
-    adds its contributions in a fixed order, so the result is race-free and deterministic.
+    """Adjoint of :func:`im2col_kernel`: overwrite ``img`` (N, C, H, W) with the sum of the
+    columns entries that read each pixel.
+
+    Each ``prange`` job owns one ``(n, c)`` plane of ``img`` and adds its contributions in a fixed
+    order, so the result is race-free and deterministic.
     """
     n_batch, n_chan, height, width = img.shape
+    pixels = out_h * out_w
     for job in prange(n_batch * n_chan):
         n = job // n_chan
         c = job - n * n_chan
@@ -81,9 +94,37 @@ def col2im_kernel(cols, img, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pa
                     ih = oh * sh - pad_t + r * dh
                     if ih < 0 or ih >= height:
                         continue
-                    base = oh * out_w
+                    base = n * pixels + oh * out_w
                     for ow in range(lo, hi):
-                        img[n, c, ih, ow * sw + col_offset] += cols[n, row, base + ow]
+                        img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
+
+
+@njit(parallel=True, cache=True)
+def scatter_output_kernel(u, bias, has_bias, y):
+    """``y[n, k, p] = u[k, n*P + p] (+ bias[k])``: the chunk's GEMM result into NCHW order."""
+    n_batch, n_filters, pixels = y.shape
+    for job in prange(n_batch * n_filters):
+        n = job // n_filters
+        k = job - n * n_filters
+        base = n * pixels
+        if has_bias:
+            for p in range(pixels):
+                y[n, k, p] = u[k, base + p] + bias[k]
+        else:
+            for p in range(pixels):
+                y[n, k, p] = u[k, base + p]
+
+
+@njit(parallel=True, cache=True)
+def gather_grad_kernel(grad_y, out):
+    """``out[k, n*P + p] = grad_y[n, k, p]``: a chunk of ``grad_y`` in the columns' order."""
+    n_batch, n_filters, pixels = grad_y.shape
+    for job in prange(n_batch * n_filters):
+        n = job // n_filters
+        k = job - n * n_filters
+        base = n * pixels
+        for p in range(pixels):
+            out[k, base + p] = grad_y[n, k, p]
 
 
 def geometry_args(geom: ConvGeometry) -> tuple[int, ...]:
@@ -103,88 +144,78 @@ def geometry_args(geom: ConvGeometry) -> tuple[int, ...]:
 
 
 def images_per_chunk(geom: ConvGeometry, itemsize: int) -> int:
-    """Images per chunk so the columns workspace stays under :data:`WORKSPACE_BYTES`."""
+    """Images per chunk so that one chunk's workspace stays under :data:`WORKSPACE_BYTES`."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
-    per_image = taps * geom.out_height * geom.out_width * itemsize
+    per_image = (taps + geom.out_channels) * geom.out_height * geom.out_width * itemsize
     return int(max(1, min(geom.batch, WORKSPACE_BYTES // per_image)))
 
 
-def _grouped_weight(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """``w`` as ``(G, K/G, C/G*R*S)``: one GEMM left operand per group."""
-    return w.reshape(geom.groups, geom.out_channels_per_group, -1)
-
-
-def _is_pointwise(geom: ConvGeometry) -> bool:
-    """A 1x1, stride-1, unpadded convolution: each image's columns are the image itself."""
-    return (
-        geom.filter_height == geom.filter_width == 1
-        and geom.stride_h == geom.stride_w == 1
-        and geom.pad_top == geom.pad_bottom == geom.pad_left == geom.pad_right == 0
-    )
-
-
-def _columns(x: np.ndarray, geom: ConvGeometry):
-    """Yield ``(first, count, cols)`` over batch chunks; ``cols`` is ``(count, G, taps/G, P)``.
-
-    The buffer is reused from chunk to chunk (the caller may overwrite it before the next one).
-    For a pointwise convolution the columns are views of ``x``: no copy at all.
-    """
-    n, g, pixels = geom.batch, geom.groups, geom.out_height * geom.out_width
-    if _is_pointwise(geom):
-        yield 0, n, x.reshape(n, g, -1, pixels)
-        return
-    chunk = images_per_chunk(geom, x.itemsize)
+def workspace_bytes(geom: ConvGeometry, itemsize: int) -> int:
+    """Bytes of workspace a call allocates (columns + GEMM result of one chunk)."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
-    cols = np.empty((chunk, taps, pixels), dtype=x.dtype)
-    args = geometry_args(geom)
-    for first in range(0, n, chunk):
-        count = min(chunk, n - first)
-        im2col_kernel(x[first : first + count], cols[:count], *args)
-        yield first, count, cols[:count].reshape(count, g, -1, pixels)
+    per_image = (taps + geom.out_channels) * geom.out_height * geom.out_width * itemsize
+    return images_per_chunk(geom, itemsize) * per_image
+
+
+class _Chunks:
+    """Workspace and GEMM operands shared by forward and backward."""
+
+    def __init__(self, w: np.ndarray, geom: ConvGeometry):
+        self.geom = geom
+        self.size = images_per_chunk(geom, w.itemsize)
+        self.pixels = geom.out_height * geom.out_width
+        taps = geom.in_channels * geom.filter_height * geom.filter_width
+        columns = self.size * self.pixels
+        self.cols = np.empty((taps, columns), dtype=w.dtype)
+        self.u = np.empty((geom.out_channels, columns), dtype=w.dtype)
+        self.w_mat = w.reshape(geom.out_channels, -1)  # (K, C/G*R*S), rows grouped by group
+        self.args = geometry_args(geom)
+
+    def group_blocks(self):
+        """Per group: (rows of the columns, rows of K) as slices."""
+        taps_g = self.cols.shape[0] // self.geom.groups
+        k_g = self.geom.out_channels_per_group
+        for g in range(self.geom.groups):
+            yield slice(g * taps_g, (g + 1) * taps_g), slice(g * k_g, (g + 1) * k_g)
+
+    def ranges(self):
+        for first in range(0, self.geom.batch, self.size):
+            yield first, min(self.size, self.geom.batch - first)
 
 
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     n, k, oh, ow = geom.output_shape
-    y = np.empty((n, geom.groups, geom.out_channels_per_group, oh * ow), dtype=x.dtype)
-    w_groups = _grouped_weight(w, geom)
-    for first, count, cols in _columns(x, geom):
-        # One 2-D GEMM per image and group: NumPy's stacked matmul with a broadcast operand was
-        # measured 6x slower than this loop (it does not reach BLAS's full speed).
-        for i in range(count):
-            for g in range(geom.groups):
-                np.matmul(w_groups[g], cols[i, g], out=y[first + i, g])
-            if b is not None:
-                y[first + i] += b.reshape(geom.groups, -1, 1)
+    ws = _Chunks(w, geom)
+    y = np.empty((n, k, oh * ow), dtype=x.dtype)
+    bias = b if b is not None else np.zeros(1, dtype=x.dtype)
+    for first, count in ws.ranges():
+        columns = count * ws.pixels
+        cols, u = ws.cols[:, :columns], ws.u[:, :columns]
+        im2col_kernel(x[first : first + count], cols, *ws.args)
+        for taps, filters in ws.group_blocks():
+            np.matmul(ws.w_mat[filters], cols[taps], out=u[filters])
+        scatter_output_kernel(u, bias, b is not None, y[first : first + count])
     return y.reshape(n, k, oh, ow)
 
 
 def backward(grad_y, x, w, geom: ConvGeometry):
     n, k, oh, ow = geom.output_shape
-    groups, pixels = geom.groups, oh * ow
-    w_groups = _grouped_weight(w, geom)
-    w_groups_t = np.ascontiguousarray(w_groups.transpose(0, 2, 1))
-    grad_groups = grad_y.reshape(n, groups, -1, pixels)
+    ws = _Chunks(w, geom)
     grad_x = np.empty_like(x)
-    grad_w = np.zeros_like(w_groups)
-    partial = np.empty_like(w_groups[0])
-    pointwise = _is_pointwise(geom)
-    for first, count, cols in _columns(x, geom):
-        for i in range(count):
-            for g in range(groups):
-                # Image by image, in order: the reduction order never depends on threads.
-                np.matmul(grad_groups[first + i, g], cols[i, g].T, out=partial)
-                grad_w[g] += partial
-                if pointwise:
-                    grad_x_view = grad_x[first + i].reshape(groups, -1, pixels)[g]
-                    np.matmul(w_groups_t[g], grad_groups[first + i, g], out=grad_x_view)
-                else:
-                    # The columns are no longer needed: reuse them for the gradient columns.
-                    np.matmul(w_groups_t[g], grad_groups[first + i, g], out=cols[i, g])
-        if not pointwise:
-            col2im_kernel(
-                cols.reshape(count, -1, pixels),
-                grad_x[first : first + count],
-                *geometry_args(geom),
-            )
+    grad_w = np.zeros_like(ws.w_mat)
+    partial = np.empty_like(ws.w_mat)
+    grad_flat = grad_y.reshape(n, k, oh * ow)
+    for first, count in ws.ranges():
+        columns = count * ws.pixels
+        cols, grad_u = ws.cols[:, :columns], ws.u[:, :columns]
+        im2col_kernel(x[first : first + count], cols, *ws.args)
+        gather_grad_kernel(grad_flat[first : first + count], grad_u)
+        for taps, filters in ws.group_blocks():
+            # Chunk partials added in chunk order: the reduction never depends on threads.
+            np.matmul(grad_u[filters], cols[taps].T, out=partial[filters])
+            grad_w[filters] += partial[filters]
+            # The columns are no longer needed: overwrite them with the gradient columns.
+            np.matmul(ws.w_mat[filters].T, grad_u[filters], out=cols[taps])
+        col2im_kernel(cols, grad_x[first : first + count], *ws.args)
     grad_b = grad_y.sum(axis=(0, 2, 3))
     return grad_x, grad_w.reshape(w.shape), grad_b
