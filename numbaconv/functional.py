@@ -62,7 +62,7 @@ def conv2d(
     x = np.ascontiguousarray(x)
     w = np.ascontiguousarray(w)
     b = None if b is None else np.ascontiguousarray(b)
-    with kernel_guard():
+    with kernel_guard(geom.flops):
         return registry.implementation(name).forward(x, w, b, geom)
 
 
@@ -102,7 +102,7 @@ def conv2d_backward(
     grad_y = np.ascontiguousarray(grad_y)
     x = np.ascontiguousarray(x)
     w = np.ascontiguousarray(w)
-    with kernel_guard():
+    with kernel_guard(2 * geom.flops):
         return registry.implementation(name).backward(grad_y, x, w, geom)
 
 
@@ -136,7 +136,7 @@ def im2col(x, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1) -> np.ndar
     rows = geom.in_channels * flt_h * flt_w
     cols = np.empty((rows, geom.batch * geom.out_height * geom.out_width), dtype=x.dtype)
     if geom.batch:
-        with kernel_guard():
+        with kernel_guard(cols.size):
             im2col_kernel(np.ascontiguousarray(x), cols, *geometry_args(geom))
     return cols
 
@@ -160,7 +160,7 @@ def col2im(cols, x_shape, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1
         )
     img = np.empty(geom.input_shape, dtype=cols.dtype)
     if geom.batch:
-        with kernel_guard():
+        with kernel_guard(cols.size):
             col2im_kernel(np.ascontiguousarray(cols), img, *geometry_args(geom))
     return img
 
