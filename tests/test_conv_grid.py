@@ -41,6 +41,16 @@ GRID = [
     Cfg(2, 1, 9, 7, 2, 3, 3, stride=(3, 2), padding=(2, 1), name="1-channel-st(3,2)"),
     Cfg(2, 3, 5, 5, 4, 5, 5, padding=2, name="5x5-pad2"),
     Cfg(1, 1, 1, 3, 2, 1, 3, padding=(0, 1), name="height1"),
+    # 3x3, stride 1, undilated, one group: what fast 3x3 algorithms (Winograd) take, with odd
+    # and even output sizes (partial tiles), every padding they accept, 1x1 outputs, 1x1 inputs.
+    Cfg(2, 3, 8, 8, 4, 3, 3, padding=1, name="3x3-even-out"),
+    Cfg(2, 3, 7, 9, 5, 3, 3, padding=2, name="3x3-pad2-odd-out"),
+    Cfg(1, 2, 6, 7, 3, 3, 3, padding=(2, 0), name="3x3-pad(2,0)"),
+    Cfg(2, 2, 3, 3, 3, 3, 3, name="3x3-1x1-out"),
+    Cfg(2, 2, 1, 1, 3, 3, 3, padding=1, name="3x3-1x1-input-pad1"),
+    Cfg(1, 2, 2, 5, 2, 3, 3, padding=2, name="3x3-tiny-pad2"),
+    Cfg(3, 5, 10, 6, 7, 3, 3, padding="same", name="3x3-same-odd-channels"),
+    Cfg(2, 3, 7, 7, 4, 3, 3, padding=3, name="3x3-pad3"),
 ]
 
 

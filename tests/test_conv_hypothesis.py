@@ -62,11 +62,35 @@ def test_random_configs_match_reference(kernel, cfg, seed):
         check_against_reference(cfg, kernel, dtype, seed, ref=ref)
 
 
+@st.composite
+def configs_3x3(draw):
+    """3x3, stride 1, no dilation, one group: the configurations 3x3 fast paths take."""
+    n = draw(st.integers(1, 3))
+    c, k = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    padding = draw(st.sampled_from([0, 1, 2, 3, (0, 1), (2, 1), (1, 0), "same", "valid"]))
+    ph, pw = (0, 0) if padding == "valid" else (1, 1) if padding == "same" else _pair(padding)
+    h = draw(st.integers(max(1, 3 - 2 * ph), 10))
+    w = draw(st.integers(max(1, 3 - 2 * pw), 10))
+    return Cfg(n, c, h, w, k, 3, 3, 1, padding, 1, 1, draw(st.booleans()))
+
+
+def _pair(p):
+    return p if isinstance(p, tuple) else (p, p)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs_3x3(), seed=st.integers(0, 2**16))
+def test_random_3x3_configs_match_reference(kernel, cfg, seed):
+    for dtype in DTYPES:
+        ref = naive_reference(cfg, *make_data(cfg, dtype, seed))
+        check_against_reference(cfg, kernel, dtype, seed, ref=ref)
+
+
 def test_strategy_produces_valid_configs():
     """The strategy itself: every drawn config has a positive output size."""
 
     @settings(max_examples=200, deadline=None)
-    @given(cfg=configs())
+    @given(cfg=st.one_of(configs(), configs_3x3()))
     def inner(cfg):
         n, k, oh, ow = cfg.y_shape
         assert oh >= 1 and ow >= 1

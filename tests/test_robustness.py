@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import tracemalloc
 
 import numpy as np
 import pytest
-from helpers import Cfg, assert_close, make_data, naive_reference, reference, run_all
+from helpers import KERNELS, Cfg, assert_close, make_data, naive_reference, reference, run_all
 
 import numbaconv as nc
 from numbaconv import registry
 
-# The im2col kernel family's module, wherever it lives in the package.
-im2col_module = registry.implementation("im2col")
-
 CFG = Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=1, groups=2, name="robust")
 CFG_SAME = Cfg(2, 2, 5, 6, 3, 2, 3, padding="same", dilation=(2, 1), name="robust-same")
+# 3x3, stride 1, padding 1: the geometry fast 3x3 algorithms (Winograd tiles) take.
+CFG_3X3 = Cfg(2, 3, 7, 6, 4, 3, 3, padding=1, name="robust-3x3")
 
 
 def _check_all(cfg, got, ref, dtype, tag):
@@ -26,7 +26,7 @@ def _check_all(cfg, got, ref, dtype, tag):
     assert_close(gb, ref.gb, ref.gb_abs, dtype, f"grad_b {tag}")
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_SAME], ids=str)
+@pytest.mark.parametrize("cfg", [CFG, CFG_SAME, CFG_3X3], ids=str)
 def test_inputs_not_modified(kernel, dtype, cfg):
     x, w, b, gy = make_data(cfg, dtype)
     copies = [a.copy() for a in (x, w, b, gy)]
@@ -113,7 +113,7 @@ NONFINITE_WARNINGS = pytest.mark.filterwarnings("ignore:invalid value encountere
 
 
 @NONFINITE_WARNINGS
-@pytest.mark.parametrize("cfg", [CFG, CFG_SAME], ids=str)
+@pytest.mark.parametrize("cfg", [CFG, CFG_SAME, CFG_3X3], ids=str)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 def test_nonfinite_in_x(kernel, dtype, cfg, bad):
     """A NaN/Inf in x reaches exactly the outputs (and weight gradients) that read it."""
@@ -132,15 +132,21 @@ def test_nonfinite_in_x(kernel, dtype, cfg, bad):
     assert_close(gb, ref_clean.gb, ref_clean.gb_abs, dtype, "grad_b")
 
 
+GY_NAN_CFGS = [
+    Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), dilation=(1, 2), groups=2, name="gy-nan"),
+    Cfg(2, 3, 8, 7, 4, 3, 3, name="gy-nan-3x3"),
+]
+
+
 @NONFINITE_WARNINGS
+@pytest.mark.parametrize("cfg", GY_NAN_CFGS, ids=str)
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
-def test_nonfinite_in_grad_y(kernel, dtype, bad):
+def test_nonfinite_in_grad_y(kernel, dtype, cfg, bad):
     """A NaN/Inf in grad_y reaches exactly the gradients that read it.
 
     padding=0, so that no weight gradient pairs the NaN with a padding zero (whether 0 * NaN
     is computed there or skipped is not specified).
     """
-    cfg = Cfg(2, 4, 7, 6, 4, 3, 2, stride=(2, 1), dilation=(1, 2), groups=2, name="gy-nan")
     x, w, b, gy = make_data(cfg, dtype, seed=2)
     gy = gy.copy()
     gy[1, 2, 1, 1] = bad
@@ -190,21 +196,43 @@ def test_results_are_writable_arrays(kernel):
 # -------------------------------------------------------------------------------------------
 
 
+def _workspace_modules():
+    """Kernel modules with a ``WORKSPACE_BYTES`` batch-chunking budget."""
+    mods = []
+    for name in KERNELS:
+        impl = registry.implementation(name)
+        mod = importlib.import_module(impl.__module__) if not hasattr(impl, "__file__") else impl
+        if hasattr(mod, "WORKSPACE_BYTES"):
+            mods.append(mod)
+    return mods
+
+
 @pytest.mark.parametrize("budget_images", [1, 2, 3], ids=lambda b: f"{b}-images-per-chunk")
-def test_im2col_kernel_batch_chunks(monkeypatch, dtype, budget_images):
-    cfg = Cfg(5, 4, 7, 6, 4, 3, 2, stride=(2, 1), padding=1, groups=2, name="chunks")
+@pytest.mark.parametrize("cfg", [CFG, CFG_3X3], ids=str)
+def test_batch_chunks(monkeypatch, kernel, dtype, cfg, budget_images):
+    """Kernels that split the batch into chunks are right for any chunk size (5 images)."""
+    cfg = Cfg(5, cfg.c, cfg.h, cfg.w, cfg.k, cfg.r, cfg.s, **cfg.kwargs)
     _, _, oh, ow = cfg.y_shape
-    per_image = cfg.c * cfg.r * cfg.s * oh * ow * np.dtype(dtype).itemsize
-    monkeypatch.setattr(im2col_module, "WORKSPACE_BYTES", budget_images * per_image)
+    # About budget_images images' worth of columns (or of a transformed input) per chunk.
+    per_image = cfg.c * max(cfg.r * cfg.s, 16) * oh * ow * np.dtype(dtype).itemsize
+    assert _workspace_modules(), "expected at least the im2col kernel to chunk its batch"
+    for mod in _workspace_modules():
+        monkeypatch.setattr(mod, "WORKSPACE_BYTES", budget_images * per_image)
     x, w, b, gy = make_data(cfg, dtype, seed=8)
-    _check_all(cfg, run_all(cfg, x, w, b, gy, "im2col"), reference(cfg, dtype, 8), dtype, "chunks")
+    got = run_all(cfg, x, w, b, gy, kernel)
+    _check_all(cfg, got, reference(cfg, dtype, 8), dtype, f"{kernel} chunks")
 
 
-@pytest.mark.parametrize("name", ["im2col", "direct"])
+@pytest.mark.parametrize("name", [k for k in KERNELS if k not in ("numpy", "auto")])
 def test_workspace_stays_bounded_as_the_batch_grows(monkeypatch, name):
-    """Peak NumPy memory of forward+backward is about the outputs, not the full im2col matrix."""
+    """Peak NumPy memory of forward+backward is about the outputs, not the full im2col matrix.
+
+    Every kernel but the teaching baseline ('numpy', a full im2col by design) and 'auto'
+    (which may pick it).
+    """
     budget = 256 * 1024
-    monkeypatch.setattr(im2col_module, "WORKSPACE_BYTES", budget)
+    for mod in _workspace_modules():
+        monkeypatch.setattr(mod, "WORKSPACE_BYTES", budget)
     cfg = Cfg(64, 8, 16, 16, 8, 3, 3, padding=1, name="big-batch")
     x, w, b, gy = make_data(cfg, np.float64)
     full_cols = cfg.c * 9 * 16 * 16 * 64 * 8  # 9.4 MB: what an unchunked im2col would take
