@@ -22,13 +22,14 @@ from types import ModuleType
 import numpy as np
 
 from .geometry import ConvGeometry
-from .kernels import direct, im2col, teaching
+from .kernels import direct, im2col, teaching, winograd
 
 ENV_VAR = "NUMBACONV_KERNEL"
 BUILTIN_DEFAULT = "im2col"
 
 _IMPLEMENTATIONS: dict[str, ModuleType] = {
     "im2col": im2col,
+    "winograd": winograd,
     "direct": direct,
     "numpy": teaching,
 }

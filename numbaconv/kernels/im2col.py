@@ -198,10 +198,10 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     return y.reshape(n, k, oh, ow)
 
 
-def backward(grad_y, x, w, geom: ConvGeometry):
+def _backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     n, k, oh, ow = geom.output_shape
     ws = _Chunks(w, geom)
-    grad_x = np.empty_like(x)
+    grad_x = np.empty_like(x) if input_gradient else None
     grad_w = np.zeros_like(ws.w_mat)
     partial = np.empty_like(ws.w_mat)
     grad_flat = grad_y.reshape(n, k, oh * ow)
@@ -214,8 +214,20 @@ def backward(grad_y, x, w, geom: ConvGeometry):
             # Chunk partials added in chunk order: the reduction never depends on threads.
             np.matmul(grad_u[filters], cols[taps].T, out=partial[filters])
             grad_w[filters] += partial[filters]
-            # The columns are no longer needed: overwrite them with the gradient columns.
-            np.matmul(ws.w_mat[filters].T, grad_u[filters], out=cols[taps])
-        col2im_kernel(cols, grad_x[first : first + count], *ws.args)
+            if input_gradient:
+                # The columns are no longer needed: overwrite them with the gradient columns.
+                np.matmul(ws.w_mat[filters].T, grad_u[filters], out=cols[taps])
+        if input_gradient:
+            col2im_kernel(cols, grad_x[first : first + count], *ws.args)
     grad_b = grad_y.sum(axis=(0, 2, 3))
     return grad_x, grad_w.reshape(w.shape), grad_b
+
+
+def backward(grad_y, x, w, geom: ConvGeometry):
+    return _backward(grad_y, x, w, geom, input_gradient=True)
+
+
+def weight_and_bias_gradients(grad_y, x, w, geom: ConvGeometry):
+    """``(grad_w, grad_b)`` alone, for families that compute grad-x another way."""
+    _, grad_w, grad_b = _backward(grad_y, x, w, geom, input_gradient=False)
+    return grad_w, grad_b
