@@ -21,6 +21,16 @@ from .geometry import (
 from .kernels.im2col import col2im_kernel, geometry_args, im2col_kernel
 
 
+def _for_kernel(a: np.ndarray) -> np.ndarray:
+    """``a`` as a C-contiguous, writeable array (a copy only when needed).
+
+    Kernels never write their inputs, but Numba compiles a separate version for read-only arrays;
+    copying those keeps one compiled version per dtype (and the cold start short).
+    """
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 def conv2d(
     x: np.ndarray,
     w: np.ndarray,
@@ -59,9 +69,8 @@ def conv2d(
     name = registry.resolve(kernel)
     if geom.batch == 0:
         return np.zeros(geom.output_shape, dtype=dtype)
-    x = np.ascontiguousarray(x)
-    w = np.ascontiguousarray(w)
-    b = None if b is None else np.ascontiguousarray(b)
+    x, w = _for_kernel(x), _for_kernel(w)
+    b = None if b is None else _for_kernel(b)
     with kernel_guard(geom.flops):
         return registry.implementation(name).forward(x, w, b, geom)
 
@@ -99,9 +108,7 @@ def conv2d_backward(
             np.zeros(geom.weight_shape, dtype=dtype),
             np.zeros(geom.out_channels, dtype=dtype),
         )
-    grad_y = np.ascontiguousarray(grad_y)
-    x = np.ascontiguousarray(x)
-    w = np.ascontiguousarray(w)
+    grad_y, x, w = _for_kernel(grad_y), _for_kernel(x), _for_kernel(w)
     with kernel_guard(2 * geom.flops):
         return registry.implementation(name).backward(grad_y, x, w, geom)
 
@@ -137,7 +144,7 @@ def im2col(x, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1) -> np.ndar
     cols = np.empty((rows, geom.batch * geom.out_height * geom.out_width), dtype=x.dtype)
     if geom.batch:
         with kernel_guard(cols.size):
-            im2col_kernel(np.ascontiguousarray(x), cols, *geometry_args(geom))
+            im2col_kernel(_for_kernel(x), cols, *geometry_args(geom))
     return cols
 
 
@@ -161,7 +168,7 @@ def col2im(cols, x_shape, flt_h, flt_w, y_h, y_w, stride=1, pad=0, *, dilation=1
     img = np.empty(geom.input_shape, dtype=cols.dtype)
     if geom.batch:
         with kernel_guard(cols.size):
-            col2im_kernel(np.ascontiguousarray(cols), img, *geometry_args(geom))
+            col2im_kernel(_for_kernel(cols), img, *geometry_args(geom))
     return img
 
 

@@ -136,7 +136,9 @@ class ConvLayer:
         u = conv2d(x, self.w, np.reshape(self.b, -1), **self._conv_options())
         if self.activation == "relu":
             u = np.where(u <= 0, u.dtype.type(0), u)
-        self.x = x
+        # A copy, as the teaching layer's im2col columns are: changing the caller's array between
+        # forward and backward must not change the gradients.
+        self.x = x.copy()
         self.y = u
         return u
 
