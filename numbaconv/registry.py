@@ -37,8 +37,8 @@ _IMPLEMENTATIONS: dict[str, ModuleType] = {
 #: The names accepted by ``kernel=`` and ``NUMBACONV_KERNEL``.
 KERNELS: tuple[str, ...] = ("auto", *_IMPLEMENTATIONS)
 
-#: The kernels ``'auto'`` chooses from.
-AUTO_CANDIDATES: tuple[str, ...] = tuple(_IMPLEMENTATIONS)
+#: The kernels ``'auto'`` chooses from, the usually fastest first (see ``_AutoSelector``).
+AUTO_CANDIDATES: tuple[str, ...] = ("winograd", "im2col", "direct", "numpy")
 
 
 def _check_name(name, origin: str) -> str:
