@@ -45,8 +45,12 @@ def forward_kernel(x, w, bias, has_bias, y, sh, sw, pad_t, pad_l, dh, dw, groups
                         weight = w[k, c, r, s]
                         col_offset = s * dw - pad_l
                         lo, hi = valid_range(out_w, sw, col_offset, width)
-                        for ow in range(lo, hi):
-                            y[n, k, oh, ow] += weight * x[n, ci, ih, ow * sw + col_offset]
+                        if sw == 1:  # unit stride: vectorisable
+                            for ow in range(lo, hi):
+                                y[n, k, oh, ow] += weight * x[n, ci, ih, ow + col_offset]
+                        else:
+                            for ow in range(lo, hi):
+                                y[n, k, oh, ow] += weight * x[n, ci, ih, ow * sw + col_offset]
 
 
 @njit(parallel=True, cache=True)
@@ -75,8 +79,14 @@ def grad_input_kernel(grad_y, w, grad_x, sh, sw, pad_t, pad_l, dh, dw, groups):
                         weight = w[k, c, r, s]
                         col_offset = s * dw - pad_l
                         lo, hi = valid_range(out_w, sw, col_offset, width)
-                        for ow in range(lo, hi):
-                            grad_x[n, ci, ih, ow * sw + col_offset] += weight * grad_y[n, k, oh, ow]
+                        if sw == 1:  # unit stride: vectorisable
+                            for ow in range(lo, hi):
+                                grad_x[n, ci, ih, ow + col_offset] += weight * grad_y[n, k, oh, ow]
+                        else:
+                            for ow in range(lo, hi):
+                                grad_x[n, ci, ih, ow * sw + col_offset] += (
+                                    weight * grad_y[n, k, oh, ow]
+                                )
 
 
 @njit(parallel=True, cache=True)

@@ -63,8 +63,12 @@ def im2col_kernel(x, cols, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_
                 continue
             for ow in range(lo):
                 cols[row, base + ow] = 0
-            for ow in range(lo, hi):
-                cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
+            if sw == 1:  # unit stride: a plain copy LLVM vectorises
+                for ow in range(lo, hi):
+                    cols[row, base + ow] = x[n, c, ih, ow + col_offset]
+            else:
+                for ow in range(lo, hi):
+                    cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
             for ow in range(hi, out_w):
                 cols[row, base + ow] = 0
 
@@ -95,8 +99,12 @@ def col2im_kernel(cols, img, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pa
                     if ih < 0 or ih >= height:
                         continue
                     base = n * pixels + oh * out_w
-                    for ow in range(lo, hi):
-                        img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
+                    if sw == 1:  # unit stride: vectorisable
+                        for ow in range(lo, hi):
+                            img[n, c, ih, ow + col_offset] += cols[row, base + ow]
+                    else:
+                        for ow in range(lo, hi):
+                            img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
 
 
 @njit(parallel=True, cache=True)
