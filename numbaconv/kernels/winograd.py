@@ -154,7 +154,7 @@ def _winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
     tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
     tiles = tiles_h * tiles_w
     padded_h, padded_w = 2 * tiles_h + 2, 2 * tiles_w + 2
-    per_image = (16 * (c + k) * tiles + c * padded_h * padded_w) * x.itemsize
+    per_image = (16 * (c + k) * tiles + c * (padded_h + 4) * padded_w) * x.itemsize
     chunk = int(max(1, min(n, WORKSPACE_BYTES // per_image)))
     padded = np.empty((chunk, c, padded_h, padded_w), dtype=x.dtype)
     scratch = np.empty((chunk * c, 4, padded_w), dtype=x.dtype)
