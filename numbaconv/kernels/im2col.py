@@ -24,10 +24,11 @@ from numba import njit, prange
 from ..geometry import ConvGeometry
 from ._loops import valid_range
 
-#: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result). 8 MiB: enough
-#: images per chunk that GEMMs stay large, small enough to stay mostly in this machine's caches
-#: (2 MiB L2 per core); one image's workspace is always allowed.
-WORKSPACE_BYTES = 8 * 2**20
+#: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result); one image's
+#: workspace is always allowed. Chunks larger than L2 (2 MiB per core here) cost little, while
+#: every chunk adds fork/joins of Numba's and BLAS's thread pools, which on a busy machine can
+#: take a scheduler time slice each: 32 MiB keeps them to a handful per call on the suite's layers.
+WORKSPACE_BYTES = 32 * 2**20
 
 
 @njit(parallel=True, cache=True)

@@ -27,8 +27,10 @@ from numba import njit, prange
 from ..geometry import ConvGeometry, make_geometry
 from . import im2col
 
-#: Upper bound, in bytes, for the per-chunk workspace (transformed input + GEMM results).
-WORKSPACE_BYTES = 8 * 2**20
+#: Upper bound, in bytes, for the per-chunk workspace (padded and transformed input + GEMM
+#: results); as in :mod:`numbaconv.kernels.im2col`, large enough to keep the fork/joins (3 Numba
+#: passes and 16 GEMMs per chunk) few.
+WORKSPACE_BYTES = 32 * 2**20
 
 
 def supports(geom: ConvGeometry) -> bool:
