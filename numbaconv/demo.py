@@ -5,9 +5,9 @@ The network (what ``numbaconv demo`` trains)::
     x (N, 1, 8, 8) -> ConvLayer 3x3, pad 1, ReLU (N, F, 8, 8) -> 2x2 max-pool (N, F, 4, 4)
       -> dense + ReLU (N, hidden) -> dense (N, 10) -> softmax cross-entropy
 
-trained with the teaching implementation's AdaGrad step (``ConvLayer.update``; the dense layers
-use the same rule) on mini-batches of a seeded, stratified train/test split of
-``sklearn.datasets.load_digits`` (1797 8x8 images, pixels scaled to [0, 1]).
+trained with SGD (momentum 0.9, learning rate decaying linearly to 0) on mini-batches of a
+seeded, stratified train/test split of ``sklearn.datasets.load_digits`` (1797 8x8 images, pixels
+scaled to [0, 1]).
 
 The pooling and dense layers are deliberately minimal and live here, not in numbaconv's API.
 scikit-learn, tqdm and matplotlib are imported inside the functions that need them, so
@@ -30,13 +30,16 @@ from .layer import ConvLayer
 #: The packages the demo needs (``pip install "numbaconv[demo]"``): import name -> package name.
 DEMO_PACKAGES = {"sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib"}
 
-# Defaults, tuned so that the test accuracy after 5 epochs is >= 0.95 for every kernel and for
-# seeds 0-9 (it lands between 0.96 and 0.99). AdaGrad's step is divided by the root of the summed
-# squared gradients, so it needs a larger learning rate than plain SGD would.
+# Defaults, tuned for a robust test accuracy after 5 epochs (seeds 0-59: worst 0.964, mean 0.98).
+# Tried and dropped: AdaGrad (the teaching layer's update, accumulators started at 1e-8, 1e-2 or
+# 0.1): for a few seeds in 30 it ended below 0.95, because weights with tiny gradients so far take
+# sign-sized steps late in training; constant-rate SGD (with or without momentum) also left a
+# few seeds below 0.95. The linear decay to 0 is what removed the late swings. Batches of 32 lose
+# about half a point; 8 filters are too few; 32 filters or 128 hidden units did not help.
 N_FILTERS = 16
 HIDDEN = 64
 LEARNING_RATE = 0.05
-BATCH_SIZE = 32
+BATCH_SIZE = 16
 EPOCHS = 5
 TEST_FRACTION = 0.2
 DTYPE = np.float32
@@ -133,9 +136,6 @@ class Dense:
         self.w = (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(DTYPE)
         self.b = np.zeros(n_out, dtype=DTYPE)
         self.relu = relu
-        # AdaGrad accumulators, started as ConvLayer starts its own.
-        self.h_w = np.full_like(self.w, 1e-8)
-        self.h_b = np.full_like(self.b, 1e-8)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """``x`` (N, n_in) -> (N, n_out)."""
@@ -154,12 +154,28 @@ class Dense:
         self.grad_b = grad_y.sum(axis=0)
         return grad_y @ self.w.T
 
-    def update(self, eta: float) -> None:
-        """The AdaGrad step of ``ConvLayer.update``."""
-        self.h_w += self.grad_w * self.grad_w
-        self.w -= eta / np.sqrt(self.h_w) * self.grad_w
-        self.h_b += self.grad_b * self.grad_b
-        self.b -= eta / np.sqrt(self.h_b) * self.grad_b
+
+class SGD:
+    """Stochastic gradient descent with momentum: ``v = momentum * v - eta * grad; param += v``.
+
+    Parameters
+    ----------
+    eta : float
+        Learning rate; :func:`train` lowers it linearly to 0 over the run.
+    momentum : float
+    """
+
+    def __init__(self, eta: float, momentum: float = 0.9):
+        self.eta = eta
+        self.momentum = momentum
+        self.velocities: dict[int, np.ndarray] = {}
+
+    def step(self, param: np.ndarray, grad: np.ndarray) -> None:
+        """Update ``param`` in place from ``grad`` (reshaped to ``param``'s shape)."""
+        velocity = self.velocities.setdefault(id(param), np.zeros_like(param))
+        velocity *= self.momentum
+        velocity -= self.eta * grad.reshape(param.shape)
+        param += velocity
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -225,10 +241,11 @@ class SmallCNN:
         grad = self.pool.backward(grad.reshape(self.pooled_shape))
         self.conv.backward(grad)
 
-    def update(self, eta: float) -> None:
-        """One AdaGrad step of every layer."""
+    def update(self, optimizer: SGD) -> None:
+        """One optimizer step on every layer's weights and biases (updated in place)."""
         for layer in (self.conv, self.hidden, self.out):
-            layer.update(eta)
+            optimizer.step(layer.w, layer.grad_w)
+            optimizer.step(layer.b, layer.grad_b)
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Predicted labels of images ``x``, computed ``batch_size`` images at a time."""
@@ -266,7 +283,7 @@ def train(
     seed : int
         Seeds the train/test split, the initial weights and the shuffling.
     learning_rate : float
-        AdaGrad's ``eta``.
+        Initial learning rate of SGD (momentum 0.9); it decays linearly to 0 over the run.
     limit : int, optional
         Train on the first ``limit`` training images only (for quick checks).
     progress : bool
@@ -282,7 +299,9 @@ def train(
     x_train, y_train, x_test, y_test = load_digits_split(seed, limit)
     rng = np.random.default_rng(seed)
     model = SmallCNN(rng, kernel=kernel)
+    optimizer = SGD(learning_rate)
     n_batches = -(-len(x_train) // batch_size)
+    step, total_steps = 0, n_batches * epochs
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         order = rng.permutation(len(x_train))
@@ -295,7 +314,9 @@ def train(
                 batch = order[first : first + batch_size]
                 loss, grad = softmax_cross_entropy(model.forward(x_train[batch]), y_train[batch])
                 model.backward(grad)
-                model.update(learning_rate)
+                optimizer.eta = learning_rate * (1 - step / total_steps)
+                model.update(optimizer)
+                step += 1
                 losses.append(loss)
                 bar.update()
         train_accuracy = float(np.mean(model.predict(x_train) == y_train))

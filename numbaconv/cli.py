@@ -1,0 +1,719 @@
+"""The ``numbaconv`` command line: ``demo``, ``bench`` and ``info``.
+
+- ``numbaconv demo`` trains a small CNN on scikit-learn's digits (:mod:`numbaconv.demo`);
+- ``numbaconv bench`` times ``conv2d`` and ``conv2d_backward`` of every kernel on layer shapes;
+- ``numbaconv info`` reports versions, threading, the Numba cache, the CPU and the default kernel.
+
+Bad arguments print one line, ``numbaconv: error: ...``, and exit with status 2. The optional
+packages (scikit-learn, tqdm, matplotlib) are imported only by the subcommands that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import __version__, registry
+from . import demo as demo_module
+from .functional import conv2d, conv2d_backward
+from .geometry import ConvGeometry, make_geometry
+from .shapes import LAYER_SHAPES, LayerShape
+
+PROG = "numbaconv"
+DEMO_HINT = 'the demo needs {}: pip install "numbaconv[demo]"'
+#: The kernel every other kernel's speed is compared with in ``bench``.
+BASELINE_KERNEL = "numpy"
+#: Default ``bench --repeat``: with the numpy kernel's few hundred ms on the big shapes, a full
+#: default run (8 shapes x every kernel, one warm-up plus 3 timed rounds) stays within 1-2 minutes.
+DEFAULT_REPEAT = 3
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one ``numbaconv: error: ...`` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line and never exit the interpreter."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
+
+
+def _kernel_name(text: str) -> str:
+    if text not in registry.KERNELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown kernel {text!r}; valid kernels: {', '.join(registry.KERNELS)}"
+        )
+    return text
+
+
+def _kernel_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of kernel names")
+    return list(dict.fromkeys(_kernel_name(name) for name in names))
+
+
+def parse_shape(text: str) -> LayerShape:
+    """Parse ``N,C,H,W,K,R,S[,stride[,pad]]`` and check that the convolution is valid.
+
+    Parameters
+    ----------
+    text : str
+        Batch, input channels, height, width, filters, filter height and width, then optionally
+        the stride (default 1) and the padding (default 0).
+
+    Returns
+    -------
+    LayerShape
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        With a one-line reason when the text is malformed or the convolution is invalid
+        (for example, an empty output).
+    """
+    fields = text.split(",")
+    if not 7 <= len(fields) <= 9:
+        raise argparse.ArgumentTypeError(
+            f"expected N,C,H,W,K,R,S[,stride[,pad]] (7 to 9 integers), got {text!r}"
+        )
+    try:
+        values = [int(field) for field in fields]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N,C,H,W,K,R,S[,stride[,pad]] as integers, got {text!r}"
+        ) from None
+    shape = LayerShape(*values)
+    if shape.batch < 1:
+        raise argparse.ArgumentTypeError(f"the batch N must be >= 1, got {text!r}")
+    try:
+        _geometry(shape)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return shape
+
+
+def _geometry(shape: LayerShape) -> ConvGeometry:
+    n, c, h, w, k, r, s, stride, pad = shape
+    return make_geometry((n, c, h, w), (k, c, r, s), stride=stride, padding=pad)
+
+
+def _shape_text(shape: LayerShape) -> str:
+    return ",".join(str(v) for v in shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``numbaconv`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Its ``error`` raises :class:`UsageError` instead of exiting.
+    """
+    parser = _Parser(prog=PROG, description="numbaconv: fast CPU 2-D convolution with Numba.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small CNN on scikit-learn's handwritten digits",
+        description="Train a small CNN (numbaconv.ConvLayer, 2x2 max-pool, dense layers) on "
+        "scikit-learn's 8x8 handwritten digits; print loss and accuracy per epoch.",
+    )
+    demo.add_argument(
+        "--kernel",
+        type=_kernel_name,
+        help=f"convolution kernel: {', '.join(registry.KERNELS)} (default: the default kernel)",
+    )
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=demo_module.EPOCHS, help="default: %(default)s"
+    )
+    demo.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=demo_module.BATCH_SIZE,
+        help="default: %(default)s",
+    )
+    demo.add_argument("--seed", type=_seed, default=0, help="default: %(default)s")
+    demo.add_argument("--plot", metavar="FILE.png", help="write the learning curves as a PNG")
+    # Train on the first N training images only: for quick checks and tests.
+    demo.add_argument("--limit", type=_positive_int, help=argparse.SUPPRESS)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time conv2d forward and backward of each kernel",
+        description="Time conv2d and conv2d_backward of each kernel (warm-up first, median of "
+        "--repeat runs, kernels interleaved) and print a table.",
+    )
+    bench.add_argument(
+        "--shape",
+        type=parse_shape,
+        action="append",
+        metavar="N,C,H,W,K,R,S[,stride[,pad]]",
+        help="a layer shape; repeatable (default: the suite's layer shapes)",
+    )
+    bench.add_argument(
+        "--kernels",
+        type=_kernel_list,
+        metavar="A,B",
+        help=f"comma-separated kernels (default: all of {', '.join(registry.KERNELS)})",
+    )
+    bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bench.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="Numba threads (numba.set_num_threads; BLAS keeps its own setting)",
+    )
+    bench.add_argument(
+        "--repeat", type=_positive_int, default=DEFAULT_REPEAT, help="timed runs (default: 3)"
+    )
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    commands.add_parser(
+        "info",
+        help="versions, threading, cache, CPU and default kernel",
+        description="Report numbaconv's environment: versions, threading layer and threads, "
+        "Numba cache directory, CPU and SIMD width, and the default kernel.",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``numbaconv`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for bad arguments or a missing optional package.
+    """
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else 0
+        if args.command == "demo":
+            return run_demo(args)
+        if args.command == "bench":
+            return run_bench(args)
+        return run_info()
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``numbaconv demo``: train, print a line per epoch, optionally plot; return the status."""
+    missing = demo_module.missing_packages(with_plot=args.plot is not None)
+    if missing:
+        raise UsageError(DEMO_HINT.format(", ".join(missing)))
+    if args.plot is not None:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--plot: folder {folder!r} does not exist")
+    try:
+        kernel = registry.resolve(args.kernel)  # None: the default, maybe from NUMBACONV_KERNEL
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    x_train, _, x_test, _ = demo_module.load_digits_split(args.seed, args.limit)
+    print(
+        f"numbaconv demo: {len(x_train)} training and {len(x_test)} test digits (8x8), "
+        f"kernel {kernel}, {args.epochs} epochs, batch size {args.batch_size}, seed {args.seed}"
+    )
+    history = []
+    training = demo_module.train(
+        kernel=kernel,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    for stats in training:
+        history.append(stats)
+        print(
+            f"epoch {stats.epoch}/{args.epochs}  loss {stats.loss:.4f}  "
+            f"train acc {stats.train_accuracy:.4f}  test acc {stats.test_accuracy:.4f}  "
+            f"{stats.seconds:.2f} s",
+            flush=True,
+        )
+    if args.plot is not None:
+        demo_module.plot_curves(
+            history, args.plot, title=f"numbaconv demo: digits, kernel {kernel}, seed {args.seed}"
+        )
+        print(f"learning curves written to {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+
+
+@dataclass
+class BenchResult:
+    """The figures of one (shape, kernel) pair; times are medians in milliseconds."""
+
+    shape: str
+    dims: list[int]  #: N, C, H, W, K, R, S, stride, pad
+    kernel: str
+    forward_ms: float
+    backward_ms: float
+    forward_gflops: float  #: geom.flops / forward time
+    backward_gflops: float  #: 2 * geom.flops / backward time (grad-x and grad-w)
+    forward_speedup: float | None = None  #: over the numpy kernel; None when it was not timed
+    backward_speedup: float | None = None
+    #: The kernels ``auto`` runs forward and backward, when the registry can say (``choose``).
+    auto_forward: str | None = None
+    auto_backward: str | None = None
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr, or a stand-in that does nothing when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc="bench", unit="run", leave=False, file=sys.stderr)
+
+
+class _NoProgress:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def auto_picks(geom: ConvGeometry, dtype) -> tuple[str | None, str | None]:
+    """The kernels that ``'auto'`` runs forward and backward for this geometry and dtype.
+
+    Uses ``registry.choose(geom, dtype[, direction])`` when the registry has it (a registry whose
+    ``choose`` takes no direction gets the same answer for both).
+
+    Returns
+    -------
+    forward, backward : str or None
+        None when the registry has no ``choose``.
+    """
+    choose = getattr(registry, "choose", None)
+    if choose is None:
+        return None, None
+    dtype = np.dtype(dtype)
+    if "direction" not in inspect.signature(choose).parameters:
+        pick = choose(geom, dtype)
+        return pick, pick
+    return choose(geom, dtype, direction="forward"), choose(geom, dtype, direction="backward")
+
+
+def bench_shape(
+    name: str, shape: LayerShape, kernels: list[str], dtype, repeat: int, progress
+) -> list[BenchResult]:
+    """Time forward and backward of ``kernels`` on one layer shape.
+
+    Each kernel runs once untimed (so compilation or cache loading is not timed), then ``repeat``
+    rounds time every kernel in turn, so that a slow drift of the machine affects all kernels
+    alike; the medians are reported.
+
+    Parameters
+    ----------
+    name : str
+        Label of the shape in the results.
+    shape : LayerShape
+    kernels : list of str
+    dtype : numpy dtype
+    repeat : int
+    progress : tqdm-like
+        Advanced once per kernel per round (warm-up included).
+
+    Returns
+    -------
+    list of BenchResult
+        One per kernel, in the order of ``kernels``.
+    """
+    geom = _geometry(shape)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(geom.input_shape).astype(dtype)
+    w = rng.standard_normal(geom.weight_shape).astype(dtype)
+    b = rng.standard_normal(geom.out_channels).astype(dtype)
+    grad_y = rng.standard_normal(geom.output_shape).astype(dtype)
+    options = dict(stride=shape.stride, padding=shape.pad)
+
+    def forward(kernel):
+        return lambda: conv2d(x, w, b, kernel=kernel, **options)
+
+    def backward(kernel):
+        return lambda: conv2d_backward(grad_y, x, w, kernel=kernel, **options)
+
+    times = {kernel: ([], []) for kernel in kernels}
+    for round_ in range(repeat + 1):
+        for kernel in kernels:
+            progress.set_postfix_str(f"{name} {kernel}")
+            forward_s, backward_s = _timed(forward(kernel)), _timed(backward(kernel))
+            if round_:  # round 0 is the warm-up
+                times[kernel][0].append(forward_s)
+                times[kernel][1].append(backward_s)
+            progress.update()
+
+    auto_forward, auto_backward = auto_picks(geom, dtype)
+    medians = {k: (statistics.median(f), statistics.median(b)) for k, (f, b) in times.items()}
+    baseline = medians.get(BASELINE_KERNEL)
+    results = []
+    for kernel, (forward_s, backward_s) in medians.items():
+        results.append(
+            BenchResult(
+                shape=name,
+                dims=list(shape),
+                kernel=kernel,
+                forward_ms=forward_s * 1e3,
+                backward_ms=backward_s * 1e3,
+                forward_gflops=geom.flops / forward_s / 1e9,
+                backward_gflops=2 * geom.flops / backward_s / 1e9,
+                forward_speedup=None if baseline is None else baseline[0] / forward_s,
+                backward_speedup=None if baseline is None else baseline[1] / backward_s,
+                auto_forward=auto_forward,
+                auto_backward=auto_backward,
+            )
+        )
+    return results
+
+
+def _milliseconds(value: float) -> str:
+    """Three significant digits or more: 0.0412, 3.14, 27.2, 312."""
+    return f"{value:.{max(0, 2 - int(np.floor(np.log10(value))))}f}" if value > 0 else "0"
+
+
+def format_table(results: list[BenchResult]) -> str:
+    """The bench results as a plain-text table, one row per shape and kernel.
+
+    The speedup columns appear when the numpy kernel was timed; the "auto picks" column when the
+    registry can say which kernel ``auto`` would use. A shape's label and ``auto``'s pick are
+    written on the first row of the shape only.
+    """
+    with_speedup = any(r.forward_speedup is not None for r in results)
+    with_auto = any(r.auto_forward is not None for r in results)
+    header = ["shape", "kernel", "fwd ms", "bwd ms", "fwd GFLOP/s", "bwd GFLOP/s"]
+    if with_speedup:
+        header += ["fwd vs numpy", "bwd vs numpy"]
+    if with_auto:
+        header += ["auto picks (fwd/bwd)"]
+    rows = []
+    previous = None
+    for r in results:
+        first = r.shape != previous
+        previous = r.shape
+        row = [
+            r.shape if first else "",
+            r.kernel,
+            _milliseconds(r.forward_ms),
+            _milliseconds(r.backward_ms),
+            f"{r.forward_gflops:.1f}",
+            f"{r.backward_gflops:.1f}",
+        ]
+        if with_speedup:
+            row += [f"{r.forward_speedup:.2f}x", f"{r.backward_speedup:.2f}x"]
+        if with_auto:
+            picks = r.auto_forward if r.auto_forward == r.auto_backward else None
+            picks = picks or f"{r.auto_forward}/{r.auto_backward}"
+            row += [picks if first else ""]
+        rows.append(row)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    # Text columns flush left, numbers flush right.
+    left = {0, 1, len(header) - 1} if with_auto else {0, 1}
+
+    def line(cells):
+        return "  ".join(
+            cell.ljust(width) if i in left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``numbaconv bench``: time the kernels, print the table, optionally write JSON."""
+    import numba
+
+    if args.threads is not None:
+        if args.threads > numba.config.NUMBA_NUM_THREADS:
+            raise UsageError(
+                f"--threads {args.threads}: at most NUMBA_NUM_THREADS="
+                f"{numba.config.NUMBA_NUM_THREADS} threads are available"
+            )
+        numba.set_num_threads(args.threads)
+    if args.json is not None:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--json: folder {folder!r} does not exist")
+    if args.shape:
+        shapes = {_shape_text(shape): shape for shape in args.shape}
+    else:
+        shapes = dict(LAYER_SHAPES)
+    kernels = args.kernels or list(registry.KERNELS)
+    dtype = np.dtype(args.dtype)
+
+    print(
+        f"numbaconv {__version__} bench: {dtype.name}, {numba.get_num_threads()} Numba threads, "
+        f"median of {args.repeat} run(s) after a warm-up"
+    )
+    for variable in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if os.environ.get(variable):
+            print(f"note: {variable}={os.environ[variable]} is set; BLAS may run slower than usual")
+    results = []
+    with _progress(len(shapes) * len(kernels) * (args.repeat + 1)) as progress:
+        for name, shape in shapes.items():
+            results += bench_shape(name, shape, kernels, dtype, args.repeat, progress)
+    print(format_table(results))
+    print("GFLOP/s: forward 2*N*K*OH*OW*C*R*S flops, backward twice that (grad-x and grad-w)")
+
+    if args.json is not None:
+        report = {
+            "numbaconv": __version__,
+            "numba": numba.__version__,
+            "numpy": np.__version__,
+            "dtype": dtype.name,
+            "threads": numba.get_num_threads(),
+            "threading_layer": _threading_layer(),
+            "repeat": args.repeat,
+            "cpu": cpu_model(),
+            "results": [asdict(r) for r in results],
+        }
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+            fh.write("\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``, else ``platform.processor()``.
+
+    Returns
+    -------
+    str
+        For example ``"Intel(R) Xeon(R) Processor"``; ``"unknown"`` when nothing says.
+    """
+    info = _cpuinfo()
+    return info.get("model name") or info.get("Model") or platform.processor() or "unknown"
+
+
+#: Widest first: the SIMD extension that /proc/cpuinfo (or LLVM) names, and its register width.
+_SIMD = (
+    ("avx512f", "AVX-512", 512),
+    ("avx2", "AVX2", 256),
+    ("avx", "AVX", 256),
+    ("sse2", "SSE2", 128),
+    ("asimd", "NEON", 128),
+    ("neon", "NEON", 128),
+)
+
+
+def simd_width() -> tuple[str, int | None]:
+    """The widest SIMD extension of this CPU and its width in bits.
+
+    Reads the ``flags`` (x86) or ``Features`` (Arm) of ``/proc/cpuinfo``; elsewhere asks LLVM
+    (through llvmlite, which Numba uses) for the host's features.
+
+    Returns
+    -------
+    name : str
+        For example ``"AVX-512"``; ``"unknown"`` when none is recognised.
+    bits : int or None
+    """
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    if not flags:
+        try:
+            from llvmlite import binding
+
+            flags = {name for name, on in binding.get_host_cpu_features().items() if on}
+        except Exception:  # llvmlite's host query is best effort on exotic platforms
+            flags = set()
+    for flag, name, bits in _SIMD:
+        if flag in flags:
+            return name, bits
+    return "unknown", None
+
+
+def numba_cache_dirs() -> list[str]:
+    """Where Numba caches numbaconv's compiled kernels.
+
+    Asks the kernels' own dispatchers (``cache=True``) where their cache lives: ``__pycache__``
+    next to each kernel module, or a folder under ``NUMBA_CACHE_DIR`` when that is set, or a
+    user-wide folder when the package's folder is not writable. Should Numba's (private) cache
+    attributes change, falls back to ``numba.config.CACHE_DIR`` or the package's ``__pycache__``.
+
+    Returns
+    -------
+    list of str
+        Each folder once, in the order found.
+    """
+    import importlib
+    import pkgutil
+
+    import numba
+    from numba.core.dispatcher import Dispatcher
+
+    from . import kernels
+
+    folders: list[str] = []
+    for module_info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{module_info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Dispatcher):
+                folder = getattr(getattr(value, "_cache", None), "_cache_path", None)
+                if folder and folder not in folders:
+                    folders.append(folder)
+    if folders:
+        return folders
+    if numba.config.CACHE_DIR:
+        return [numba.config.CACHE_DIR]
+    return [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")]
+
+
+def _threading_layer() -> str | None:
+    from ._threading import active_threading_layer
+
+    return active_threading_layer()
+
+
+def _initialise_threading() -> None:
+    """Run one tiny convolution with Numba kernels, so that the threading layer is chosen."""
+    x = np.ones((1, 1, 4, 4), dtype=np.float32)
+    w = np.ones((1, 1, 3, 3), dtype=np.float32)
+    try:
+        candidates = [registry.default_kernel()[0], *registry.KERNELS]
+    except ValueError:
+        candidates = list(registry.KERNELS)
+    for kernel in candidates:  # the numpy kernel, say, starts no Numba threads
+        if _threading_layer() is not None:
+            return
+        conv2d(x, w, kernel=kernel)
+
+
+def info_lines() -> list[tuple[str, str]]:
+    """The ``numbaconv info`` report as (field, value) pairs.
+
+    Returns
+    -------
+    list of (str, str)
+    """
+    import numba
+    import scipy
+
+    _initialise_threading()
+    try:
+        name, origin = registry.default_kernel()
+        default = f"{name} ({origin})"
+    except ValueError as exc:
+        default = f"invalid: {exc}"
+    simd_name, bits = simd_width()
+    return [
+        ("numbaconv", f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"),
+        ("python", platform.python_version()),
+        ("numba", numba.__version__),
+        ("numpy", np.__version__),
+        ("scipy", scipy.__version__),
+        ("threading layer", str(_threading_layer())),
+        (
+            "threads",
+            f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",
+        ),
+        ("numba cache", ", ".join(numba_cache_dirs())),
+        ("cpu", cpu_model()),
+        ("simd", f"{simd_name}, {bits} bits" if bits else simd_name),
+        ("kernels", ", ".join(registry.KERNELS)),
+        ("default kernel", default),
+    ]
+
+
+def run_info() -> int:
+    """``numbaconv info``: print the report."""
+    lines = info_lines()
+    width = max(len(field) for field, _ in lines)
+    for field, value in lines:
+        print(f"{field + ':':<{width + 1}} {value}")
+    return 0
