@@ -197,6 +197,7 @@ def _as_numpy(result) -> np.ndarray:
 
 
 def assert_close(actual, expected, dtype_name: str, what: str) -> None:
+    """``actual`` equals ``expected`` to ``TOLERANCE`` times the larger of 1 and max |expected|."""
     expected = np.asarray(expected)
     scale = float(np.abs(expected).max(initial=1.0))
     tolerance = TOLERANCE[dtype_name] * scale
