@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from . import _threading
 from .geometry import ConvGeometry
 from .kernels import direct, im2col, teaching, winograd
 
@@ -56,33 +55,24 @@ def resolve(kernel: str | None) -> str:
     return _check_name(kernel, "kernel=")
 
 
-#: ``'auto'`` uses Winograd only when the GEMMs it turns the work into have at least this many
-#: input and output channels: with fewer, its transforms cost more than the flops it saves
-#: (mnist layer, 1 input channel: 3x slower than im2col).
-WINOGRAD_MIN_CHANNELS = 16
-
-
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     """The concrete kernel that ``'auto'`` runs for a geometry (and direction).
 
-    The cost model, from measurements of the suite's layers on a 2-core AVX-512 machine:
+    The cost model, from interleaved measurements of the suite's layers (float32) on a 2-core
+    AVX-512 machine, ``asv_benchmarks/compare_torch.py`` and ``numbaconv bench``:
 
-    - calls small enough to run on one thread (under :data:`numbaconv._threading.SERIAL_FLOPS`)
-      use ``direct``: no workspace and no GEMM set-up, fastest on the digits layer;
-    - 3x3 stride-1 layers with enough channels use ``winograd`` (2.25x fewer flops);
-    - everything else uses ``im2col`` (one large BLAS GEMM per batch chunk).
+    - ``im2col`` was the fastest kernel, or within noise of it, on every layer at 2 threads;
+    - ``winograd`` was faster on one thread (resnet3x3 forward 36 ms against 68 ms) but slower on
+      two (80-100 ms against 60-70 ms), where its 16 GEMMs per batch chunk each fork and join
+      the BLAS thread pool; under load it was up to 10x slower. Choosing it by thread count would
+      make results depend on the thread count, which numbaconv promises they never do;
+    - ``direct`` did not beat ``im2col`` even on the digits layer.
 
-    ``dtype`` is accepted for interface stability; the choice does not depend on it today.
+    So today every geometry maps to ``im2col``. This function is the one place to change when a
+    kernel wins somewhere. ``dtype`` and ``direction`` are accepted for that future.
     """
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
-    if geom.flops < _threading.SERIAL_FLOPS:
-        return "direct"
-    if (
-        winograd.supports(geom)
-        and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
-    ):
-        return "winograd"
     return "im2col"
 
 
