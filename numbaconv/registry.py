@@ -55,24 +55,35 @@ def resolve(kernel: str | None) -> str:
     return _check_name(kernel, "kernel=")
 
 
+#: ``'auto'`` uses Winograd only when its GEMMs have at least this many input and output
+#: channels: with fewer, its transforms cost more than the flops it saves (mnist layer, 1 input
+#: channel: 13 ms against 1.7 ms for im2col).
+WINOGRAD_MIN_CHANNELS = 16
+
+
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     """The concrete kernel that ``'auto'`` runs for a geometry (and direction).
 
-    The cost model, from interleaved measurements of the suite's layers (float32) on a 2-core
-    AVX-512 machine, ``asv_benchmarks/compare_torch.py`` and ``numbaconv bench``:
+    The cost model, from the suite's layers (float32, 2 threads, quiet 2-core AVX-512 machine;
+    asv ``time_forward``/``time_backward`` and ``asv_benchmarks/compare_torch.py``):
 
-    - ``im2col`` was the fastest kernel, or within noise of it, on every layer at 2 threads;
-    - ``winograd`` was faster on one thread (resnet3x3 forward 36 ms against 68 ms) but slower on
-      two (80-100 ms against 60-70 ms), where its 16 GEMMs per batch chunk each fork and join
-      the BLAS thread pool; under load it was up to 10x slower. Choosing it by thread count would
-      make results depend on the thread count, which numbaconv promises they never do;
-    - ``direct`` did not beat ``im2col`` even on the digits layer.
+    - 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS` input and output channels
+      use ``winograd`` (resnet3x3: 32 ms forward and 71 ms backward, against 46 and 80 ms for
+      ``im2col``);
+    - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
+      every other layer (``direct`` never won, not even on the digits layer).
 
-    So today every geometry maps to ``im2col``. This function is the one place to change when a
-    kernel wins somewhere. ``dtype`` and ``direction`` are accepted for that future.
+    The choice depends on the geometry only: never on timings (noisy on a busy machine) nor on
+    the thread count (results must not depend on it). ``dtype`` and ``direction`` are accepted
+    so that the model can use them later.
     """
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    if (
+        winograd.supports(geom)
+        and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
+    ):
+        return "winograd"
     return "im2col"
 
 
