@@ -7,7 +7,13 @@ development-only dependency of this script (``pip install torch``).
 
 Run with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset:
 
-    python asv_benchmarks/compare_torch.py --kernel auto --dtype float32 --repeat 15
+    OMP_WAIT_POLICY=PASSIVE python asv_benchmarks/compare_torch.py --kernel auto --repeat 9
+
+``OMP_WAIT_POLICY=PASSIVE`` for the whole process: torch is imported first, and with its default
+policy its OpenMP workers spin after each call, so the numbaconv call that follows in the
+interleaving waits for a core (a scheduler tick, ~8 ms on small layers). numbaconv sets the
+passive policy for its own pool on import; setting it in the environment applies it to torch too,
+which costs torch a little. Quote which setting a table used.
 """
 
 from __future__ import annotations
