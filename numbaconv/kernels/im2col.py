@@ -159,13 +159,6 @@ def images_per_chunk(geom: ConvGeometry, itemsize: int) -> int:
     return int(max(1, min(geom.batch, WORKSPACE_BYTES // per_image)))
 
 
-def workspace_bytes(geom: ConvGeometry, itemsize: int) -> int:
-    """Bytes of workspace a call allocates (columns + GEMM result of one chunk)."""
-    taps = geom.in_channels * geom.filter_height * geom.filter_width
-    per_image = (taps + geom.out_channels) * geom.out_height * geom.out_width * itemsize
-    return images_per_chunk(geom, itemsize) * per_image
-
-
 class _Chunks:
     """Workspace and GEMM operands shared by forward and backward."""
 
