@@ -9,6 +9,9 @@ active, :func:`kernel_guard` serialises numbaconv's kernel calls with a lock ins
 It also sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see
 :func:`configure_threading_layer`); OpenMP runtimes already running keep their policy.
 
+It also holds SciPy's OpenBLAS (the BLAS that ``np.dot`` calls inside Numba kernels) to one
+thread while a kernel calls it from inside a parallel region; see :func:`single_threaded_blas`.
+
 Caveat: GNU OpenMP is not fork-safe; a program that forks worker processes after running
 numbaconv kernels should use the ``spawn`` start method (or install ``tbb``).
 """
@@ -16,8 +19,10 @@ numbaconv kernels should use the ``spawn`` start method (or install ``tbb``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
+from pathlib import Path
 
 import numba
 from numba.np.ufunc import parallel as _numba_parallel
@@ -73,3 +78,76 @@ def kernel_guard(work: int):
                 yield
     finally:
         numba.set_num_threads(previous)
+
+
+def _find_scipy_openblas():
+    """SciPy's bundled OpenBLAS (what ``np.dot`` in Numba code calls), or None if not found.
+
+    SciPy wheels ship it as ``libscipy_openblas*`` next to the package; its thread count is
+    process-wide state we can set. Other BLAS builds (MKL, a system OpenBLAS) are not touched, and
+    the kernels then use their BLAS-outside-Numba paths.
+    """
+    try:
+        import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba binds to)
+    except ImportError:
+        return None
+    root = Path(scipy.__file__).parent
+    candidates = [
+        *sorted((root.parent / "scipy.libs").glob("libscipy_openblas*")),
+        *sorted((root / ".dylibs").glob("libscipy_openblas*")),
+    ]
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+            get, set_ = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
+        except (OSError, AttributeError):
+            continue
+        get.restype, get.argtypes = ctypes.c_int, []
+        set_.restype, set_.argtypes = None, [ctypes.c_int]
+        return get, set_
+    return None
+
+
+_scipy_openblas = _find_scipy_openblas()
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved_threads = 1
+
+
+def blas_inside_kernels() -> bool:
+    """Whether kernels may call BLAS from inside their parallel regions.
+
+    That needs BLAS held to one thread per caller (else each of Numba's threads would start
+    BLAS's own threads and they would fight over the cores), which numbaconv can do for SciPy's
+    bundled OpenBLAS. Set ``NUMBACONV_BLAS_INSIDE_KERNELS=0`` to use the other paths.
+    """
+    if os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS", "1") == "0":
+        return False
+    return _scipy_openblas is not None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Hold SciPy's OpenBLAS to one thread while any numbaconv kernel that calls it runs.
+
+    OpenBLAS's thread count is one process-wide setting (``openblas_set_num_threads_local`` is
+    global too in its pthreads build), so concurrent numbaconv calls share one reference count:
+    the first sets 1 thread, the last restores the previous value. Other SciPy BLAS calls made by
+    other Python threads meanwhile run single-threaded: slower, never wrong.
+    """
+    global _blas_users, _blas_saved_threads
+    get, set_ = _scipy_openblas
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_saved_threads = get()
+            if _blas_saved_threads != 1:
+                set_(1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_saved_threads != 1:
+                set_(_blas_saved_threads)

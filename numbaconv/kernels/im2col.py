@@ -18,9 +18,11 @@ one image needs, if that is more), whatever the batch size.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
+from .._threading import blas_inside_kernels, single_threaded_blas
 from ..geometry import ConvGeometry
 from ._loops import valid_range
 
@@ -29,6 +31,16 @@ from ._loops import valid_range
 #: every chunk adds fork/joins of Numba's and BLAS's thread pools, which on a busy machine can
 #: take a scheduler time slice each: 32 MiB keeps them to a handful per call on the suite's layers.
 WORKSPACE_BYTES = 32 * 2**20
+
+#: Target size of one band's columns in the fused passes: enough pixels for a single-threaded
+#: GEMM to run near its peak, small enough to stay in a core's L2 cache (2 MiB here) beside the
+#: filters and the GEMM result.
+BAND_BYTES = 2**20
+
+#: Lanes of the fused backward pass (each sums its own grad-w partials). A constant, not the
+#: thread count, so that results are bitwise identical on any number of threads; 8 keeps
+#: machines with up to 8 cores busy.
+BACKWARD_LANES = 8
 
 
 @njit(parallel=True, cache=True)
@@ -136,6 +148,159 @@ def gather_grad_kernel(grad_y, out):
             out[k, base + p] = grad_y[n, k, p]
 
 
+@njit(cache=True)
+def band_columns(x, n, oh0, oh1, cols, geo):
+    """Serial :func:`im2col_kernel` for output rows ``oh0:oh1`` of image ``n``:
+    ``cols[(c*R + r)*S + s, (oh - oh0)*OW + ow]``. ``cols`` is (C*R*S, (oh1 - oh0)*OW); ``geo``
+    is :func:`geometry_args`."""
+    filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
+    n_chan, height, width = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(n_chan):
+        for r in range(filter_h):
+            for s in range(filter_w):
+                row = (c * filter_h + r) * filter_w + s
+                col_offset = s * dw - pad_l
+                lo, hi = valid_range(out_w, sw, col_offset, width)
+                for oh in range(oh0, oh1):
+                    ih = oh * sh - pad_t + r * dh
+                    base = (oh - oh0) * out_w
+                    if ih < 0 or ih >= height:
+                        for ow in range(out_w):
+                            cols[row, base + ow] = 0
+                        continue
+                    for ow in range(lo):
+                        cols[row, base + ow] = 0
+                    if sw == 1:
+                        for ow in range(lo, hi):
+                            cols[row, base + ow] = x[n, c, ih, ow + col_offset]
+                    else:
+                        for ow in range(lo, hi):
+                            cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
+                    for ow in range(hi, out_w):
+                        cols[row, base + ow] = 0
+
+
+@njit(cache=True)
+def band_col2im_add(cols, img, n, oh0, oh1, geo):
+    """Adjoint of :func:`band_columns`: add the columns of output rows ``oh0:oh1`` into image
+    ``n`` of ``img`` (which the caller zeroed)."""
+    filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
+    n_chan, height, width = img.shape[1], img.shape[2], img.shape[3]
+    for c in range(n_chan):
+        for r in range(filter_h):
+            for s in range(filter_w):
+                row = (c * filter_h + r) * filter_w + s
+                col_offset = s * dw - pad_l
+                lo, hi = valid_range(out_w, sw, col_offset, width)
+                for oh in range(oh0, oh1):
+                    ih = oh * sh - pad_t + r * dh
+                    if ih < 0 or ih >= height:
+                        continue
+                    base = (oh - oh0) * out_w
+                    if sw == 1:
+                        for ow in range(lo, hi):
+                            img[n, c, ih, ow + col_offset] += cols[row, base + ow]
+                    else:
+                        for ow in range(lo, hi):
+                            img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
+
+
+@njit(parallel=True, cache=True)
+def fused_forward_kernel(
+    x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, geo
+):  # fmt: skip
+    """The whole forward pass in one parallel region: per band of output rows, the band's
+    columns, one single-threaded GEMM per group and the bias, with no pass over the whole batch.
+
+    The jobs (image, band) are split into ``cols_ws.shape[0]`` contiguous runs, one per lane, each
+    with its own workspace rows; every output element comes from the same GEMM whatever the
+    split, so the result does not depend on the number of lanes or threads.
+    """
+    n_batch = x.shape[0]
+    out_h, out_w = geo[2], geo[3]
+    n_filters, taps_g = w_mat.shape
+    taps = taps_g * groups
+    k_g = n_filters // groups
+    bands = (out_h + band_rows - 1) // band_rows
+    jobs = n_batch * bands
+    lanes = cols_ws.shape[0]
+    for lane in prange(lanes):
+        for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
+            n = job // bands
+            oh0 = (job - n * bands) * band_rows
+            oh1 = min(out_h, oh0 + band_rows)
+            width = (oh1 - oh0) * out_w
+            cols = cols_ws[lane, : taps * width].reshape(taps, width)
+            out = out_ws[lane, : n_filters * width].reshape(n_filters, width)
+            band_columns(x, n, oh0, oh1, cols, geo)
+            for g in range(groups):
+                np.dot(
+                    w_mat[g * k_g : (g + 1) * k_g],
+                    cols[g * taps_g : (g + 1) * taps_g],
+                    out[g * k_g : (g + 1) * k_g],
+                )
+            p0 = oh0 * out_w
+            for k in range(n_filters):
+                shift = bias[k] if has_bias else 0
+                for q in range(width):
+                    y[n, k, p0 + q] = out[k, q] + shift
+
+
+@njit(parallel=True, cache=True)
+def fused_backward_kernel(
+    grad_y, x, w_mat, grad_x, input_gradient, grad_w_lanes, cols_ws, grad_ws, part_ws, groups,
+    band_rows, geo,
+):  # fmt: skip
+    """grad-w (per lane, in ``grad_w_lanes``) and, if ``input_gradient``, grad-x in one parallel
+    region; lane ``l`` of ``grad_w_lanes.shape[0]`` takes a fixed, contiguous run of images.
+
+    Per band: the band's columns and ``grad_y`` rows, one GEMM per group for the grad-w partial
+    (added to the lane's sum), one for the gradient columns, then col2im into the image. An image
+    belongs to one lane, so its grad-x is race-free; the lane sums are added in lane order by the
+    caller, and the number of lanes depends on the geometry only, so the bits never depend on the
+    number of threads.
+    """
+    n_batch = x.shape[0]
+    out_h, out_w = geo[2], geo[3]
+    n_filters, taps_g = w_mat.shape
+    taps = taps_g * groups
+    k_g = n_filters // groups
+    bands = (out_h + band_rows - 1) // band_rows
+    lanes = grad_w_lanes.shape[0]
+    for lane in prange(lanes):
+        acc = grad_w_lanes[lane]
+        part = part_ws[lane]
+        for k in range(n_filters):
+            for t in range(taps_g):
+                acc[k, t] = 0
+        for n in range(n_batch * lane // lanes, n_batch * (lane + 1) // lanes):
+            if input_gradient:
+                grad_x[n] = 0
+            for band in range(bands):
+                oh0 = band * band_rows
+                oh1 = min(out_h, oh0 + band_rows)
+                width = (oh1 - oh0) * out_w
+                cols = cols_ws[lane, : taps * width].reshape(taps, width)
+                grad = grad_ws[lane, : n_filters * width].reshape(n_filters, width)
+                band_columns(x, n, oh0, oh1, cols, geo)
+                p0 = oh0 * out_w
+                for k in range(n_filters):
+                    for q in range(width):
+                        grad[k, q] = grad_y[n, k, p0 + q]
+                for g in range(groups):
+                    filters = slice(g * k_g, (g + 1) * k_g)
+                    rows = slice(g * taps_g, (g + 1) * taps_g)
+                    np.dot(grad[filters], cols[rows].T, part[filters])
+                    if input_gradient:
+                        # The columns are no longer needed: overwrite them with the gradient's.
+                        np.dot(w_mat[filters].T, grad[filters], cols[rows])
+                for k in range(n_filters):
+                    for t in range(taps_g):
+                        acc[k, t] += part[k, t]
+                if input_gradient:
+                    band_col2im_add(cols, grad_x, n, oh0, oh1, geo)
+
+
 def geometry_args(geom: ConvGeometry) -> tuple[int, ...]:
     """The integer arguments of :func:`im2col_kernel` / :func:`col2im_kernel`."""
     return (
@@ -185,7 +350,7 @@ class _Chunks:
             yield first, min(self.size, self.geom.batch - first)
 
 
-def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
+def _chunked_forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     n, k, oh, ow = geom.output_shape
     ws = _Chunks(w, geom)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
@@ -225,11 +390,86 @@ def _backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     return grad_x, grad_w.reshape(w.shape), grad_b
 
 
+def _band_rows(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: int) -> int:
+    """Output rows per band: the band's columns near :data:`BAND_BYTES`, and all lanes'
+    workspace (columns, GEMM result, plus ``per_lane_fixed`` bytes each) under
+    :data:`WORKSPACE_BYTES`; at least one row."""
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    per_row = (taps + geom.out_channels) * geom.out_width * itemsize
+    room = (WORKSPACE_BYTES // lanes - per_lane_fixed) // per_row
+    rows = min(BAND_BYTES // (taps * geom.out_width * itemsize), room)
+    return int(max(1, min(geom.out_height, rows)))
+
+
+def _band_workspace(geom: ConvGeometry, dtype, lanes: int, band_rows: int):
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    width = band_rows * geom.out_width
+    cols = np.empty((lanes, taps * width), dtype=dtype)
+    out = np.empty((lanes, geom.out_channels * width), dtype=dtype)
+    return cols, out
+
+
+def _backward_lanes(geom: ConvGeometry, itemsize: int) -> int:
+    """Lanes of the fused backward pass; 0 if their grad-w sums would not fit the workspace.
+
+    A function of the geometry only (never of the thread count), so the grad-w reduction order,
+    and with it every bit of the result, is the same on any number of threads.
+    """
+    lanes = min(BACKWARD_LANES, geom.batch)
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    sums = 2 * lanes * geom.out_channels * taps_g * itemsize  # lane sums + GEMM partials
+    return lanes if sums <= WORKSPACE_BYTES // 2 else 0
+
+
+def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
+    if not blas_inside_kernels() or geom.batch == 0:
+        return _chunked_forward(x, w, b, geom)
+    n, k, oh, ow = geom.output_shape
+    lanes = max(1, min(numba.get_num_threads(), n * oh))
+    band_rows = _band_rows(geom, x.itemsize, lanes, 0)
+    cols, out = _band_workspace(geom, x.dtype, lanes, band_rows)
+    y = np.empty((n, k, oh * ow), dtype=x.dtype)
+    bias = b if b is not None else np.zeros(1, dtype=x.dtype)
+    w_mat = w.reshape(k, -1)
+    with single_threaded_blas():
+        fused_forward_kernel(
+            x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, geometry_args(geom)
+        )
+    return y.reshape(n, k, oh, ow)
+
+
+def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient: bool):
+    n, k, oh, ow = geom.output_shape
+    w_mat = w.reshape(k, -1)
+    sums = np.empty((lanes, *w_mat.shape), dtype=x.dtype)
+    partials = np.empty_like(sums)
+    band_rows = _band_rows(geom, x.itemsize, lanes, 2 * w_mat.nbytes)
+    cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows)
+    grad_x = np.empty_like(x) if input_gradient else np.empty((1, 1, 1, 1), dtype=x.dtype)
+    with single_threaded_blas():
+        fused_backward_kernel(
+            grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, sums, cols, grads,
+            partials, geom.groups, band_rows, geometry_args(geom),
+        )  # fmt: skip
+    grad_w = sums[0].copy()
+    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
+        grad_w += sums[lane]
+    grad_b = grad_y.sum(axis=(0, 2, 3))
+    return (grad_x if input_gradient else None), grad_w.reshape(w.shape), grad_b
+
+
+def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
+    lanes = _backward_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
+    if lanes == 0:
+        return _backward(grad_y, x, w, geom, input_gradient)
+    return _fused_backward(grad_y, x, w, geom, lanes, input_gradient)
+
+
 def backward(grad_y, x, w, geom: ConvGeometry):
-    return _backward(grad_y, x, w, geom, input_gradient=True)
+    return _gradients(grad_y, x, w, geom, input_gradient=True)
 
 
 def weight_and_bias_gradients(grad_y, x, w, geom: ConvGeometry):
     """``(grad_w, grad_b)`` alone, for families that compute grad-x another way."""
-    _, grad_w, grad_b = _backward(grad_y, x, w, geom, input_gradient=False)
+    _, grad_w, grad_b = _gradients(grad_y, x, w, geom, input_gradient=False)
     return grad_w, grad_b

@@ -21,9 +21,11 @@ Workspace: the padded and transformed input and the GEMM results of one chunk of
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
+from .._threading import blas_inside_kernels, single_threaded_blas
 from ..geometry import ConvGeometry, make_geometry
 from . import im2col
 
@@ -31,6 +33,10 @@ from . import im2col
 #: results); as in :mod:`numbaconv.kernels.im2col`, large enough to keep the fork/joins (3 Numba
 #: passes and 16 GEMMs per chunk) few.
 WORKSPACE_BYTES = 32 * 2**20
+
+#: Target size of one band's transformed input in the fused pass (as
+#: :data:`numbaconv.kernels.im2col.BAND_BYTES`): cache-sized, yet enough tiles for each GEMM.
+BAND_BYTES = 2**20
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -151,6 +157,8 @@ def output_transform_kernel(m, bias, has_bias, y, tiles_h, tiles_w):
 
 def _winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
     """The Winograd forward pass for a supported geometry; ``u`` from :func:`filter_transform`."""
+    if blas_inside_kernels():
+        return _fused_winograd_conv(x, u, bias, geom)
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
@@ -174,6 +182,118 @@ def _winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
         for e in range(16):
             np.matmul(u[e], v_chunk[e], out=m_chunk[e])
         output_transform_kernel(m_chunk, bias, has_bias, y[first : first + count], tiles_h, tiles_w)
+    return y
+
+
+@njit(parallel=True, cache=True)
+def fused_winograd_kernel(
+    x, u, bias, has_bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, pad_t, pad_l
+):  # fmt: skip
+    """The whole Winograd forward pass in one parallel region, one band of tile rows at a time.
+
+    Per band of image ``n``: the input transform of its tiles (from zero-padded copies of the
+    four input rows a tile row reads), the 16 single-threaded GEMMs ``M[e] = U[e] @ V[e]`` and
+    the output transform (+ bias) into ``y``. The jobs (image, band) are split into
+    ``v_ws.shape[0]`` contiguous runs, one per lane with its own workspace rows; each output
+    comes from the same arithmetic whatever the split.
+    """
+    n_batch, n_chan, height, width = x.shape
+    n_filters = u.shape[1]
+    out_h, out_w = y.shape[2], y.shape[3]
+    padded_w = 2 * tiles_w + 2
+    bands = (tiles_h + band_tiles - 1) // band_tiles
+    jobs = n_batch * bands
+    lanes = v_ws.shape[0]
+    for lane in prange(lanes):
+        rows = row_ws[lane]  # 0-3: padded input rows, 4-7: B^T d along the row
+        for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
+            n = job // bands
+            th0 = (job - n * bands) * band_tiles
+            th1 = min(tiles_h, th0 + band_tiles)
+            count = (th1 - th0) * tiles_w
+            v = v_ws[lane, : 16 * n_chan * count].reshape(16, n_chan, count)
+            m = m_ws[lane, : 16 * n_filters * count].reshape(16, n_filters, count)
+            for c in range(n_chan):
+                for th in range(th0, th1):
+                    for i in range(4):
+                        ih = 2 * th + i - pad_t
+                        if ih < 0 or ih >= height:
+                            for q in range(padded_w):
+                                rows[i, q] = 0
+                            continue
+                        for q in range(pad_l):
+                            rows[i, q] = 0
+                        for q in range(width):
+                            rows[i, pad_l + q] = x[n, c, ih, q]
+                        for q in range(pad_l + width, padded_w):
+                            rows[i, q] = 0
+                    for q in range(padded_w):
+                        d0 = rows[0, q]
+                        d1 = rows[1, q]
+                        d2 = rows[2, q]
+                        d3 = rows[3, q]
+                        rows[4, q] = d0 - d2
+                        rows[5, q] = d1 + d2
+                        rows[6, q] = d2 - d1
+                        rows[7, q] = d1 - d3
+                    first = (th - th0) * tiles_w
+                    for i in range(4):
+                        for tw in range(tiles_w):
+                            a = rows[4 + i, 2 * tw]
+                            b = rows[4 + i, 2 * tw + 1]
+                            e = rows[4 + i, 2 * tw + 2]
+                            f = rows[4 + i, 2 * tw + 3]
+                            v[4 * i, c, first + tw] = a - e
+                            v[4 * i + 1, c, first + tw] = b + e
+                            v[4 * i + 2, c, first + tw] = e - b
+                            v[4 * i + 3, c, first + tw] = b - f
+            for e in range(16):
+                np.dot(u[e], v[e], m[e])
+            for k in range(n_filters):
+                start = bias[k] if has_bias else 0
+                for th in range(th0, th1):
+                    for tw in range(tiles_w):
+                        t = (th - th0) * tiles_w + tw
+                        r00 = m[0, k, t] + m[4, k, t] + m[8, k, t]
+                        r01 = m[1, k, t] + m[5, k, t] + m[9, k, t]
+                        r02 = m[2, k, t] + m[6, k, t] + m[10, k, t]
+                        r03 = m[3, k, t] + m[7, k, t] + m[11, k, t]
+                        r10 = m[4, k, t] - m[8, k, t] - m[12, k, t]
+                        r11 = m[5, k, t] - m[9, k, t] - m[13, k, t]
+                        r12 = m[6, k, t] - m[10, k, t] - m[14, k, t]
+                        r13 = m[7, k, t] - m[11, k, t] - m[15, k, t]
+                        oh = 2 * th
+                        ow = 2 * tw
+                        y[n, k, oh, ow] = start + (r00 + r01 + r02)
+                        if ow + 1 < out_w:
+                            y[n, k, oh, ow + 1] = start + (r01 - r02 - r03)
+                        if oh + 1 < out_h:
+                            y[n, k, oh + 1, ow] = start + (r10 + r11 + r12)
+                            if ow + 1 < out_w:
+                                y[n, k, oh + 1, ow + 1] = start + (r11 - r12 - r13)
+
+
+def _fused_winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
+    """:func:`_winograd_conv` as one parallel region with BLAS called from inside it."""
+    n, k, oh, ow = geom.output_shape
+    c = geom.in_channels
+    tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
+    lanes = max(1, min(numba.get_num_threads(), n * tiles_h))
+    per_tile_row = 16 * (c + k) * tiles_w * x.itemsize
+    room = WORKSPACE_BYTES // lanes // per_tile_row
+    band_tiles = int(max(1, min(tiles_h, BAND_BYTES // (16 * c * tiles_w * x.itemsize), room)))
+    count = band_tiles * tiles_w
+    v_ws = np.empty((lanes, 16 * c * count), dtype=x.dtype)
+    m_ws = np.empty((lanes, 16 * k * count), dtype=x.dtype)
+    row_ws = np.empty((lanes, 8, 2 * tiles_w + 2), dtype=x.dtype)
+    y = np.empty((n, k, oh, ow), dtype=x.dtype)
+    has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(1, dtype=x.dtype)
+    with single_threaded_blas():
+        fused_winograd_kernel(
+            x, u, bias, has_bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles,
+            geom.pad_top, geom.pad_left,
+        )  # fmt: skip
     return y
 
 

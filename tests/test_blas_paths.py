@@ -1,0 +1,144 @@
+"""The two ways the GEMM kernels call BLAS, each checked against the loop reference.
+
+- Inside the kernels' parallel regions (the default where SciPy's OpenBLAS can be held to one
+  thread): banded passes, one band of output rows at a time, several lanes.
+- Outside them (``NUMBACONV_BLAS_INSIDE_KERNELS=0``, or another BLAS): batch chunks, NumPy GEMMs.
+
+The band and lane boundaries are the new places for off-by-one errors, so the banded path also
+runs with one-row bands and with more images than backward lanes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numba
+import numpy as np
+import pytest
+from helpers import Cfg, check_against_reference
+from test_conv_grid import GRID
+
+import numbaconv as nc
+from numbaconv import _threading
+from numbaconv.kernels import im2col, winograd
+
+GEMM_KERNELS = ["im2col", "winograd"]
+
+# Winograd-covered configs (3x3, stride 1) with odd output sizes and more images than lanes.
+EXTRA = [
+    Cfg(11, 3, 7, 9, 4, 3, 3, padding=1, name="11-images-odd-3x3"),
+    Cfg(9, 2, 5, 6, 3, 3, 3, padding=2, name="9-images-pad2"),
+    Cfg(3, 4, 9, 5, 5, 3, 3, padding=(0, 1), name="3-images-pad(0,1)"),
+]
+
+requires_inside = pytest.mark.skipif(
+    _threading._scipy_openblas is None, reason="SciPy's bundled OpenBLAS was not found"
+)
+
+
+@pytest.fixture
+def blas_calls(monkeypatch):
+    """Counts how often a kernel entered :func:`single_threaded_blas` (the inside path)."""
+    calls = []
+    real = _threading.single_threaded_blas
+
+    @contextlib.contextmanager
+    def counting():
+        calls.append(1)
+        with real():
+            yield
+
+    for module in (im2col, winograd):
+        monkeypatch.setattr(module, "single_threaded_blas", counting)
+    return calls
+
+
+@requires_inside
+@pytest.mark.parametrize("band", ["one-row-bands", "default-bands"])
+@pytest.mark.parametrize("cfg", GRID + EXTRA, ids=str)
+@pytest.mark.parametrize("name", GEMM_KERNELS)
+def test_blas_inside_kernels(monkeypatch, blas_calls, name, dtype, cfg, band):
+    monkeypatch.delenv("NUMBACONV_BLAS_INSIDE_KERNELS", raising=False)
+    if band == "one-row-bands":
+        monkeypatch.setattr(im2col, "BAND_BYTES", 1)
+        monkeypatch.setattr(winograd, "BAND_BYTES", 1)
+    check_against_reference(cfg, name, dtype, seed=21)
+    assert blas_calls, "the banded path was not taken"
+
+
+@pytest.mark.parametrize("cfg", GRID + EXTRA, ids=str)
+@pytest.mark.parametrize("name", GEMM_KERNELS)
+def test_blas_outside_kernels(monkeypatch, blas_calls, name, dtype, cfg):
+    monkeypatch.setenv("NUMBACONV_BLAS_INSIDE_KERNELS", "0")
+    check_against_reference(cfg, name, dtype, seed=22)
+    assert not blas_calls, "NUMBACONV_BLAS_INSIDE_KERNELS=0 still called BLAS inside a kernel"
+
+
+@requires_inside
+def test_backward_lanes_fall_back_when_their_sums_do_not_fit(monkeypatch, blas_calls):
+    """Lane sums over budget: the backward pass takes the chunked path, with the same results."""
+    cfg = Cfg(4, 3, 6, 5, 4, 3, 3, padding=1, name="tiny-budget")
+    geom = nc.geometry.make_geometry(cfg.x_shape, cfg.w_shape, padding=1)
+    monkeypatch.setattr(im2col, "WORKSPACE_BYTES", 64)
+    assert im2col._backward_lanes(geom, 8) == 0
+    check_against_reference(cfg, "im2col", np.float64, seed=23)
+
+
+@requires_inside
+def test_backward_lanes_depend_on_the_geometry_only(restore_num_threads):
+    geom = nc.geometry.make_geometry((20, 3, 8, 8), (4, 3, 3, 3), padding=1)
+    numba.set_num_threads(1)
+    one = im2col._backward_lanes(geom, 4)
+    numba.set_num_threads(2)
+    assert im2col._backward_lanes(geom, 4) == one == im2col.BACKWARD_LANES
+
+
+@requires_inside
+def test_blas_thread_count_is_held_at_one_and_restored():
+    get, set_ = _threading._scipy_openblas
+    before = get()
+    try:
+        set_(2)
+        with _threading.single_threaded_blas():
+            assert get() == 1
+            with _threading.single_threaded_blas():  # nested and concurrent users share a count
+                assert get() == 1
+            assert get() == 1
+        assert get() == 2
+        x = np.ones((2, 3, 8, 8), np.float32)
+        nc.conv2d(x, np.ones((4, 3, 3, 3), np.float32), kernel="im2col")
+        assert get() == 2
+    finally:
+        set_(before)
+
+
+@requires_inside
+def test_blas_thread_count_restored_after_concurrent_calls():
+    """Python threads calling numbaconv at once: the last one out restores the setting."""
+    get, set_ = _threading._scipy_openblas
+    before = get()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 4, 12, 12))
+    w = rng.standard_normal((6, 4, 3, 3))
+    expected = nc.conv2d(x, w, padding=1, kernel="winograd")
+    results, barrier = [], threading.Barrier(4)
+
+    def work():
+        barrier.wait()
+        for _ in range(5):
+            results.append(nc.conv2d(x, w, padding=1, kernel="winograd"))
+
+    try:
+        set_(2)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert get() == 2
+    finally:
+        set_(before)
+    assert len(results) == 20
+    for y in results:
+        np.testing.assert_array_equal(y, expected)
