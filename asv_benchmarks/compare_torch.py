@@ -1,19 +1,23 @@
 """Compare numbaconv with PyTorch's CPU conv2d and with the ``numpy`` teaching kernel.
 
-For each layer shape of the suite: forward and backward (grad input + grad weight + grad bias)
-times, measured interleaved (one call of each contender per round, rounds repeated), medians,
-the ratios PyTorch/numbaconv and numpy/numbaconv, and their geometric means. PyTorch is a
-development-only dependency of this script (``pip install torch``).
+For each layer shape of the suite: forward and backward (grad input + grad weight + grad bias,
+PyTorch's ``aten.convolution_backward``) times, measured interleaved (one call of each contender
+per round, rounds repeated), medians, the ratios PyTorch/numbaconv and numpy/numbaconv, and their
+geometric means. PyTorch is a development-only dependency of this script (``pip install torch``).
 
-Run with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset:
+Each library runs in its own worker process, started from this environment, as a user would run
+it: PyTorch never sees numbaconv's ``OMP_WAIT_POLICY=PASSIVE`` default, and numbaconv never sees
+PyTorch's OpenMP runtime. (In one process their thread pools interfere: one library's spinning
+workers hold the cores the other's next call needs.) Each round gives every contender one turn:
+untimed calls for ``--warm-ms`` (by then the other process's threads have stopped spinning, and
+this one's thread pools and the cores' clocks are awake), then ``--burst`` timed calls back to
+back, as in a training loop; a turn counts as the median of those, the table holds the median of
+the turns. (Idle gaps instead of the warm-up made every library look slower after them, numbaconv
+most: its OpenMP workers sleep between calls.) The workers time the calls themselves.
 
-    OMP_WAIT_POLICY=PASSIVE python asv_benchmarks/compare_torch.py --kernel auto --repeat 9
+Run with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset, on a quiet machine:
 
-``OMP_WAIT_POLICY=PASSIVE`` for the whole process: torch is imported first, and with its default
-policy its OpenMP workers spin after each call, so the numbaconv call that follows in the
-interleaving waits for a core (a scheduler tick, ~8 ms on small layers). numbaconv sets the
-passive policy for its own pool on import; setting it in the environment applies it to torch too,
-which costs torch a little. Quote which setting a table used.
+    python asv_benchmarks/compare_torch.py --kernel auto --repeat 9
 """
 
 from __future__ import annotations
@@ -22,62 +26,143 @@ import argparse
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
-
-import numbaconv as nc
-from numbaconv.shapes import LAYER_SHAPES
+HERE = Path(__file__).resolve()
 
 
-def _timer(fn):
-    def timed():
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    return timed
+# ------------------------------------------------------------------------------------------
+# Worker side: one library per process, driven line by line over stdin/stdout.
+# ------------------------------------------------------------------------------------------
 
 
-def contenders(shape, dtype, kernels, with_numpy):
+def _shapes():
+    """``LAYER_SHAPES`` without importing numbaconv (which would set its OpenMP defaults)."""
+    import importlib.util
+
+    path = HERE.parent.parent / "numbaconv" / "shapes.py"
+    spec = importlib.util.spec_from_file_location("_numbaconv_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # NamedTuple needs its module registered
+    spec.loader.exec_module(module)
+    return module.LAYER_SHAPES
+
+
+def _data(shape, dtype):
+    import numpy as np
+
     n, c, h, w, k, r, s, stride, pad = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     weight = (rng.standard_normal((k, c, r, s)) / math.sqrt(c * r * s)).astype(dtype)
     bias = rng.standard_normal(k).astype(dtype)
-    y = nc.conv2d(x, weight, bias, stride=stride, padding=pad, kernel="numpy")
-    grad_y = rng.standard_normal(y.shape).astype(dtype)
-    tx, tw, tb, tgy = (torch.from_numpy(a) for a in (x, weight, bias, grad_y))
+    out_h = (h + 2 * pad - r) // stride + 1
+    out_w = (w + 2 * pad - s) // stride + 1
+    grad_y = rng.standard_normal((n, k, out_h, out_w)).astype(dtype)
+    return x, weight, bias, grad_y
 
-    def torch_forward():
-        torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=pad)
 
-    def torch_backward():
+def _torch_calls(shape, dtype, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    n, c, h, w, k, r, s, stride, pad = shape
+    tx, tw, tb, tgy = (torch.from_numpy(a) for a in _data(shape, dtype))
+
+    def forward():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=pad)
+
+    def backward():
         torch.ops.aten.convolution_backward(
-            tgy,
-            tx,
-            tw,
-            [k],
-            [stride] * 2,
-            [pad] * 2,
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, True, True],
+            tgy, tx, tw, [k], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True] * 3
         )
 
-    out = {"torch": (torch_forward, torch_backward)}
-    names = list(kernels) + (["numpy"] if with_numpy else [])
-    for name in names:
-        out[name] = (
+    return {"torch": (forward, backward)}
+
+
+def _numbaconv_calls(shape, dtype, threads, kernels):
+    import numba
+
+    import numbaconv as nc
+
+    numba.set_num_threads(threads)
+    stride, pad = shape[7], shape[8]
+    x, weight, bias, grad_y = _data(shape, dtype)
+    calls = {}
+    for name in kernels:
+        calls[name] = (
             lambda name=name: nc.conv2d(x, weight, bias, stride=stride, padding=pad, kernel=name),
             lambda name=name: nc.conv2d_backward(
                 grad_y, x, weight, stride=stride, padding=pad, kernel=name
             ),
         )
-    return out
+    return calls
+
+
+def worker(library: str, kernels: list[str], threads: int) -> None:
+    """Serve ``setup SHAPE DTYPE`` (answers ``ok``) and ``run NAME PASS COUNT WARM_MS`` (untimed
+    calls for WARM_MS, then COUNT timed ones back to back; answers their median in seconds)."""
+    shapes = _shapes()
+    calls = {}
+    for line in sys.stdin:
+        words = line.split()
+        if words[0] == "setup":
+            shape = shapes[words[1]]
+            if library == "torch":
+                calls = _torch_calls(shape, words[2], threads)
+            else:
+                calls = _numbaconv_calls(shape, words[2], threads, kernels)
+            for forward, backward in calls.values():  # warm-up: compilation, caches
+                forward()
+                backward()
+            print("ok", flush=True)
+        elif words[0] == "run":
+            fn = calls[words[1]][0 if words[2] == "fwd" else 1]
+            count, warm_seconds = int(words[3]), float(words[4]) / 1e3
+            start = time.perf_counter()
+            while True:  # untimed: wakes thread pools and clock speed up after the other's turn
+                fn()
+                if time.perf_counter() - start >= warm_seconds:
+                    break
+            seconds = []
+            for _ in range(count):
+                start = time.perf_counter()
+                fn()
+                seconds.append(time.perf_counter() - start)
+            print(statistics.median(seconds), flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Coordinator side.
+# ------------------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, library, kernels, threads):
+        cmd = [sys.executable, str(HERE), "--worker", library, "--kernel", ",".join(kernels)]
+        cmd += ["--threads", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.names = ["torch"] if library == "torch" else kernels
+
+    def ask(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"worker {self.names} exited (see its error above)")
+        return answer.strip()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def gmean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def main(argv=None):
@@ -86,62 +171,69 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=11)
     parser.add_argument("--numpy-repeat", type=int, default=3)
-    parser.add_argument("--shapes", default=",".join(LAYER_SHAPES))
+    parser.add_argument("--shapes", default=None, help="comma-separated (default: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warm-ms", type=float, default=200.0, help="untimed calls per turn")
+    parser.add_argument("--burst", type=int, default=3, help="timed calls per turn")
+    parser.add_argument("--worker", choices=["torch", "numbaconv"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    kernels = args.kernel.split(",")
+    if args.worker:
+        return worker(args.worker, kernels, args.threads)
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
             print(f"warning: {var}={os.environ[var]} is set; results are not representative")
-    torch.set_num_threads(args.threads)
-    import numba
+    shape_names = args.shapes.split(",") if args.shapes else list(_shapes())
+    # Versions from the metadata: importing numbaconv here would set OMP_WAIT_POLICY for the
+    # workers this process starts (and so for PyTorch's).
+    from importlib.metadata import version
 
-    numba.set_num_threads(args.threads)
-    kernels = [name for name in args.kernel.split(",") if name in nc.KERNELS]
-    dtype = np.dtype(args.dtype)
-    rows = []
     print(
-        f"torch {torch.__version__}, numbaconv {nc.__version__}, {args.dtype}, "
-        f"{args.threads} threads, medians of {args.repeat} interleaved rounds (ms)"
+        f"torch {version('torch')}, numbaconv {version('numbaconv')}, "
+        f"{args.dtype}, {args.threads} threads, medians of {args.repeat} interleaved rounds (ms),"
+        f" one process per library, turns of {args.warm_ms:g} ms untimed + {args.burst} timed calls"
     )
-    header = (
-        f"{'shape':10s} {'pass':4s} {'torch':>8s} {'numpy':>8s} "
-        + " ".join(f"{k:>8s}" for k in kernels)
-        + "  torch/nc  numpy/nc"
-    )
-    print(header)
-    for shape_name in args.shapes.split(","):
-        shape = LAYER_SHAPES[shape_name]
-        fns = contenders(shape, dtype, kernels, with_numpy=True)
-        for which, label in ((0, "fwd"), (1, "bwd")):
-            times = {name: [] for name in fns}
-            for pair in fns.values():  # warm-up: compilation and caches
-                pair[which]()
-            for round_ in range(args.repeat):
-                for name, pair in fns.items():
-                    if name == "numpy" and round_ >= args.numpy_repeat:
-                        continue
-                    times[name].append(_timer(pair[which])())
-            med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-            best = kernels[0]
-            rows.append((shape_name, label, med["torch"] / med[best], med["numpy"] / med[best]))
-            print(
-                f"{shape_name:10s} {label:4s} {med['torch']:8.2f} {med['numpy']:8.2f} "
-                + " ".join(f"{med[k]:8.2f}" for k in kernels)
-                + f"  {rows[-1][2]:8.2f}  {rows[-1][3]:8.1f}",
-                flush=True,
-            )
-
-    def gmean(values):
-        return math.exp(sum(math.log(v) for v in values) / len(values))
-
+    workers = [
+        Worker("torch", ["torch"], args.threads),
+        Worker("numbaconv", kernels + ["numpy"], args.threads),
+    ]
+    header = f"{'shape':10s} {'pass':4s} {'torch':>8s} {'numpy':>8s} "
+    print(header + " ".join(f"{k:>8s}" for k in kernels) + "  torch/nc  numpy/nc")
+    rows = []
+    try:
+        for shape_name in shape_names:
+            for w in workers:
+                if w.ask(f"setup {shape_name} {args.dtype}") != "ok":
+                    raise RuntimeError(f"setup failed in {w.names}")
+            for label in ("fwd", "bwd"):
+                times = {}
+                for round_ in range(args.repeat):
+                    for w in workers:
+                        for name in w.names:
+                            if name == "numpy" and round_ >= args.numpy_repeat:
+                                continue
+                            turn = f"run {name} {label} {args.burst} {args.warm_ms}"
+                            seconds = float(w.ask(turn))
+                            times.setdefault(name, []).append(seconds)
+                med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                ours = med[kernels[0]]
+                rows.append((shape_name, label, med["torch"] / ours, med["numpy"] / ours))
+                print(
+                    f"{shape_name:10s} {label:4s} {med['torch']:8.2f} {med['numpy']:8.2f} "
+                    + " ".join(f"{med[k]:8.2f}" for k in kernels)
+                    + f"  {rows[-1][2]:8.2f}  {rows[-1][3]:8.1f}",
+                    flush=True,
+                )
+    finally:
+        for w in workers:
+            w.close()
     for label in ("fwd", "bwd"):
         ratios = [r[2] for r in rows if r[1] == label]
         print(
             f"geometric mean torch/{kernels[0]} {label}: {gmean(ratios):.2f}  "
             f"(min {min(ratios):.2f})"
         )
-    both = [r[3] for r in rows]
-    print(f"geometric mean numpy/{kernels[0]} (fwd and bwd): {gmean(both):.1f}")
+    print(f"geometric mean numpy/{kernels[0]} (fwd and bwd): {gmean([r[3] for r in rows]):.1f}")
 
 
 if __name__ == "__main__":
