@@ -24,7 +24,7 @@ import numpy as np
 
 import numbaconv
 
-from . import THREADS
+from . import THREADS, USER_OMP_WAIT_POLICY
 
 #: Kernels benchmarked: numbaconv's kernel names, plus "torch" for PyTorch's conv2d (the
 #: reference series). Add a name here when a kernel family lands.
@@ -134,7 +134,17 @@ def prepare(kernel: str, shape_name: str, dtype_name: str) -> ConvData:
 
 
 def _torch():
-    import torch
+    # PyTorch's OpenMP runtime reads OMP_WAIT_POLICY when it loads: show it the user's setting,
+    # not the PASSIVE default numbaconv set on import (a slower policy for PyTorch).
+    numbaconv_policy = os.environ.pop("OMP_WAIT_POLICY", None)
+    if USER_OMP_WAIT_POLICY is not None:
+        os.environ["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    try:
+        import torch
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        if numbaconv_policy is not None:
+            os.environ["OMP_WAIT_POLICY"] = numbaconv_policy
 
     torch.set_num_threads(THREADS)
     return torch
