@@ -207,11 +207,13 @@ def band_col2im_add(cols, img, n, oh0, oh1, geo):
 
 @njit(parallel=True, cache=True)
 def fused_forward_kernel(
-    x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, geo
+    x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, pointwise, geo
 ):  # fmt: skip
     """The whole forward pass in one parallel region: per band of output rows, the band's
     columns, one single-threaded GEMM per group and the bias, with no pass over the whole batch.
 
+    When a band is the whole image, the GEMMs write ``y[n]`` directly; when the layer is
+    ``pointwise`` (1x1, stride 1, no padding), the image itself is the columns matrix, with no copy.
     The jobs (image, band) are split into ``cols_ws.shape[0]`` contiguous runs, one per lane, each
     with its own workspace rows; every output element comes from the same GEMM whatever the
     split, so the result does not depend on the number of lanes or threads.
@@ -222,6 +224,7 @@ def fused_forward_kernel(
     taps = taps_g * groups
     k_g = n_filters // groups
     bands = (out_h + band_rows - 1) // band_rows
+    whole = bands == 1
     jobs = n_batch * bands
     lanes = cols_ws.shape[0]
     for lane in prange(lanes):
@@ -230,9 +233,15 @@ def fused_forward_kernel(
             oh0 = (job - n * bands) * band_rows
             oh1 = min(out_h, oh0 + band_rows)
             width = (oh1 - oh0) * out_w
-            cols = cols_ws[lane, : taps * width].reshape(taps, width)
-            out = out_ws[lane, : n_filters * width].reshape(n_filters, width)
-            band_columns(x, n, oh0, oh1, cols, geo)
+            if pointwise:
+                cols = x[n].reshape(taps, width)
+            else:
+                cols = cols_ws[lane, : taps * width].reshape(taps, width)
+                band_columns(x, n, oh0, oh1, cols, geo)
+            if whole:
+                out = y[n]
+            else:
+                out = out_ws[lane, : n_filters * width].reshape(n_filters, width)
             for g in range(groups):
                 np.dot(
                     w_mat[g * k_g : (g + 1) * k_g],
@@ -242,23 +251,30 @@ def fused_forward_kernel(
             p0 = oh0 * out_w
             for k in range(n_filters):
                 shift = bias[k] if has_bias else 0
-                for q in range(width):
-                    y[n, k, p0 + q] = out[k, q] + shift
+                if whole:
+                    if has_bias:
+                        for q in range(width):
+                            out[k, q] += shift
+                else:
+                    for q in range(width):
+                        y[n, k, p0 + q] = out[k, q] + shift
 
 
 @njit(parallel=True, cache=True)
 def fused_backward_kernel(
     grad_y, x, w_mat, grad_x, input_gradient, grad_w_lanes, cols_ws, grad_ws, part_ws, groups,
-    band_rows, geo,
+    band_rows, pointwise, geo,
 ):  # fmt: skip
     """grad-w (per lane, in ``grad_w_lanes``) and, if ``input_gradient``, grad-x in one parallel
     region; lane ``l`` of ``grad_w_lanes.shape[0]`` takes a fixed, contiguous run of images.
 
     Per band: the band's columns and ``grad_y`` rows, one GEMM per group for the grad-w partial
-    (added to the lane's sum), one for the gradient columns, then col2im into the image. An image
-    belongs to one lane, so its grad-x is race-free; the lane sums are added in lane order by the
-    caller, and the number of lanes depends on the geometry only, so the bits never depend on the
-    number of threads.
+    (added to the lane's sum), one for the gradient columns, then col2im into the image. A band
+    that is the whole image uses ``grad_y[n]`` in place; a ``pointwise`` layer (1x1, stride 1, no
+    padding) uses ``x[n]`` as its columns and writes its gradient columns straight into
+    ``grad_x[n]``. An image belongs to one lane, so its grad-x is race-free; the lane sums are
+    added in lane order by the caller, and the number of lanes depends on the geometry only, so
+    the bits never depend on the number of threads.
     """
     n_batch = x.shape[0]
     out_h, out_w = geo[2], geo[3]
@@ -266,6 +282,7 @@ def fused_backward_kernel(
     taps = taps_g * groups
     k_g = n_filters // groups
     bands = (out_h + band_rows - 1) // band_rows
+    whole = bands == 1
     lanes = grad_w_lanes.shape[0]
     for lane in prange(lanes):
         acc = grad_w_lanes[lane]
@@ -274,30 +291,40 @@ def fused_backward_kernel(
             for t in range(taps_g):
                 acc[k, t] = 0
         for n in range(n_batch * lane // lanes, n_batch * (lane + 1) // lanes):
-            if input_gradient:
+            if input_gradient and not pointwise:
                 grad_x[n] = 0
             for band in range(bands):
                 oh0 = band * band_rows
                 oh1 = min(out_h, oh0 + band_rows)
                 width = (oh1 - oh0) * out_w
-                cols = cols_ws[lane, : taps * width].reshape(taps, width)
-                grad = grad_ws[lane, : n_filters * width].reshape(n_filters, width)
-                band_columns(x, n, oh0, oh1, cols, geo)
-                p0 = oh0 * out_w
-                for k in range(n_filters):
-                    for q in range(width):
-                        grad[k, q] = grad_y[n, k, p0 + q]
+                if pointwise:
+                    cols = x[n].reshape(taps, width)
+                else:
+                    cols = cols_ws[lane, : taps * width].reshape(taps, width)
+                    band_columns(x, n, oh0, oh1, cols, geo)
+                if whole:
+                    grad = grad_y[n]
+                else:
+                    grad = grad_ws[lane, : n_filters * width].reshape(n_filters, width)
+                    p0 = oh0 * out_w
+                    for k in range(n_filters):
+                        for q in range(width):
+                            grad[k, q] = grad_y[n, k, p0 + q]
+                if pointwise and input_gradient:
+                    grad_cols = grad_x[n].reshape(taps, width)
+                else:
+                    # The columns are no longer needed once the grad-w partial has them.
+                    grad_cols = cols
                 for g in range(groups):
                     filters = slice(g * k_g, (g + 1) * k_g)
                     rows = slice(g * taps_g, (g + 1) * taps_g)
                     np.dot(grad[filters], cols[rows].T, part[filters])
                     if input_gradient:
-                        # The columns are no longer needed: overwrite them with the gradient's.
-                        np.dot(w_mat[filters].T, grad[filters], cols[rows])
+                        np.dot(w_mat[filters].T, grad[filters], grad_cols[rows])
                 for k in range(n_filters):
                     for t in range(taps_g):
                         acc[k, t] += part[k, t]
-                if input_gradient:
+                if input_gradient and not pointwise:
                     band_col2im_add(cols, grad_x, n, oh0, oh1, geo)
 
 
@@ -401,11 +428,14 @@ def _band_rows(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: in
     return int(max(1, min(geom.out_height, rows)))
 
 
-def _band_workspace(geom: ConvGeometry, dtype, lanes: int, band_rows: int):
+def _band_workspace(geom: ConvGeometry, dtype, lanes: int, band_rows: int, pointwise: bool):
+    """Per lane: a band's columns (none for a pointwise layer, which reads the image itself) and
+    a band's GEMM result (none when a band is the whole image: the GEMM writes the output)."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
     width = band_rows * geom.out_width
-    cols = np.empty((lanes, taps * width), dtype=dtype)
-    out = np.empty((lanes, geom.out_channels * width), dtype=dtype)
+    cols = np.empty((lanes, 0 if pointwise else taps * width), dtype=dtype)
+    whole = band_rows >= geom.out_height
+    out = np.empty((lanes, 0 if whole else geom.out_channels * width), dtype=dtype)
     return cols, out
 
 
@@ -421,20 +451,31 @@ def _backward_lanes(geom: ConvGeometry, itemsize: int) -> int:
     return lanes if sums <= WORKSPACE_BYTES // 2 else 0
 
 
+def is_pointwise(geom: ConvGeometry) -> bool:
+    """1x1 filters, stride 1, no padding: each image is its own columns matrix."""
+    return (
+        geom.filter_height == geom.filter_width == 1
+        and geom.stride_h == geom.stride_w == 1
+        and geom.pad_top == geom.pad_bottom == geom.pad_left == geom.pad_right == 0
+    )
+
+
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     if not blas_inside_kernels() or geom.batch == 0:
         return _chunked_forward(x, w, b, geom)
     n, k, oh, ow = geom.output_shape
-    lanes = max(1, min(numba.get_num_threads(), n * oh))
-    band_rows = _band_rows(geom, x.itemsize, lanes, 0)
-    cols, out = _band_workspace(geom, x.dtype, lanes, band_rows)
+    pointwise = is_pointwise(geom)
+    lanes = max(1, min(numba.get_num_threads(), n if pointwise else n * oh))
+    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 0)
+    cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
     bias = b if b is not None else np.zeros(1, dtype=x.dtype)
     w_mat = w.reshape(k, -1)
     with single_threaded_blas():
         fused_forward_kernel(
-            x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, geometry_args(geom)
-        )
+            x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, pointwise,
+            geometry_args(geom),
+        )  # fmt: skip
     return y.reshape(n, k, oh, ow)
 
 
@@ -443,13 +484,14 @@ def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient
     w_mat = w.reshape(k, -1)
     sums = np.empty((lanes, *w_mat.shape), dtype=x.dtype)
     partials = np.empty_like(sums)
-    band_rows = _band_rows(geom, x.itemsize, lanes, 2 * w_mat.nbytes)
-    cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows)
+    pointwise = is_pointwise(geom)
+    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 2 * w_mat.nbytes)
+    cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
     grad_x = np.empty_like(x) if input_gradient else np.empty((1, 1, 1, 1), dtype=x.dtype)
     with single_threaded_blas():
         fused_backward_kernel(
             grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, sums, cols, grads,
-            partials, geom.groups, band_rows, geometry_args(geom),
+            partials, geom.groups, band_rows, pointwise, geometry_args(geom),
         )  # fmt: skip
     grad_w = sums[0].copy()
     for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
