@@ -30,6 +30,10 @@ EXTRA = [
     Cfg(11, 3, 7, 9, 4, 3, 3, padding=1, name="11-images-odd-3x3"),
     Cfg(9, 2, 5, 6, 3, 3, 3, padding=2, name="9-images-pad2"),
     Cfg(3, 4, 9, 5, 5, 3, 3, padding=(0, 1), name="3-images-pad(0,1)"),
+    # Pointwise layers use the image itself as the columns matrix.
+    Cfg(10, 4, 5, 6, 6, 1, 1, groups=2, name="pointwise-groups2"),
+    Cfg(3, 5, 4, 3, 2, 1, 1, bias=False, name="pointwise-no-bias"),
+    Cfg(3, 5, 4, 3, 2, 1, 1, padding=1, name="1x1-padded-is-not-pointwise"),
 ]
 
 requires_inside = pytest.mark.skipif(
