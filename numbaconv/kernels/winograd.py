@@ -185,83 +185,99 @@ def _winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
     return y
 
 
+@njit(cache=True)
+def input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l):
+    """``v[e, c*count + t] = (B^T d B)[e]`` for the ``count`` tiles of tile rows ``th0:th1`` of
+    image ``n`` (``t`` counted from the band's first tile), from zero-padded copies of the four
+    input rows a tile row reads; ``rows`` is (8, 2*tiles_w + 2) scratch.
+
+    ``v`` is (16, plane) with ``plane >= C*count``: each ``v[e, :C*count]`` is one GEMM operand.
+    """
+    count = (th1 - th0) * tiles_w
+    n_chan, height, width = x.shape[1], x.shape[2], x.shape[3]
+    padded_w = 2 * tiles_w + 2
+    for c in range(n_chan):
+        for th in range(th0, th1):
+            for i in range(4):
+                ih = 2 * th + i - pad_t
+                if ih < 0 or ih >= height:
+                    for q in range(padded_w):
+                        rows[i, q] = 0
+                    continue
+                for q in range(pad_l):
+                    rows[i, q] = 0
+                for q in range(width):
+                    rows[i, pad_l + q] = x[n, c, ih, q]
+                for q in range(pad_l + width, padded_w):
+                    rows[i, q] = 0
+            for q in range(padded_w):  # B^T d along the row, vectorised
+                d0 = rows[0, q]
+                d1 = rows[1, q]
+                d2 = rows[2, q]
+                d3 = rows[3, q]
+                rows[4, q] = d0 - d2
+                rows[5, q] = d1 + d2
+                rows[6, q] = d2 - d1
+                rows[7, q] = d1 - d3
+            first = c * count + (th - th0) * tiles_w
+            for i in range(4):
+                for tw in range(tiles_w):
+                    a = rows[4 + i, 2 * tw]
+                    b = rows[4 + i, 2 * tw + 1]
+                    e = rows[4 + i, 2 * tw + 2]
+                    f = rows[4 + i, 2 * tw + 3]
+                    v[4 * i, first + tw] = a - e
+                    v[4 * i + 1, first + tw] = b + e
+                    v[4 * i + 2, first + tw] = e - b
+                    v[4 * i + 3, first + tw] = b - f
+
+
 @njit(parallel=True, cache=True)
 def fused_winograd_kernel(
     x, u, bias, has_bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, pad_t, pad_l
 ):  # fmt: skip
     """The whole Winograd forward pass in one parallel region, one band of tile rows at a time.
 
-    Per band of image ``n``: the input transform of its tiles (from zero-padded copies of the
-    four input rows a tile row reads), the 16 single-threaded GEMMs ``M[e] = U[e] @ V[e]`` and
-    the output transform (+ bias) into ``y``. The jobs (image, band) are split into
-    ``v_ws.shape[0]`` contiguous runs, one per lane with its own workspace rows; each output
-    comes from the same arithmetic whatever the split.
+    Per band of image ``n``: the input transform of its tiles (:func:`input_transform_band`), the
+    16 single-threaded GEMMs ``M[e] = U[e] @ V[e]`` and the output transform (+ bias) into ``y``.
+    The jobs (image, band) are split into ``v_ws.shape[0]`` contiguous runs, one per lane with
+    its own workspace rows; each output comes from the same arithmetic whatever the split.
     """
-    n_batch, n_chan, height, width = x.shape
+    n_batch, n_chan = x.shape[0], x.shape[1]
     n_filters = u.shape[1]
     out_h, out_w = y.shape[2], y.shape[3]
-    padded_w = 2 * tiles_w + 2
     bands = (tiles_h + band_tiles - 1) // band_tiles
     jobs = n_batch * bands
     lanes = v_ws.shape[0]
     for lane in prange(lanes):
-        rows = row_ws[lane]  # 0-3: padded input rows, 4-7: B^T d along the row
+        rows = row_ws[lane]
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             n = job // bands
             th0 = (job - n * bands) * band_tiles
             th1 = min(tiles_h, th0 + band_tiles)
             count = (th1 - th0) * tiles_w
-            v = v_ws[lane, : 16 * n_chan * count].reshape(16, n_chan, count)
-            m = m_ws[lane, : 16 * n_filters * count].reshape(16, n_filters, count)
-            for c in range(n_chan):
-                for th in range(th0, th1):
-                    for i in range(4):
-                        ih = 2 * th + i - pad_t
-                        if ih < 0 or ih >= height:
-                            for q in range(padded_w):
-                                rows[i, q] = 0
-                            continue
-                        for q in range(pad_l):
-                            rows[i, q] = 0
-                        for q in range(width):
-                            rows[i, pad_l + q] = x[n, c, ih, q]
-                        for q in range(pad_l + width, padded_w):
-                            rows[i, q] = 0
-                    for q in range(padded_w):
-                        d0 = rows[0, q]
-                        d1 = rows[1, q]
-                        d2 = rows[2, q]
-                        d3 = rows[3, q]
-                        rows[4, q] = d0 - d2
-                        rows[5, q] = d1 + d2
-                        rows[6, q] = d2 - d1
-                        rows[7, q] = d1 - d3
-                    first = (th - th0) * tiles_w
-                    for i in range(4):
-                        for tw in range(tiles_w):
-                            a = rows[4 + i, 2 * tw]
-                            b = rows[4 + i, 2 * tw + 1]
-                            e = rows[4 + i, 2 * tw + 2]
-                            f = rows[4 + i, 2 * tw + 3]
-                            v[4 * i, c, first + tw] = a - e
-                            v[4 * i + 1, c, first + tw] = b + e
-                            v[4 * i + 2, c, first + tw] = e - b
-                            v[4 * i + 3, c, first + tw] = b - f
+            v = v_ws[lane]
+            m = m_ws[lane]
+            input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l)
             for e in range(16):
-                np.dot(u[e], v[e], m[e])
+                np.dot(
+                    u[e],
+                    v[e, : n_chan * count].reshape(n_chan, count),
+                    m[e, : n_filters * count].reshape(n_filters, count),
+                )
             for k in range(n_filters):
                 start = bias[k] if has_bias else 0
                 for th in range(th0, th1):
                     for tw in range(tiles_w):
-                        t = (th - th0) * tiles_w + tw
-                        r00 = m[0, k, t] + m[4, k, t] + m[8, k, t]
-                        r01 = m[1, k, t] + m[5, k, t] + m[9, k, t]
-                        r02 = m[2, k, t] + m[6, k, t] + m[10, k, t]
-                        r03 = m[3, k, t] + m[7, k, t] + m[11, k, t]
-                        r10 = m[4, k, t] - m[8, k, t] - m[12, k, t]
-                        r11 = m[5, k, t] - m[9, k, t] - m[13, k, t]
-                        r12 = m[6, k, t] - m[10, k, t] - m[14, k, t]
-                        r13 = m[7, k, t] - m[11, k, t] - m[15, k, t]
+                        t = k * count + (th - th0) * tiles_w + tw
+                        r00 = m[0, t] + m[4, t] + m[8, t]
+                        r01 = m[1, t] + m[5, t] + m[9, t]
+                        r02 = m[2, t] + m[6, t] + m[10, t]
+                        r03 = m[3, t] + m[7, t] + m[11, t]
+                        r10 = m[4, t] - m[8, t] - m[12, t]
+                        r11 = m[5, t] - m[9, t] - m[13, t]
+                        r12 = m[6, t] - m[10, t] - m[14, t]
+                        r13 = m[7, t] - m[11, t] - m[15, t]
                         oh = 2 * th
                         ow = 2 * tw
                         y[n, k, oh, ow] = start + (r00 + r01 + r02)
@@ -271,6 +287,14 @@ def fused_winograd_kernel(
                             y[n, k, oh + 1, ow] = start + (r10 + r11 + r12)
                             if ow + 1 < out_w:
                                 y[n, k, oh + 1, ow + 1] = start + (r11 - r12 - r13)
+
+
+def _plane(size: int) -> int:
+    """Stride between the 16 planes of a workspace holding ``size`` elements each: a multiple of
+    16 elements plus 16, never a power of two. The transforms touch all 16 planes per tile;
+    planes a power of two apart (e.g. 64 KiB for CIFAR-sized layers) map to the same cache sets
+    and made the grad_y transform 8x slower."""
+    return -(-size // 16) * 16 + 16
 
 
 def _fused_winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
@@ -283,8 +307,8 @@ def _fused_winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
     room = WORKSPACE_BYTES // lanes // per_tile_row
     band_tiles = int(max(1, min(tiles_h, BAND_BYTES // (16 * c * tiles_w * x.itemsize), room)))
     count = band_tiles * tiles_w
-    v_ws = np.empty((lanes, 16 * c * count), dtype=x.dtype)
-    m_ws = np.empty((lanes, 16 * k * count), dtype=x.dtype)
+    v_ws = np.empty((lanes, 16, _plane(c * count)), dtype=x.dtype)
+    m_ws = np.empty((lanes, 16, _plane(k * count)), dtype=x.dtype)
     row_ws = np.empty((lanes, 8, 2 * tiles_w + 2), dtype=x.dtype)
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     has_bias = bias is not None
@@ -295,6 +319,108 @@ def _fused_winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
             geom.pad_top, geom.pad_left,
         )  # fmt: skip
     return y
+
+
+@njit(parallel=True, cache=True)
+def fused_weight_gradient_kernel(
+    x, grad_y, sums, v_ws, g_ws, part_ws, row_ws, tiles_h, tiles_w, band_tiles, pad_t, pad_l
+):  # fmt: skip
+    """grad-w of a 3x3 stride-1 convolution by Winograd F(3x3, 2x2), in the Winograd domain.
+
+    ``grad_w[k, c] = sum over tiles of G^T [(B^T X B) * (A Gy A^T)] G``, with ``X`` the 4x4 input
+    tile and ``Gy`` the 2x2 ``grad_y`` tile of each output tile (the transpose of the forward
+    F(2x2, 3x3) algorithm, same matrices). Per band: the input transform (as forward), the
+    ``grad_y`` transform, and 16 single-threaded GEMMs ``(K, tiles) @ (tiles, C)`` added to the
+    lane's ``sums[lane]`` (16, K, C); the caller adds the lanes in order and applies ``G^T . G``.
+    Lane ``l`` of ``sums.shape[0]`` takes a fixed, contiguous run of images.
+    """
+    n_batch = x.shape[0]
+    n_filters, out_h, out_w = grad_y.shape[1], grad_y.shape[2], grad_y.shape[3]
+    n_chan = x.shape[1]
+    bands = (tiles_h + band_tiles - 1) // band_tiles
+    lanes = sums.shape[0]
+    for lane in prange(lanes):
+        rows = row_ws[lane]
+        acc = sums[lane]
+        part = part_ws[lane]
+        acc[:] = 0
+        for n in range(n_batch * lane // lanes, n_batch * (lane + 1) // lanes):
+            for band in range(bands):
+                th0 = band * band_tiles
+                th1 = min(tiles_h, th0 + band_tiles)
+                count = (th1 - th0) * tiles_w
+                v = v_ws[lane]
+                g = g_ws[lane]
+                input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l)
+                for k in range(n_filters):
+                    for th in range(th0, th1):
+                        oh = 2 * th
+                        for tw in range(tiles_w):
+                            ow = 2 * tw
+                            # The 2x2 grad_y tile; outputs past the edge are zero.
+                            g00 = grad_y[n, k, oh, ow]
+                            g01 = grad_y[n, k, oh, ow + 1] if ow + 1 < out_w else 0
+                            g10 = grad_y[n, k, oh + 1, ow] if oh + 1 < out_h else 0
+                            g11 = 0
+                            if oh + 1 < out_h and ow + 1 < out_w:
+                                g11 = grad_y[n, k, oh + 1, ow + 1]
+                            t = k * count + (th - th0) * tiles_w + tw
+                            # A Gy A^T, A = [[1, 0], [1, 1], [1, -1], [0, -1]]: rows, then columns.
+                            for i in range(4):
+                                if i == 0:
+                                    a, b = g00, g01
+                                elif i == 1:
+                                    a, b = g00 + g10, g01 + g11
+                                elif i == 2:
+                                    a, b = g00 - g10, g01 - g11
+                                else:
+                                    a, b = -g10, -g11
+                                g[4 * i, t] = a
+                                g[4 * i + 1, t] = a + b
+                                g[4 * i + 2, t] = a - b
+                                g[4 * i + 3, t] = -b
+                for e in range(16):
+                    np.dot(
+                        g[e, : n_filters * count].reshape(n_filters, count),
+                        v[e, : n_chan * count].reshape(n_chan, count).T,
+                        part[e],
+                    )
+                acc += part
+
+
+def _weight_gradient_lanes(geom: ConvGeometry, itemsize: int) -> int:
+    """Lanes of :func:`fused_weight_gradient_kernel` (0: their sums would not fit); as
+    :func:`numbaconv.kernels.im2col._backward_lanes`, a function of the geometry only."""
+    lanes = min(im2col.BACKWARD_LANES, geom.batch)
+    sums = 2 * lanes * 16 * geom.out_channels * geom.in_channels * itemsize
+    return lanes if sums <= WORKSPACE_BYTES // 2 else 0
+
+
+def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int) -> np.ndarray:
+    n, k, oh, ow = geom.output_shape
+    c = geom.in_channels
+    tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
+    sums = np.empty((lanes, 16, k, c), dtype=x.dtype)
+    partials = np.empty_like(sums)
+    per_tile_row = 16 * (c + k) * tiles_w * x.itemsize
+    room = max(0, WORKSPACE_BYTES // lanes - 2 * sums[0].nbytes) // per_tile_row
+    band_tiles = int(max(1, min(tiles_h, BAND_BYTES // (16 * c * tiles_w * x.itemsize), room)))
+    count = band_tiles * tiles_w
+    v_ws = np.empty((lanes, 16, _plane(c * count)), dtype=x.dtype)
+    g_ws = np.empty((lanes, 16, _plane(k * count)), dtype=x.dtype)
+    row_ws = np.empty((lanes, 8, 2 * tiles_w + 2), dtype=x.dtype)
+    with single_threaded_blas():
+        fused_weight_gradient_kernel(
+            x, grad_y, sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles,
+            geom.pad_top, geom.pad_left,
+        )  # fmt: skip
+    total = sums[0].copy()
+    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
+        total += sums[lane]
+    # grad_w[k, c] = G^T M G per (k, c), in float64 like the filter transform.
+    g_mat = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    m = total.astype(np.float64).reshape(4, 4, k, c)
+    return np.einsum("ir,ijkc,js->kcrs", g_mat, m, g_mat).astype(x.dtype)
 
 
 def _all_finite(*arrays) -> bool:
@@ -329,7 +455,12 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     transposed = _input_gradient_geometry(geom) if supports(geom) else None
     if transposed is None or not supports(transposed) or not _all_finite(grad_y, w):
         return im2col.backward(grad_y, x, w, geom)
-    grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
+    lanes = _weight_gradient_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
+    if lanes and _all_finite(x):
+        grad_w = _winograd_weight_gradient(grad_y, x, geom, lanes)
+        grad_b = grad_y.sum(axis=(0, 2, 3))
+    else:
+        grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
     # grad_x = grad_y correlated with the filters flipped in space, input/output swapped.
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     grad_x = _winograd_conv(grad_y, filter_transform(flipped), None, transposed)
