@@ -155,10 +155,12 @@ def output_transform_kernel(m, bias, has_bias, y, tiles_h, tiles_w):
                         y[n, k, oh + 1, ow + 1] = start + (r11 - r12 - r13)
 
 
-def _winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
-    """The Winograd forward pass for a supported geometry; ``u`` from :func:`filter_transform`."""
+def _winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
+    """The Winograd forward pass for a supported geometry: F(4x4, 3x3) in one parallel region
+    where BLAS can be called inside kernels, else F(2x2, 3x3) in batch chunks."""
     if blas_inside_kernels():
-        return _fused_winograd_conv(x, u, bias, geom)
+        return _fused_winograd_conv(x, w, bias, geom)
+    u = filter_transform(w)
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
@@ -185,21 +187,94 @@ def _winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
     return y
 
 
-@njit(cache=True)
-def input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l):
-    """``v[e, c*count + t] = (B^T d B)[e]`` for the ``count`` tiles of tile rows ``th0:th1`` of
-    image ``n`` (``t`` counted from the band's first tile), from zero-padded copies of the four
-    input rows a tile row reads; ``rows`` is (8, 2*tiles_w + 2) scratch.
+# F(4x4, 3x3) for the banded passes (Lavin & Gray, points 0, +-1, +-2, infinity): a 6x6 input
+# tile gives a 4x4 output tile with 36 multiplies per channel pair instead of 144. Its rounding
+# error is about 10x that of F(2x2, 3x3) but, at ~1e-6 of the |x|.|w| scale in float32
+# (measured over random 64-channel tiles), still below the bound of a direct float32 sum.
+G4 = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ]
+)
 
-    ``v`` is (16, plane) with ``plane >= C*count``: each ``v[e, :C*count]`` is one GEMM operand.
+
+def filter_transform4(w: np.ndarray) -> np.ndarray:
+    """``U[e, k, c]`` with ``U = G g G^T`` (6x6) per (k, c), e = 6*i + j; computed in float64."""
+    u = np.einsum("ir,kcrs,js->ijkc", G4, w.astype(np.float64), G4)
+    return np.ascontiguousarray(u.reshape(36, w.shape[0], w.shape[1]).astype(w.dtype))
+
+
+# The transforms multiply only by 2, 4 and 8, written as additions: an integer literal would
+# promote float32 arithmetic to float64 in Numba (slower, and a different rounding).
+@njit(cache=True, inline="always")
+def _x2(a):
+    return a + a
+
+
+@njit(cache=True, inline="always")
+def _x4(a):
+    b = a + a
+    return b + b
+
+
+@njit(cache=True, inline="always")
+def _bt6(d0, d1, d2, d3, d4, d5):
+    """``B^T d`` for F(4x4, 3x3): rows (4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)."""
+    return (
+        _x4(d0 - d2) + (d4 - d2),
+        (d3 + d4) - _x4(d1 + d2),
+        _x4(d1 - d2) + (d4 - d3),
+        _x2(d3 - d1) + (d4 - d2),
+        _x2(d1 - d3) + (d4 - d2),
+        _x4(d1 - d3) + (d5 - d3),
+    )
+
+
+@njit(cache=True, inline="always")
+def _at4(m0, m1, m2, m3, m4, m5):
+    """``A^T m`` for F(4x4, 3x3): rows (1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0),
+    (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)."""
+    return (
+        m0 + m1 + m2 + m3 + m4,
+        (m1 - m2) + _x2(m3 - m4),
+        (m1 + m2) + _x4(m3 + m4),
+        (m1 - m2) + _x4(_x2(m3 - m4)) + m5,
+    )
+
+
+@njit(cache=True, inline="always")
+def _a6(g0, g1, g2, g3):
+    """``A g`` (A = (A^T)^T, 6x4) for F(4x4, 3x3): the grad_y tile transform of grad-w."""
+    return (
+        g0,
+        g0 + g1 + g2 + g3,
+        g0 - g1 + g2 - g3,
+        g0 + _x2(g1 + _x2(g2 + _x2(g3))),
+        g0 - _x2(g1 - _x2(g2 - _x2(g3))),
+        g3,
+    )
+
+
+@njit(cache=True)
+def input_transform_band(x, n, th0, th1, v, first_tile, count, rows, tiles_w, pad_t, pad_l):
+    """``v[e, c*count + first_tile + t] = (B^T d B)[e]`` for the 6x6 tiles of tile rows
+    ``th0:th1`` of image ``n`` (``t`` counted from the band's first tile; tile ``(th, tw)`` starts
+    at padded row ``4*th`` and column ``4*tw``), from zero-padded copies of the six input rows a
+    tile row reads. ``rows`` is (12, 4*tiles_w + 2) scratch; ``v`` is (36, plane) with
+    plane >= C*count, so each ``v[e, :C*count]`` is one GEMM operand of ``count`` tiles.
     """
-    count = (th1 - th0) * tiles_w
     n_chan, height, width = x.shape[1], x.shape[2], x.shape[3]
-    padded_w = 2 * tiles_w + 2
+    padded_w = 4 * tiles_w + 2
     for c in range(n_chan):
         for th in range(th0, th1):
-            for i in range(4):
-                ih = 2 * th + i - pad_t
+            for i in range(6):
+                ih = 4 * th + i - pad_t
                 if ih < 0 or ih >= height:
                     for q in range(padded_w):
                         rows[i, q] = 0
@@ -210,176 +285,254 @@ def input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l):
                     rows[i, pad_l + q] = x[n, c, ih, q]
                 for q in range(pad_l + width, padded_w):
                     rows[i, q] = 0
-            for q in range(padded_w):  # B^T d along the row, vectorised
-                d0 = rows[0, q]
-                d1 = rows[1, q]
-                d2 = rows[2, q]
-                d3 = rows[3, q]
-                rows[4, q] = d0 - d2
-                rows[5, q] = d1 + d2
-                rows[6, q] = d2 - d1
-                rows[7, q] = d1 - d3
-            first = c * count + (th - th0) * tiles_w
-            for i in range(4):
+            for q in range(padded_w):  # B^T d down the columns, vectorised along the row
+                t0, t1, t2, t3, t4, t5 = _bt6(
+                    rows[0, q], rows[1, q], rows[2, q], rows[3, q], rows[4, q], rows[5, q]
+                )
+                rows[6, q] = t0
+                rows[7, q] = t1
+                rows[8, q] = t2
+                rows[9, q] = t3
+                rows[10, q] = t4
+                rows[11, q] = t5
+            first = c * count + first_tile + (th - th0) * tiles_w
+            for i in range(6):
                 for tw in range(tiles_w):
-                    a = rows[4 + i, 2 * tw]
-                    b = rows[4 + i, 2 * tw + 1]
-                    e = rows[4 + i, 2 * tw + 2]
-                    f = rows[4 + i, 2 * tw + 3]
-                    v[4 * i, first + tw] = a - e
-                    v[4 * i + 1, first + tw] = b + e
-                    v[4 * i + 2, first + tw] = e - b
-                    v[4 * i + 3, first + tw] = b - f
+                    q = 4 * tw
+                    t0, t1, t2, t3, t4, t5 = _bt6(
+                        rows[6 + i, q],
+                        rows[6 + i, q + 1],
+                        rows[6 + i, q + 2],
+                        rows[6 + i, q + 3],
+                        rows[6 + i, q + 4],
+                        rows[6 + i, q + 5],
+                    )
+                    v[6 * i, first + tw] = t0
+                    v[6 * i + 1, first + tw] = t1
+                    v[6 * i + 2, first + tw] = t2
+                    v[6 * i + 3, first + tw] = t3
+                    v[6 * i + 4, first + tw] = t4
+                    v[6 * i + 5, first + tw] = t5
 
 
 @njit(parallel=True, cache=True)
 def fused_winograd_kernel(
-    x, u, bias, has_bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, pad_t, pad_l
+    x, u, bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, group, pad_t, pad_l
 ):  # fmt: skip
-    """The whole Winograd forward pass in one parallel region, one band of tile rows at a time.
+    """The whole Winograd F(4x4, 3x3) forward pass in one parallel region, one band of tile rows
+    of ``group`` images at a time (``group`` > 1 only when a band is a whole image, so that
+    small images still give the GEMMs enough tiles).
 
-    Per band of image ``n``: the input transform of its tiles (:func:`input_transform_band`), the
-    16 single-threaded GEMMs ``M[e] = U[e] @ V[e]`` and the output transform (+ bias) into ``y``.
-    The jobs (image, band) are split into ``v_ws.shape[0]`` contiguous runs, one per lane with
-    its own workspace rows; each output comes from the same arithmetic whatever the split.
+    Per band: the input transform of its tiles (:func:`input_transform_band`), the 36
+    single-threaded GEMMs ``M[e] = U[e] @ V[e]`` and the output transform ``A^T M A`` (+ bias)
+    into ``y``, cropped at the edges. The jobs (image group, band) are split into
+    ``v_ws.shape[0]`` contiguous runs, one per lane with its own workspace; each output comes
+    from the same arithmetic whatever the split.
     """
     n_batch, n_chan = x.shape[0], x.shape[1]
     n_filters = u.shape[1]
     out_h, out_w = y.shape[2], y.shape[3]
     bands = (tiles_h + band_tiles - 1) // band_tiles
-    jobs = n_batch * bands
+    jobs = (n_batch + group - 1) // group * bands
     lanes = v_ws.shape[0]
     for lane in prange(lanes):
         rows = row_ws[lane]
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
-            n = job // bands
-            th0 = (job - n * bands) * band_tiles
+            n0 = job // bands * group
+            n1 = min(n_batch, n0 + group)
+            th0 = (job % bands) * band_tiles
             th1 = min(tiles_h, th0 + band_tiles)
-            count = (th1 - th0) * tiles_w
+            per_image = (th1 - th0) * tiles_w
+            count = (n1 - n0) * per_image
             v = v_ws[lane]
             m = m_ws[lane]
-            input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l)
-            for e in range(16):
+            for n in range(n0, n1):
+                first = (n - n0) * per_image
+                input_transform_band(x, n, th0, th1, v, first, count, rows, tiles_w, pad_t, pad_l)
+            for e in range(36):
                 np.dot(
                     u[e],
                     v[e, : n_chan * count].reshape(n_chan, count),
                     m[e, : n_filters * count].reshape(n_filters, count),
                 )
-            for k in range(n_filters):
-                start = bias[k] if has_bias else 0
-                for th in range(th0, th1):
-                    for tw in range(tiles_w):
-                        t = k * count + (th - th0) * tiles_w + tw
-                        r00 = m[0, t] + m[4, t] + m[8, t]
-                        r01 = m[1, t] + m[5, t] + m[9, t]
-                        r02 = m[2, t] + m[6, t] + m[10, t]
-                        r03 = m[3, t] + m[7, t] + m[11, t]
-                        r10 = m[4, t] - m[8, t] - m[12, t]
-                        r11 = m[5, t] - m[9, t] - m[13, t]
-                        r12 = m[6, t] - m[10, t] - m[14, t]
-                        r13 = m[7, t] - m[11, t] - m[15, t]
-                        oh = 2 * th
-                        ow = 2 * tw
-                        y[n, k, oh, ow] = start + (r00 + r01 + r02)
-                        if ow + 1 < out_w:
-                            y[n, k, oh, ow + 1] = start + (r01 - r02 - r03)
-                        if oh + 1 < out_h:
-                            y[n, k, oh + 1, ow] = start + (r10 + r11 + r12)
-                            if ow + 1 < out_w:
-                                y[n, k, oh + 1, ow + 1] = start + (r11 - r12 - r13)
+            for n in range(n0, n1):
+                for k in range(n_filters):
+                    start = bias[k]
+                    for th in range(th0, th1):
+                        base = k * count + (n - n0) * per_image + (th - th0) * tiles_w
+                        # A^T M down the columns, vectorised along the tile row: rows[4a + j] holds
+                        # (A^T M)[a, j] for every tile of the row.
+                        for j in range(6):
+                            for tw in range(tiles_w):
+                                t = base + tw
+                                r0, r1, r2, r3 = _at4(
+                                    m[j, t], m[6 + j, t], m[12 + j, t], m[18 + j, t], m[24 + j, t],
+                                    m[30 + j, t],
+                                )  # fmt: skip
+                                rows[j, tw] = r0
+                                rows[6 + j, tw] = r1
+                                rows[12 + j, tw] = r2
+                                rows[18 + j, tw] = r3
+                        for a in range(4):
+                            oh = 4 * th + a
+                            if oh >= out_h:
+                                break
+                            r = 6 * a
+                            for tw in range(tiles_w):
+                                outs = _at4(
+                                    rows[r, tw], rows[r + 1, tw], rows[r + 2, tw], rows[r + 3, tw],
+                                    rows[r + 4, tw], rows[r + 5, tw],
+                                )  # fmt: skip
+                                ow = 4 * tw
+                                if ow + 3 < out_w:
+                                    y[n, k, oh, ow] = start + outs[0]
+                                    y[n, k, oh, ow + 1] = start + outs[1]
+                                    y[n, k, oh, ow + 2] = start + outs[2]
+                                    y[n, k, oh, ow + 3] = start + outs[3]
+                                else:
+                                    for b in range(out_w - ow):
+                                        y[n, k, oh, ow + b] = start + outs[b]
 
 
 def _plane(size: int) -> int:
-    """Stride between the 16 planes of a workspace holding ``size`` elements each: a multiple of
-    16 elements plus 16, never a power of two. The transforms touch all 16 planes per tile;
-    planes a power of two apart (e.g. 64 KiB for CIFAR-sized layers) map to the same cache sets
-    and made the grad_y transform 8x slower."""
+    """Stride between the planes of a workspace holding ``size`` elements each: a multiple of 16
+    elements plus 16, never a power of two. The transforms touch every plane per tile; planes a
+    power of two apart (e.g. 64 KiB for CIFAR-sized layers) map to the same cache sets and made
+    the grad_y transform 8x slower."""
     return -(-size // 16) * 16 + 16
 
 
-def _fused_winograd_conv(x, u, bias, geom: ConvGeometry) -> np.ndarray:
+def _tiles(geom: ConvGeometry) -> tuple[int, int]:
+    n, k, oh, ow = geom.output_shape
+    return (oh + 3) // 4, (ow + 3) // 4
+
+
+def _band_tiles(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: int) -> int:
+    """Tile rows per band: the band's transformed input near :data:`BAND_BYTES`, and all lanes'
+    workspace under :data:`WORKSPACE_BYTES`; at least one tile row."""
+    tiles_h, tiles_w = _tiles(geom)
+    c, k = geom.in_channels, geom.out_channels
+    per_tile_row = 36 * (c + k) * tiles_w * itemsize
+    room = max(0, WORKSPACE_BYTES // lanes - per_lane_fixed) // per_tile_row
+    return int(max(1, min(tiles_h, BAND_BYTES // (36 * c * tiles_w * itemsize), room)))
+
+
+def _image_group(geom: ConvGeometry, itemsize: int, lanes: int, band_tiles: int) -> int:
+    """Images per job: 1 unless a band is a whole image; then as many as keep the group's
+    transformed input near :data:`BAND_BYTES` (all of them under :data:`WORKSPACE_BYTES`), but
+    never so many that some lane would get no job."""
+    tiles_h, tiles_w = _tiles(geom)
+    if band_tiles < tiles_h:
+        return 1
+    c, k = geom.in_channels, geom.out_channels
+    per_image = 36 * tiles_h * tiles_w * itemsize
+    group = min(BAND_BYTES // (c * per_image), WORKSPACE_BYTES // lanes // ((c + k) * per_image))
+    return int(max(1, min(group, -(-geom.batch // lanes))))
+
+
+def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
     """:func:`_winograd_conv` as one parallel region with BLAS called from inside it."""
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
-    tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
+    tiles_h, tiles_w = _tiles(geom)
     lanes = max(1, min(numba.get_num_threads(), n * tiles_h))
-    per_tile_row = 16 * (c + k) * tiles_w * x.itemsize
-    room = WORKSPACE_BYTES // lanes // per_tile_row
-    band_tiles = int(max(1, min(tiles_h, BAND_BYTES // (16 * c * tiles_w * x.itemsize), room)))
-    count = band_tiles * tiles_w
-    v_ws = np.empty((lanes, 16, _plane(c * count)), dtype=x.dtype)
-    m_ws = np.empty((lanes, 16, _plane(k * count)), dtype=x.dtype)
-    row_ws = np.empty((lanes, 8, 2 * tiles_w + 2), dtype=x.dtype)
+    band_tiles = _band_tiles(geom, x.itemsize, lanes, 0)
+    group = _image_group(geom, x.itemsize, lanes, band_tiles)
+    lanes = max(1, min(lanes, -(-n // group) * -(-tiles_h // band_tiles)))
+    count = group * band_tiles * tiles_w
+    v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
+    m_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
+    row_ws = np.empty((lanes, 24, 4 * tiles_w + 2), dtype=x.dtype)
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
-    has_bias = bias is not None
-    bias = bias if has_bias else np.zeros(1, dtype=x.dtype)
+    bias = bias if bias is not None else np.zeros(k, dtype=x.dtype)
     with single_threaded_blas():
         fused_winograd_kernel(
-            x, u, bias, has_bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles,
-            geom.pad_top, geom.pad_left,
+            x, filter_transform4(w), bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w,
+            band_tiles, group, geom.pad_top, geom.pad_left,
         )  # fmt: skip
     return y
 
 
 @njit(parallel=True, cache=True)
 def fused_weight_gradient_kernel(
-    x, grad_y, sums, v_ws, g_ws, part_ws, row_ws, tiles_h, tiles_w, band_tiles, pad_t, pad_l
+    x, grad_y, sums, v_ws, g_ws, part_ws, row_ws, tiles_h, tiles_w, band_tiles, group, pad_t,
+    pad_l,
 ):  # fmt: skip
-    """grad-w of a 3x3 stride-1 convolution by Winograd F(3x3, 2x2), in the Winograd domain.
+    """grad-w of a 3x3 stride-1 convolution by Winograd F(3x3, 4x4), in the Winograd domain.
 
-    ``grad_w[k, c] = sum over tiles of G^T [(B^T X B) * (A Gy A^T)] G``, with ``X`` the 4x4 input
-    tile and ``Gy`` the 2x2 ``grad_y`` tile of each output tile (the transpose of the forward
-    F(2x2, 3x3) algorithm, same matrices). Per band: the input transform (as forward), the
-    ``grad_y`` transform, and 16 single-threaded GEMMs ``(K, tiles) @ (tiles, C)`` added to the
-    lane's ``sums[lane]`` (16, K, C); the caller adds the lanes in order and applies ``G^T . G``.
-    Lane ``l`` of ``sums.shape[0]`` takes a fixed, contiguous run of images.
+    ``grad_w[k, c] = sum over tiles of G^T [(B^T X B) * (A Gy A^T)] G``, with ``X`` the 6x6 input
+    tile and ``Gy`` the 4x4 ``grad_y`` tile of each output tile: the transpose of the forward
+    F(4x4, 3x3) algorithm, same matrices. Per band: the input transform (as forward), the
+    ``grad_y`` transform, and 36 single-threaded GEMMs ``(K, tiles) @ (tiles, C)`` added to the
+    lane's ``sums[lane]`` (36, K, C); the caller adds the lanes in order and applies ``G^T . G``.
+    Lane ``l`` of ``sums.shape[0]`` takes a fixed, contiguous run of images, ``group`` at a time
+    when a band is a whole image (all sizes depend on the geometry only: the same bits on any
+    number of threads).
     """
     n_batch = x.shape[0]
     n_filters, out_h, out_w = grad_y.shape[1], grad_y.shape[2], grad_y.shape[3]
     n_chan = x.shape[1]
     bands = (tiles_h + band_tiles - 1) // band_tiles
     lanes = sums.shape[0]
+    grid_w = 4 * tiles_w
     for lane in prange(lanes):
         rows = row_ws[lane]
         acc = sums[lane]
         part = part_ws[lane]
         acc[:] = 0
-        for n in range(n_batch * lane // lanes, n_batch * (lane + 1) // lanes):
+        last = n_batch * (lane + 1) // lanes
+        for n0 in range(n_batch * lane // lanes, last, group):
+            n1 = min(last, n0 + group)
             for band in range(bands):
                 th0 = band * band_tiles
                 th1 = min(tiles_h, th0 + band_tiles)
-                count = (th1 - th0) * tiles_w
+                per_image = (th1 - th0) * tiles_w
+                count = (n1 - n0) * per_image
                 v = v_ws[lane]
                 g = g_ws[lane]
-                input_transform_band(x, n, th0, th1, v, rows, tiles_w, pad_t, pad_l)
-                for k in range(n_filters):
-                    for th in range(th0, th1):
-                        oh = 2 * th
-                        for tw in range(tiles_w):
-                            ow = 2 * tw
-                            # The 2x2 grad_y tile; outputs past the edge are zero.
-                            g00 = grad_y[n, k, oh, ow]
-                            g01 = grad_y[n, k, oh, ow + 1] if ow + 1 < out_w else 0
-                            g10 = grad_y[n, k, oh + 1, ow] if oh + 1 < out_h else 0
-                            g11 = 0
-                            if oh + 1 < out_h and ow + 1 < out_w:
-                                g11 = grad_y[n, k, oh + 1, ow + 1]
-                            t = k * count + (th - th0) * tiles_w + tw
-                            # A Gy A^T, A = [[1, 0], [1, 1], [1, -1], [0, -1]]: rows, then columns.
-                            for i in range(4):
-                                if i == 0:
-                                    a, b = g00, g01
-                                elif i == 1:
-                                    a, b = g00 + g10, g01 + g11
-                                elif i == 2:
-                                    a, b = g00 - g10, g01 - g11
-                                else:
-                                    a, b = -g10, -g11
-                                g[4 * i, t] = a
-                                g[4 * i + 1, t] = a + b
-                                g[4 * i + 2, t] = a - b
-                                g[4 * i + 3, t] = -b
-                for e in range(16):
+                for n in range(n0, n1):
+                    first_tile = (n - n0) * per_image
+                    input_transform_band(
+                        x, n, th0, th1, v, first_tile, count, rows, tiles_w, pad_t, pad_l
+                    )
+                    for k in range(n_filters):
+                        for th in range(th0, th1):
+                            # The tile row's four grad_y rows, zero past the output's edges...
+                            for a in range(4):
+                                oh = 4 * th + a
+                                if oh >= out_h:
+                                    for q in range(grid_w):
+                                        rows[a, q] = 0
+                                    continue
+                                for q in range(out_w):
+                                    rows[a, q] = grad_y[n, k, oh, q]
+                                for q in range(out_w, grid_w):
+                                    rows[a, q] = 0
+                            # ... A Gy down the columns (vectorised), then (A Gy) A^T per tile.
+                            for q in range(grid_w):
+                                g0, g1, g2, g3 = rows[0, q], rows[1, q], rows[2, q], rows[3, q]
+                                t0, t1, t2, t3, t4, t5 = _a6(g0, g1, g2, g3)
+                                rows[4, q] = t0
+                                rows[5, q] = t1
+                                rows[6, q] = t2
+                                rows[7, q] = t3
+                                rows[8, q] = t4
+                                rows[9, q] = t5
+                            first = k * count + first_tile + (th - th0) * tiles_w
+                            for i in range(6):
+                                for tw in range(tiles_w):
+                                    q = 4 * tw
+                                    r = 4 + i
+                                    t0, t1, t2, t3, t4, t5 = _a6(
+                                        rows[r, q], rows[r, q + 1], rows[r, q + 2], rows[r, q + 3]
+                                    )
+                                    g[6 * i, first + tw] = t0
+                                    g[6 * i + 1, first + tw] = t1
+                                    g[6 * i + 2, first + tw] = t2
+                                    g[6 * i + 3, first + tw] = t3
+                                    g[6 * i + 4, first + tw] = t4
+                                    g[6 * i + 5, first + tw] = t5
+                for e in range(36):
                     np.dot(
                         g[e, : n_filters * count].reshape(n_filters, count),
                         v[e, : n_chan * count].reshape(n_chan, count).T,
@@ -392,35 +545,33 @@ def _weight_gradient_lanes(geom: ConvGeometry, itemsize: int) -> int:
     """Lanes of :func:`fused_weight_gradient_kernel` (0: their sums would not fit); as
     :func:`numbaconv.kernels.im2col._backward_lanes`, a function of the geometry only."""
     lanes = min(im2col.BACKWARD_LANES, geom.batch)
-    sums = 2 * lanes * 16 * geom.out_channels * geom.in_channels * itemsize
+    sums = 2 * lanes * 36 * geom.out_channels * geom.in_channels * itemsize
     return lanes if sums <= WORKSPACE_BYTES // 2 else 0
 
 
 def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int) -> np.ndarray:
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
-    tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
-    sums = np.empty((lanes, 16, k, c), dtype=x.dtype)
+    tiles_h, tiles_w = _tiles(geom)
+    sums = np.empty((lanes, 36, k, c), dtype=x.dtype)
     partials = np.empty_like(sums)
-    per_tile_row = 16 * (c + k) * tiles_w * x.itemsize
-    room = max(0, WORKSPACE_BYTES // lanes - 2 * sums[0].nbytes) // per_tile_row
-    band_tiles = int(max(1, min(tiles_h, BAND_BYTES // (16 * c * tiles_w * x.itemsize), room)))
-    count = band_tiles * tiles_w
-    v_ws = np.empty((lanes, 16, _plane(c * count)), dtype=x.dtype)
-    g_ws = np.empty((lanes, 16, _plane(k * count)), dtype=x.dtype)
-    row_ws = np.empty((lanes, 8, 2 * tiles_w + 2), dtype=x.dtype)
+    band_tiles = _band_tiles(geom, x.itemsize, lanes, 2 * sums[0].nbytes)
+    group = _image_group(geom, x.itemsize, lanes, band_tiles)
+    count = group * band_tiles * tiles_w
+    v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
+    g_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
+    row_ws = np.empty((lanes, 12, 4 * tiles_w + 2), dtype=x.dtype)
     with single_threaded_blas():
         fused_weight_gradient_kernel(
-            x, grad_y, sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles,
+            x, grad_y, sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles, group,
             geom.pad_top, geom.pad_left,
         )  # fmt: skip
     total = sums[0].copy()
     for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
         total += sums[lane]
     # grad_w[k, c] = G^T M G per (k, c), in float64 like the filter transform.
-    g_mat = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-    m = total.astype(np.float64).reshape(4, 4, k, c)
-    return np.einsum("ir,ijkc,js->kcrs", g_mat, m, g_mat).astype(x.dtype)
+    m = total.astype(np.float64).reshape(6, 6, k, c)
+    return np.einsum("ir,ijkc,js->kcrs", G4, m, G4).astype(x.dtype)
 
 
 def _all_finite(*arrays) -> bool:
@@ -435,7 +586,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     # it; such inputs take the im2col path, which propagates them as a plain computation does.
     if not supports(geom) or not _all_finite(x, w):
         return im2col.forward(x, w, b, geom)
-    return _winograd_conv(x, filter_transform(w), b, geom)
+    return _winograd_conv(x, w, b, geom)
 
 
 def _input_gradient_geometry(geom: ConvGeometry) -> ConvGeometry | None:
@@ -463,5 +614,5 @@ def backward(grad_y, x, w, geom: ConvGeometry):
         grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
     # grad_x = grad_y correlated with the filters flipped in space, input/output swapped.
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    grad_x = _winograd_conv(grad_y, filter_transform(flipped), None, transposed)
+    grad_x = _winograd_conv(grad_y, flipped, None, transposed)
     return grad_x, grad_w, grad_b
