@@ -250,7 +250,7 @@ def fused_forward_kernel(
                 )
             p0 = oh0 * out_w
             for k in range(n_filters):
-                shift = bias[k] if has_bias else 0
+                shift = bias[k]  # zeros without a bias: `else 0` would promote float32
                 if whole:
                     if has_bias:
                         for q in range(width):
@@ -469,7 +469,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 0)
     cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
-    bias = b if b is not None else np.zeros(1, dtype=x.dtype)
+    bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     w_mat = w.reshape(k, -1)
     with single_threaded_blas():
         fused_forward_kernel(
