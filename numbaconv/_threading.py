@@ -127,6 +127,15 @@ def blas_inside_kernels() -> bool:
     return _scipy_openblas is not None
 
 
+def blas_mode() -> str:
+    """One line for ``numbaconv info``: where the GEMM kernels call BLAS, and why."""
+    if blas_inside_kernels():
+        return "SciPy's OpenBLAS, called inside the parallel kernels (1 thread per caller)"
+    if _scipy_openblas is None:
+        return "NumPy's, between kernels (SciPy's bundled OpenBLAS was not found)"
+    return "NumPy's, between kernels (NUMBACONV_BLAS_INSIDE_KERNELS=0)"
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
     """Hold SciPy's OpenBLAS to one thread while any numbaconv kernel that calls it runs.

@@ -684,6 +684,8 @@ def info_lines() -> list[tuple[str, str]]:
     import numba
     import scipy
 
+    from ._threading import blas_mode
+
     _initialise_threading()
     try:
         name, origin = registry.default_kernel()
@@ -702,6 +704,7 @@ def info_lines() -> list[tuple[str, str]]:
             "threads",
             f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",
         ),
+        ("blas", blas_mode()),
         ("numba cache", ", ".join(numba_cache_dirs())),
         ("cpu", cpu_model()),
         ("simd", f"{simd_name}, {bits} bits" if bits else simd_name),

@@ -16,7 +16,7 @@ import numba
 import pytest
 
 import numbaconv
-from numbaconv import cli, registry
+from numbaconv import _threading, cli, registry
 from numbaconv.shapes import LAYER_SHAPES
 
 EPOCH_LINE = re.compile(
@@ -229,12 +229,18 @@ def test_info(capsys):
     # The tiny convolution ran, so the threading layer is known.
     assert fields["threading layer"] == numba.threading_layer()
     assert fields["threads"].startswith(f"{numba.get_num_threads()} ")
+    assert fields["blas"] == _threading.blas_mode()
     cache_folders = fields["numba cache"].split(", ")
     assert cache_folders and all(os.path.isabs(folder) for folder in cache_folders)
     assert fields["cpu"] not in ("", "unknown")
     assert re.fullmatch(r"(AVX-512|AVX2|AVX|SSE2|NEON), (512|256|128) bits|unknown", fields["simd"])
     assert fields["kernels"] == ", ".join(registry.KERNELS)
     assert fields["default kernel"] == f"{registry.BUILTIN_DEFAULT} (built-in default)"
+
+
+def test_info_reports_where_blas_runs(capsys, monkeypatch):
+    monkeypatch.setenv("NUMBACONV_BLAS_INSIDE_KERNELS", "0")
+    assert "blas:            NumPy's, between kernels" in run(capsys, "info")[1]
 
 
 def test_info_reports_the_environment_default(capsys, monkeypatch):
