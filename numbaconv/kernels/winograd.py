@@ -356,42 +356,50 @@ def fused_winograd_kernel(
                     m[e, : n_filters * count].reshape(n_filters, count),
                 )
             for n in range(n0, n1):
+                tile0 = (n - n0) * per_image
                 for k in range(n_filters):
                     start = bias[k]
+                    base = k * count + tile0
+                    # A^T M down the columns for every tile of the band (long vectors)...
+                    for j in range(6):
+                        for t in range(per_image):
+                            r0, r1, r2, r3 = _at4(
+                                m[j, base + t], m[6 + j, base + t], m[12 + j, base + t],
+                                m[18 + j, base + t], m[24 + j, base + t], m[30 + j, base + t],
+                            )  # fmt: skip
+                            rows[j, t] = r0
+                            rows[6 + j, t] = r1
+                            rows[12 + j, t] = r2
+                            rows[18 + j, t] = r3
+                    # ... then (A^T M) A along the rows, still per tile column of the band ...
+                    for a in range(4):
+                        r = 6 * a
+                        o = 24 + 4 * a
+                        for t in range(per_image):
+                            s0, s1, s2, s3 = _at4(
+                                rows[r, t], rows[r + 1, t], rows[r + 2, t], rows[r + 3, t],
+                                rows[r + 4, t], rows[r + 5, t],
+                            )  # fmt: skip
+                            rows[o, t] = s0 + start
+                            rows[o + 1, t] = s1 + start
+                            rows[o + 2, t] = s2 + start
+                            rows[o + 3, t] = s3 + start
+                    # ... and the 4x4 tiles into the output rows, cropped at the edges.
                     for th in range(th0, th1):
-                        base = k * count + (n - n0) * per_image + (th - th0) * tiles_w
-                        # A^T M down the columns, vectorised along the tile row: rows[4a + j] holds
-                        # (A^T M)[a, j] for every tile of the row.
-                        for j in range(6):
-                            for tw in range(tiles_w):
-                                t = base + tw
-                                r0, r1, r2, r3 = _at4(
-                                    m[j, t], m[6 + j, t], m[12 + j, t], m[18 + j, t], m[24 + j, t],
-                                    m[30 + j, t],
-                                )  # fmt: skip
-                                rows[j, tw] = r0
-                                rows[6 + j, tw] = r1
-                                rows[12 + j, tw] = r2
-                                rows[18 + j, tw] = r3
+                        t0 = (th - th0) * tiles_w
                         for a in range(4):
                             oh = 4 * th + a
                             if oh >= out_h:
                                 break
-                            r = 6 * a
-                            for tw in range(tiles_w):
-                                outs = _at4(
-                                    rows[r, tw], rows[r + 1, tw], rows[r + 2, tw], rows[r + 3, tw],
-                                    rows[r + 4, tw], rows[r + 5, tw],
-                                )  # fmt: skip
-                                ow = 4 * tw
-                                if ow + 3 < out_w:
-                                    y[n, k, oh, ow] = start + outs[0]
-                                    y[n, k, oh, ow + 1] = start + outs[1]
-                                    y[n, k, oh, ow + 2] = start + outs[2]
-                                    y[n, k, oh, ow + 3] = start + outs[3]
-                                else:
-                                    for b in range(out_w - ow):
-                                        y[n, k, oh, ow + b] = start + outs[b]
+                            o = 24 + 4 * a
+                            full = out_w // 4
+                            for tw in range(full):
+                                y[n, k, oh, 4 * tw] = rows[o, t0 + tw]
+                                y[n, k, oh, 4 * tw + 1] = rows[o + 1, t0 + tw]
+                                y[n, k, oh, 4 * tw + 2] = rows[o + 2, t0 + tw]
+                                y[n, k, oh, 4 * tw + 3] = rows[o + 3, t0 + tw]
+                            for ow in range(4 * full, out_w):
+                                y[n, k, oh, ow] = rows[o + ow - 4 * full, t0 + full]
 
 
 def _plane(size: int) -> int:
@@ -442,7 +450,8 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
     count = group * band_tiles * tiles_w
     v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
     m_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
-    row_ws = np.empty((lanes, 24, 4 * tiles_w + 2), dtype=x.dtype)
+    # Rows 0-11: the input transform's; 0-23 and 24-39: the output transform's two stages.
+    row_ws = np.empty((lanes, 40, max(4 * tiles_w + 2, band_tiles * tiles_w)), dtype=x.dtype)
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     bias = bias if bias is not None else np.zeros(k, dtype=x.dtype)
     with single_threaded_blas():
