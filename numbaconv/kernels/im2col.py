@@ -37,6 +37,14 @@ WORKSPACE_BYTES = 32 * 2**20
 #: filters and the GEMM result.
 BAND_BYTES = 2**20
 
+#: OpenBLAS's AVX-512 builds multiply matrices with M*N*K up to about 1e6 with kernels that skip
+#: packing the operands. For thin layers (few filters times few taps) those ran about 1.6x faster
+#: (first5x5's GEMM, 32 filters x 75 taps, single-threaded: 150-180 GFLOP/s at 224-416 pixels,
+#: 95 at 448 and more), so bands are cut to stay under the bound when that still leaves at least
+#: SMALL_GEMM_MIN_PIXELS pixels per GEMM (fewer made each call's overhead show).
+SMALL_GEMM_SIZE = 1_000_000
+SMALL_GEMM_MIN_PIXELS = 224
+
 #: Lanes of the fused backward pass (each sums its own grad-w partials). A constant, not the
 #: thread count, so that results are bitwise identical on any number of threads; 8 keeps
 #: machines with up to 8 cores busy.
@@ -425,6 +433,11 @@ def _band_rows(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: in
     per_row = (taps + geom.out_channels) * geom.out_width * itemsize
     room = (WORKSPACE_BYTES // lanes - per_lane_fixed) // per_row
     rows = min(BAND_BYTES // (taps * geom.out_width * itemsize), room)
+    # Thin GEMMs (few filters x few taps): bands small enough for BLAS's small-matrix kernels.
+    gemm_size = geom.out_channels_per_group * taps // geom.groups
+    small = SMALL_GEMM_SIZE // (gemm_size * geom.out_width)
+    if small * geom.out_width >= SMALL_GEMM_MIN_PIXELS:
+        rows = min(rows, small)
     return int(max(1, min(geom.out_height, rows)))
 
 
