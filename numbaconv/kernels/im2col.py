@@ -1,19 +1,30 @@
-"""The ``im2col`` kernel family: Numba-parallel im2col, one BLAS GEMM per chunk, Numba col2im.
+"""The ``im2col`` kernel family: columns of the input, BLAS GEMMs, col2im.
 
-The batch is processed in chunks of images. For a chunk, the columns are built in the teaching
-layout ``(C*R*S, n*OH*OW)`` (rows ordered c, r, s; columns n, oh, ow), one GEMM per group turns
-them into ``(K, n*OH*OW)``, and a parallel pass scatters that into ``y`` ``(N, K, OH, OW)`` while
-adding the bias. Backward gathers ``grad_y`` into the same layout and runs two GEMMs (grad-w and
-the gradient columns) and a parallel col2im.
+Columns are in the teaching layout ``(C*R*S, pixels)`` (rows ordered c, r, s; pixels oh, ow).
 
-Why this shape: every parallel region and every multi-threaded BLAS call is a fork/join of the
-thread pool, and on a busy 2-core machine each join can cost a scheduler time slice. One GEMM per
-chunk (not one per image) keeps the joins to a handful per call; it also keeps the GEMMs large
-enough to run near BLAS peak. GEMMs run through NumPy (OpenBLAS, with its own threads) between the
-Numba passes, so Numba's and BLAS's threads never compute at the same time.
+Banded passes (the default; :func:`fused_forward_kernel`, :func:`fused_backward_kernel`): each pass
+is one Numba parallel region. Its lanes take fixed runs of jobs (image, band of output rows); per
+band they build the band's columns in a cache-sized workspace, call one single-threaded GEMM per
+group from inside the region (``np.dot``, which Numba binds to SciPy's BLAS, held to one thread
+by :func:`numbaconv._threading.single_threaded_blas`) and write the band of ``y``. Backward:
+per image and band, the grad-w partial GEMM (summed per lane; lanes are a function of the
+geometry, so the bits never depend on the thread count), the gradient-column GEMM and a col2im.
+1x1 stride-1 unpadded layers use the image itself as the columns.
 
-Workspace: the columns and the GEMM result of one chunk, at most :data:`WORKSPACE_BYTES` (or what
-one image needs, if that is more), whatever the batch size.
+Batch-chunked passes (the fallback where SciPy's OpenBLAS cannot be held to one thread, or with
+``NUMBACONV_BLAS_INSIDE_KERNELS=0``): per chunk of images, a Numba-parallel im2col, one NumPy
+GEMM per group with BLAS's own threads, and a parallel scatter into ``y``; backward gathers
+``grad_y`` the same way and runs a parallel col2im.
+
+Why: every parallel region and every multi-threaded BLAS call is a fork/join of a thread pool.
+The chunked design has 5-20 per call, alternating two pools, and on a 2-core machine their
+wake-ups cost more than the arithmetic; the banded design has one, and keeps each band's data in
+the core's L2 cache.
+
+Workspace: banded, per lane a band's columns and GEMM result (backward: plus the lane's grad-w
+sum), all under :data:`WORKSPACE_BYTES` (or one band of one output row, if that is more);
+chunked, the columns and GEMM result of one chunk under the same bound. Neither grows with the
+batch.
 """
 
 from __future__ import annotations

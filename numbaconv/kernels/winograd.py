@@ -1,22 +1,29 @@
-"""The ``winograd`` kernel family: Winograd F(2x2, 3x3) for 3x3, stride-1, undilated filters.
+"""The ``winograd`` kernel family: Winograd convolution for 3x3, stride-1, undilated filters.
 
-Each 2x2 output tile is computed from a 4x4 input tile with 16 multiplies per channel pair
-instead of 36: the input tiles and the filters are transformed (``V = B^T d B``,
-``U = G g G^T``), 16 GEMMs ``M[e] = U[e] @ V[e]`` (one per tile element ``e``, ``(K, C) @ (C,
-tiles)``) do the channel sums, and ``Y = A^T M A`` gives the outputs. That is 2.25x fewer
-flops than the direct method, in GEMMs that BLAS runs near peak.
+An ``m x m`` output tile is computed from an ``(m+2) x (m+2)`` input tile: the input tiles and
+the filters are transformed (``V = B^T d B``, ``U = G g G^T``), one GEMM per tile element ``e``,
+``M[e] = U[e] @ V[e]`` (``(K, C) @ (C, tiles)``), does the channel sums, and ``Y = A^T M A``
+gives the outputs.
 
-The transform matrices hold only 0, +-1 and +-1/2, so float32 keeps its accuracy (F(4x4, 3x3)
-would save more flops but loses about two more digits in float32).
+- Banded passes (the default, as in :mod:`numbaconv.kernels.im2col`: one parallel region, lanes
+  of (image group, band of tile rows) jobs, single-threaded GEMMs called inside the region):
+  F(4x4, 3x3), 36 GEMMs per band, 4x fewer multiplies than the direct sum. Its transforms hold
+  1/6 and 1/24 (filters) and 4, 5, 8 (input, output), so it rounds about 10x more than
+  F(2x2, 3x3): in float32 about 1e-6 of the ``|x|.|w|`` scale with 64 channels, still below the
+  bound of a direct float32 sum. grad-x is the forward pass on ``grad_y`` with the flipped
+  filters; grad-w is the transposed algorithm F(3x3, 4x4) (same matrices), summed per lane in
+  the Winograd domain.
+- Batch-chunked passes (the fallback where BLAS cannot be held to one thread): F(2x2, 3x3),
+  16 NumPy GEMMs per chunk; grad-w from the ``im2col`` family.
 
-Forward and grad-input (a 3x3 stride-1 convolution of ``grad_y`` with the flipped filters) use
-Winograd; grad-weight and grad-bias come from the ``im2col`` family. Geometries Winograd does not
-cover (other filter sizes, strides, dilations, groups, padding above 2) run the ``im2col`` kernel,
-and so do inputs holding NaN or Inf: Winograd mixes the pixels of a tile, and would spread them to
-outputs that never read them.
+Geometries Winograd does not cover (other filter sizes, strides, dilations, groups, padding
+above 2) run the ``im2col`` kernel, and so do inputs holding NaN or Inf (only grad-w takes the
+``im2col`` path when just ``x`` holds them): Winograd mixes the pixels of a tile, and would
+spread them to outputs that never read them.
 
-Workspace: the padded and transformed input and the GEMM results of one chunk of images, at most
-:data:`WORKSPACE_BYTES` (or what one image needs, if that is more).
+Workspace: per lane, a band's transformed input and GEMM results (grad-w: plus the lane's sums)
+under :data:`WORKSPACE_BYTES` (or one tile row's, if that is more), plus the transformed filters
+(36*K*C values); chunked, one chunk's under the same bound. Neither grows with the batch.
 """
 
 from __future__ import annotations
