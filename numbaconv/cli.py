@@ -367,14 +367,20 @@ def auto_picks(geom: ConvGeometry, dtype) -> tuple[str | None, str | None]:
     return choose(geom, dtype, direction="forward"), choose(geom, dtype, direction="backward")
 
 
+#: Untimed calls per kernel and pass before ``numbaconv bench`` times them (see bench_shape).
+WARMUP_SECONDS = 0.2
+
+
 def bench_shape(
     name: str, shape: LayerShape, kernels: list[str], dtype, repeat: int, progress
 ) -> list[BenchResult]:
     """Time forward and backward of ``kernels`` on one layer shape.
 
-    Each kernel runs once untimed (so compilation or cache loading is not timed), then ``repeat``
-    rounds time every kernel in turn, so that a slow drift of the machine affects all kernels
-    alike; the medians are reported.
+    Per kernel and pass: untimed calls for :data:`WARMUP_SECONDS` (at least one: compilation or
+    cache loading is never timed), then ``repeat`` timed calls back to back; the medians are
+    reported. Kernels are timed one after the other, not interleaved call by call: after the
+    ``numpy`` kernel's multi-threaded GEMMs, OpenBLAS's threads spin for about 0.1 s and slowed
+    whichever kernel came next by up to 2x; the warm-up absorbs that.
 
     Parameters
     ----------
@@ -407,14 +413,15 @@ def bench_shape(
         return lambda: conv2d_backward(grad_y, x, w, kernel=kernel, **options)
 
     times = {kernel: ([], []) for kernel in kernels}
-    for round_ in range(repeat + 1):
-        for kernel in kernels:
-            progress.set_postfix_str(f"{name} {kernel}")
-            forward_s, backward_s = _timed(forward(kernel)), _timed(backward(kernel))
-            if round_:  # round 0 is the warm-up
-                times[kernel][0].append(forward_s)
-                times[kernel][1].append(backward_s)
-            progress.update()
+    for kernel in kernels:
+        progress.set_postfix_str(f"{name} {kernel}")
+        for which, call in enumerate((forward(kernel), backward(kernel))):
+            started = time.perf_counter()
+            call()
+            while time.perf_counter() - started < WARMUP_SECONDS:
+                call()
+            times[kernel][which].extend(_timed(call) for _ in range(repeat))
+        progress.update(repeat + 1)
 
     auto_forward, auto_backward = auto_picks(geom, dtype)
     medians = {k: (statistics.median(f), statistics.median(b)) for k, (f, b) in times.items()}
