@@ -199,6 +199,19 @@ def band_columns(x, n, oh0, oh1, cols, geo):
                         cols[row, base + ow] = 0
 
 
+@njit(cache=True, inline="always")
+def band_or_image_columns(x, n, oh0, oh1, workspace, pointwise, geo):
+    """The columns of output rows ``oh0:oh1`` of image ``n``: for a ``pointwise`` layer (1x1,
+    stride 1, no padding) the image itself, no copy; else built in ``workspace`` (1-D)."""
+    taps = x.shape[1] * geo[0] * geo[1]
+    width = (oh1 - oh0) * geo[3]
+    if pointwise:
+        return x[n].reshape(taps, width)
+    cols = workspace[: taps * width].reshape(taps, width)
+    band_columns(x, n, oh0, oh1, cols, geo)
+    return cols
+
+
 @njit(cache=True)
 def band_col2im_add(cols, img, n, oh0, oh1, geo):
     """Adjoint of :func:`band_columns`: add the columns of output rows ``oh0:oh1`` into image
@@ -240,7 +253,6 @@ def fused_forward_kernel(
     n_batch = x.shape[0]
     out_h, out_w = geo[2], geo[3]
     n_filters, taps_g = w_mat.shape
-    taps = taps_g * groups
     k_g = n_filters // groups
     bands = (out_h + band_rows - 1) // band_rows
     whole = bands == 1
@@ -252,11 +264,7 @@ def fused_forward_kernel(
             oh0 = (job - n * bands) * band_rows
             oh1 = min(out_h, oh0 + band_rows)
             width = (oh1 - oh0) * out_w
-            if pointwise:
-                cols = x[n].reshape(taps, width)
-            else:
-                cols = cols_ws[lane, : taps * width].reshape(taps, width)
-                band_columns(x, n, oh0, oh1, cols, geo)
+            cols = band_or_image_columns(x, n, oh0, oh1, cols_ws[lane], pointwise, geo)
             if whole:
                 out = y[n]
             else:
@@ -316,11 +324,7 @@ def fused_backward_kernel(
                 oh0 = band * band_rows
                 oh1 = min(out_h, oh0 + band_rows)
                 width = (oh1 - oh0) * out_w
-                if pointwise:
-                    cols = x[n].reshape(taps, width)
-                else:
-                    cols = cols_ws[lane, : taps * width].reshape(taps, width)
-                    band_columns(x, n, oh0, oh1, cols, geo)
+                cols = band_or_image_columns(x, n, oh0, oh1, cols_ws[lane], pointwise, geo)
                 if whole:
                     grad = grad_y[n]
                 else:
