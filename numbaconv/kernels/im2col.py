@@ -199,6 +199,27 @@ def band_columns(x, n, oh0, oh1, cols, geo):
                         cols[row, base + ow] = 0
 
 
+@njit(cache=True)
+def row_sum(values):
+    """Sum of a 1-D array in float64, in a fixed order: eight interleaved partial sums (one SIMD
+    register of float64; a single running sum would wait on each addition), then pairwise."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    size = values.shape[0]
+    full = size - size % 8
+    for q in range(0, full, 8):
+        s0 += values[q]
+        s1 += values[q + 1]
+        s2 += values[q + 2]
+        s3 += values[q + 3]
+        s4 += values[q + 4]
+        s5 += values[q + 5]
+        s6 += values[q + 6]
+        s7 += values[q + 7]
+    for q in range(full, size):
+        s0 += values[q]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
 @njit(cache=True, inline="always")
 def band_or_image_columns(x, n, oh0, oh1, workspace, pointwise, geo):
     """The columns of output rows ``oh0:oh1`` of image ``n``: for a ``pointwise`` layer (1x1,
@@ -289,11 +310,12 @@ def fused_forward_kernel(
 
 @njit(parallel=True, cache=True)
 def fused_backward_kernel(
-    grad_y, x, w_mat, grad_x, input_gradient, grad_w_lanes, cols_ws, grad_ws, part_ws, groups,
-    band_rows, pointwise, geo,
+    grad_y, x, w_mat, grad_x, input_gradient, grad_w_lanes, grad_b_lanes, cols_ws, grad_ws,
+    part_ws, groups, band_rows, pointwise, geo,
 ):  # fmt: skip
-    """grad-w (per lane, in ``grad_w_lanes``) and, if ``input_gradient``, grad-x in one parallel
-    region; lane ``l`` of ``grad_w_lanes.shape[0]`` takes a fixed, contiguous run of images.
+    """grad-w and grad-b (per lane, in ``grad_w_lanes`` and the float64 ``grad_b_lanes``) and, if
+    ``input_gradient``, grad-x in one parallel region; lane ``l`` of ``grad_w_lanes.shape[0]``
+    takes a fixed, contiguous run of images.
 
     Per band: the band's columns and ``grad_y`` rows, one GEMM per group for the grad-w partial
     (added to the lane's sum), one for the gradient columns, then col2im into the image. A band
@@ -313,8 +335,10 @@ def fused_backward_kernel(
     lanes = grad_w_lanes.shape[0]
     for lane in prange(lanes):
         acc = grad_w_lanes[lane]
+        bias_acc = grad_b_lanes[lane]
         part = part_ws[lane]
         for k in range(n_filters):
+            bias_acc[k] = 0
             for t in range(taps_g):
                 acc[k, t] = 0
         for n in range(n_batch * lane // lanes, n_batch * (lane + 1) // lanes):
@@ -333,6 +357,8 @@ def fused_backward_kernel(
                     for k in range(n_filters):
                         for q in range(width):
                             grad[k, q] = grad_y[n, k, p0 + q]
+                for k in range(n_filters):
+                    bias_acc[k] += row_sum(grad[k])
                 if pointwise and input_gradient:
                     grad_cols = grad_x[n].reshape(taps, width)
                 else:
@@ -512,19 +538,22 @@ def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient
     w_mat = w.reshape(k, -1)
     sums = np.empty((lanes, *w_mat.shape), dtype=x.dtype)
     partials = np.empty_like(sums)
+    bias_sums = np.empty((lanes, k))  # float64 for every dtype: sums of up to N*OH*OW values
     pointwise = is_pointwise(geom)
     band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 2 * w_mat.nbytes)
     cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
     grad_x = np.empty_like(x) if input_gradient else np.empty((1, 1, 1, 1), dtype=x.dtype)
     with single_threaded_blas():
         fused_backward_kernel(
-            grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, sums, cols, grads,
-            partials, geom.groups, band_rows, pointwise, geometry_args(geom),
+            grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, sums, bias_sums,
+            cols, grads, partials, geom.groups, band_rows, pointwise, geometry_args(geom),
         )  # fmt: skip
     grad_w = sums[0].copy()
+    grad_b = bias_sums[0].copy()
     for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
         grad_w += sums[lane]
-    grad_b = grad_y.sum(axis=(0, 2, 3))
+        grad_b += bias_sums[lane]
+    grad_b = grad_b.astype(x.dtype)
     return (grad_x if input_gradient else None), grad_w.reshape(w.shape), grad_b
 
 

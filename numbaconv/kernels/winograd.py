@@ -471,8 +471,8 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
 
 @njit(parallel=True, cache=True)
 def fused_weight_gradient_kernel(
-    x, grad_y, sums, v_ws, g_ws, part_ws, row_ws, tiles_h, tiles_w, band_tiles, group, pad_t,
-    pad_l,
+    x, grad_y, sums, bias_sums, v_ws, g_ws, part_ws, row_ws, tiles_h, tiles_w, band_tiles, group,
+    pad_t, pad_l,
 ):  # fmt: skip
     """grad-w of a 3x3 stride-1 convolution by Winograd F(3x3, 4x4), in the Winograd domain.
 
@@ -481,6 +481,7 @@ def fused_weight_gradient_kernel(
     F(4x4, 3x3) algorithm, same matrices. Per band: the input transform (as forward), the
     ``grad_y`` transform, and 36 single-threaded GEMMs ``(K, tiles) @ (tiles, C)`` added to the
     lane's ``sums[lane]`` (36, K, C); the caller adds the lanes in order and applies ``G^T . G``.
+    grad-b is summed on the way, per lane, in the float64 ``bias_sums[lane]``.
     Lane ``l`` of ``sums.shape[0]`` takes a fixed, contiguous run of images, ``group`` at a time
     when a band is a whole image (all sizes depend on the geometry only: the same bits on any
     number of threads).
@@ -494,8 +495,10 @@ def fused_weight_gradient_kernel(
     for lane in prange(lanes):
         rows = row_ws[lane]
         acc = sums[lane]
+        bias_acc = bias_sums[lane]
         part = part_ws[lane]
         acc[:] = 0
+        bias_acc[:] = 0
         last = n_batch * (lane + 1) // lanes
         for n0 in range(n_batch * lane // lanes, last, group):
             n1 = min(last, n0 + group)
@@ -524,6 +527,7 @@ def fused_weight_gradient_kernel(
                                     rows[a, q] = grad_y[n, k, oh, q]
                                 for q in range(out_w, grid_w):
                                     rows[a, q] = 0
+                                bias_acc[k] += im2col.row_sum(grad_y[n, k, oh])
                             # ... A Gy down the columns (vectorised), then (A Gy) A^T per tile.
                             for q in range(grid_w):
                                 g0, g1, g2, g3 = rows[0, q], rows[1, q], rows[2, q], rows[3, q]
@@ -565,12 +569,14 @@ def _weight_gradient_lanes(geom: ConvGeometry, itemsize: int) -> int:
     return lanes if sums <= WORKSPACE_BYTES // 2 else 0
 
 
-def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int) -> np.ndarray:
+def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int):
+    """``(grad_w, grad_b)`` by :func:`fused_weight_gradient_kernel`."""
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
     sums = np.empty((lanes, 36, k, c), dtype=x.dtype)
     partials = np.empty_like(sums)
+    bias_sums = np.empty((lanes, k))  # float64 for every dtype
     band_tiles = _band_tiles(geom, x.itemsize, lanes, 2 * sums[0].nbytes)
     group = _image_group(geom, x.itemsize, lanes, band_tiles)
     count = group * band_tiles * tiles_w
@@ -579,15 +585,18 @@ def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int) -> np.n
     row_ws = np.empty((lanes, 12, 4 * tiles_w + 2), dtype=x.dtype)
     with single_threaded_blas():
         fused_weight_gradient_kernel(
-            x, grad_y, sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles, group,
-            geom.pad_top, geom.pad_left,
+            x, grad_y, sums, bias_sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles,
+            group, geom.pad_top, geom.pad_left,
         )  # fmt: skip
     total = sums[0].copy()
+    grad_b = bias_sums[0].copy()
     for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
         total += sums[lane]
+        grad_b += bias_sums[lane]
     # grad_w[k, c] = G^T M G per (k, c), in float64 like the filter transform.
     m = total.astype(np.float64).reshape(6, 6, k, c)
-    return np.einsum("ir,ijkc,js->kcrs", G4, m, G4).astype(x.dtype)
+    grad_w = np.einsum("ir,ijkc,js->kcrs", G4, m, G4).astype(x.dtype)
+    return grad_w, grad_b.astype(x.dtype)
 
 
 def _all_finite(*arrays) -> bool:
@@ -624,8 +633,7 @@ def backward(grad_y, x, w, geom: ConvGeometry):
         return im2col.backward(grad_y, x, w, geom)
     lanes = _weight_gradient_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
     if lanes and _all_finite(x):
-        grad_w = _winograd_weight_gradient(grad_y, x, geom, lanes)
-        grad_b = grad_y.sum(axis=(0, 2, 3))
+        grad_w, grad_b = _winograd_weight_gradient(grad_y, x, geom, lanes)
     else:
         grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
     # grad_x = grad_y correlated with the filters flipped in space, input/output swapped.
