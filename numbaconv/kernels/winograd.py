@@ -17,9 +17,10 @@ gives the outputs.
   16 NumPy GEMMs per chunk; grad-w from the ``im2col`` family.
 
 Geometries Winograd does not cover (other filter sizes, strides, dilations, groups, padding
-above 2) run the ``im2col`` kernel, and so do inputs holding NaN or Inf (only grad-w takes the
-``im2col`` path when just ``x`` holds them): Winograd mixes the pixels of a tile, and would
-spread them to outputs that never read them.
+above 2) run the ``im2col`` kernel, and so do inputs holding NaN or Inf (forward: checked in
+``x`` and ``w`` first; backward: in ``w`` first, then in the results, which any NaN or Inf of
+``x`` or ``grad_y`` reaches): Winograd mixes the pixels of a tile, and would spread them to
+outputs that never read them.
 
 Workspace: per lane, a band's transformed input and GEMM results (grad-w: plus the lane's sums)
 under :data:`WORKSPACE_BYTES` (or one tile row's, if that is more), plus the transformed filters
@@ -629,14 +630,20 @@ def _input_gradient_geometry(geom: ConvGeometry) -> ConvGeometry | None:
 
 def backward(grad_y, x, w, geom: ConvGeometry):
     transposed = _input_gradient_geometry(geom) if supports(geom) else None
-    if transposed is None or not supports(transposed) or not _all_finite(grad_y, w):
+    if transposed is None or not supports(transposed) or not _all_finite(w):
         return im2col.backward(grad_y, x, w, geom)
     lanes = _weight_gradient_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
-    if lanes and _all_finite(x):
+    if lanes:
         grad_w, grad_b = _winograd_weight_gradient(grad_y, x, geom, lanes)
     else:
         grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
     # grad_x = grad_y correlated with the filters flipped in space, input/output swapped.
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     grad_x = _winograd_conv(grad_y, flipped, None, transposed)
+    # A NaN or Inf in grad_y always reaches grad_b, one in x grad_w (stride 1: every pixel is
+    # read, and 0 * Inf is NaN); Winograd would have spread it. So any non-finite result (or a
+    # Winograd overflow) means: recompute the plain way. Checking the results is one x-sized
+    # pass, where checking x and grad_y first was two (grad_y is the larger on most layers).
+    if not _all_finite(grad_x, grad_w, grad_b):
+        return im2col.backward(grad_y, x, w, geom)
     return grad_x, grad_w, grad_b
