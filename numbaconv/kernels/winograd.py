@@ -163,11 +163,16 @@ def output_transform_kernel(m, bias, has_bias, y, tiles_h, tiles_w):
                         y[n, k, oh + 1, ow + 1] = start + (r11 - r12 - r13)
 
 
-def _winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
-    """The Winograd forward pass for a supported geometry: F(4x4, 3x3) in one parallel region
-    where BLAS can be called inside kernels, else F(2x2, 3x3) in batch chunks."""
+def _winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray | None:
+    """The Winograd forward pass for a supported geometry, or None if an input holds NaN or Inf
+    (then the caller runs the plain way). F(4x4, 3x3) in one parallel region where BLAS can be
+    called inside kernels (non-finite values are found in its outputs), else F(2x2, 3x3) in
+    batch chunks (they are looked for in the inputs first)."""
     if blas_inside_kernels():
-        return _fused_winograd_conv(x, w, bias, geom)
+        y, finite = _fused_winograd_conv(x, w, bias, geom)
+        return y if finite else None
+    if not _all_finite(x, w) or (bias is not None and not _all_finite(bias)):
+        return None
     u = filter_transform(w)
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
@@ -325,7 +330,8 @@ def input_transform_band(x, n, th0, th1, v, first_tile, count, rows, tiles_w, pa
 
 @njit(parallel=True, cache=True)
 def fused_winograd_kernel(
-    x, u, bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, group, pad_t, pad_l
+    x, u, bias, y, nonfinite, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, group, pad_t,
+    pad_l,
 ):  # fmt: skip
     """The whole Winograd F(4x4, 3x3) forward pass in one parallel region, one band of tile rows
     of ``group`` images at a time (``group`` > 1 only when a band is a whole image, so that
@@ -335,7 +341,9 @@ def fused_winograd_kernel(
     single-threaded GEMMs ``M[e] = U[e] @ V[e]`` and the output transform ``A^T M A`` (+ bias)
     into ``y``, cropped at the edges. The jobs (image group, band) are split into
     ``v_ws.shape[0]`` contiguous runs, one per lane with its own workspace; each output comes
-    from the same arithmetic whatever the split.
+    from the same arithmetic whatever the split. ``nonfinite[lane]`` is set when the lane wrote a
+    NaN or Inf: a non-finite input, weight or bias always leads to one (Winograd then spreads it,
+    and the caller recomputes the plain way), so the inputs need no separate check.
     """
     n_batch, n_chan = x.shape[0], x.shape[1]
     n_filters = u.shape[1]
@@ -345,6 +353,7 @@ def fused_winograd_kernel(
     lanes = v_ws.shape[0]
     for lane in prange(lanes):
         rows = row_ws[lane]
+        bad = False
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             n0 = job // bands * group
             n1 = min(n_batch, n0 + group)
@@ -388,10 +397,14 @@ def fused_winograd_kernel(
                                 rows[r, t], rows[r + 1, t], rows[r + 2, t], rows[r + 3, t],
                                 rows[r + 4, t], rows[r + 5, t],
                             )  # fmt: skip
-                            rows[o, t] = s0 + start
-                            rows[o + 1, t] = s1 + start
-                            rows[o + 2, t] = s2 + start
-                            rows[o + 3, t] = s3 + start
+                            y0, y1, y2, y3 = s0 + start, s1 + start, s2 + start, s3 + start
+                            rows[o, t] = y0
+                            rows[o + 1, t] = y1
+                            rows[o + 2, t] = y2
+                            rows[o + 3, t] = y3
+                            # v - v is 0 for a finite v, NaN for NaN and +-Inf.
+                            check = (y0 - y0) + (y1 - y1) + (y2 - y2) + (y3 - y3)
+                            bad |= check != check
                     # ... and the 4x4 tiles into the output rows, cropped at the edges.
                     for th in range(th0, th1):
                         t0 = (th - th0) * tiles_w
@@ -408,6 +421,7 @@ def fused_winograd_kernel(
                                 y[n, k, oh, 4 * tw + 3] = rows[o + 3, t0 + tw]
                             for ow in range(4 * full, out_w):
                                 y[n, k, oh, ow] = rows[o + ow - 4 * full, t0 + full]
+        nonfinite[lane] = bad
 
 
 def _plane(size: int) -> int:
@@ -446,8 +460,8 @@ def _image_group(geom: ConvGeometry, itemsize: int, lanes: int, band_tiles: int)
     return int(max(1, min(group, -(-geom.batch // lanes))))
 
 
-def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
-    """:func:`_winograd_conv` as one parallel region with BLAS called from inside it."""
+def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bool]:
+    """The banded F(4x4, 3x3) pass: ``(y, whether every output is finite)``."""
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
@@ -462,12 +476,13 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray:
     row_ws = np.empty((lanes, 40, max(4 * tiles_w + 2, band_tiles * tiles_w)), dtype=x.dtype)
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     bias = bias if bias is not None else np.zeros(k, dtype=x.dtype)
+    nonfinite = np.zeros(lanes, dtype=np.bool_)
     with single_threaded_blas():
         fused_winograd_kernel(
-            x, filter_transform4(w), bias, y, v_ws, m_ws, row_ws, tiles_h, tiles_w,
+            x, filter_transform4(w), bias, y, nonfinite, v_ws, m_ws, row_ws, tiles_h, tiles_w,
             band_tiles, group, geom.pad_top, geom.pad_left,
         )  # fmt: skip
-    return y
+    return y, not nonfinite.any()
 
 
 @njit(parallel=True, cache=True)
@@ -610,9 +625,8 @@ def _all_finite(*arrays) -> bool:
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     # Winograd mixes the pixels of a tile, so a NaN or Inf would reach outputs that never read
     # it; such inputs take the im2col path, which propagates them as a plain computation does.
-    if not supports(geom) or not _all_finite(x, w):
-        return im2col.forward(x, w, b, geom)
-    return _winograd_conv(x, w, b, geom)
+    y = _winograd_conv(x, w, b, geom) if supports(geom) else None
+    return y if y is not None else im2col.forward(x, w, b, geom)
 
 
 def _input_gradient_geometry(geom: ConvGeometry) -> ConvGeometry | None:
@@ -641,9 +655,8 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     grad_x = _winograd_conv(grad_y, flipped, None, transposed)
     # A NaN or Inf in grad_y always reaches grad_b, one in x grad_w (stride 1: every pixel is
-    # read, and 0 * Inf is NaN); Winograd would have spread it. So any non-finite result (or a
-    # Winograd overflow) means: recompute the plain way. Checking the results is one x-sized
-    # pass, where checking x and grad_y first was two (grad_y is the larger on most layers).
-    if not _all_finite(grad_x, grad_w, grad_b):
+    # read, and 0 * Inf is NaN); Winograd would have spread it. So a non-finite result (or a
+    # Winograd overflow) means: recompute the plain way. grad_x is checked inside its kernel.
+    if grad_x is None or not _all_finite(grad_w, grad_b):
         return im2col.backward(grad_y, x, w, geom)
     return grad_x, grad_w, grad_b
