@@ -17,10 +17,11 @@ gives the outputs.
   16 NumPy GEMMs per chunk; grad-w from the ``im2col`` family.
 
 Geometries Winograd does not cover (other filter sizes, strides, dilations, groups, padding
-above 2) run the ``im2col`` kernel, and so do inputs holding NaN or Inf (forward: checked in
-``x`` and ``w`` first; backward: in ``w`` first, then in the results, which any NaN or Inf of
-``x`` or ``grad_y`` reaches): Winograd mixes the pixels of a tile, and would spread them to
-outputs that never read them.
+above 2) run the ``im2col`` kernel, and so do inputs holding NaN or Inf: Winograd mixes the
+pixels of a tile, and would spread them to outputs that never read them. Any NaN or Inf input
+makes some Winograd result non-finite, so the banded passes look at their results (the forward
+kernel flags them as it writes them; grad-w and grad-b are small) and recompute with ``im2col``
+when needed; the chunked passes check the inputs first.
 
 Workspace: per lane, a band's transformed input and GEMM results (grad-w: plus the lane's sums)
 under :data:`WORKSPACE_BYTES` (or one tile row's, if that is more), plus the transformed filters
