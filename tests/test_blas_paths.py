@@ -16,7 +16,7 @@ import threading
 import numba
 import numpy as np
 import pytest
-from helpers import Cfg, check_against_reference
+from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
 from test_conv_grid import GRID
 
 import numbaconv as nc
@@ -69,6 +69,34 @@ def test_blas_inside_kernels(monkeypatch, blas_calls, name, dtype, cfg, band):
         monkeypatch.setattr(winograd, "BAND_BYTES", 1)
     check_against_reference(cfg, name, dtype, seed=21)
     assert blas_calls, "the banded path was not taken"
+
+
+# Enough channels that the forward plan (bands, image groups) has room to vary.
+THREAD_CFGS = [
+    Cfg(2, 64, 4, 4, 64, 3, 3, padding=1, name="64-channels-4x4"),
+    Cfg(16, 32, 8, 8, 32, 3, 3, padding=1, name="16-images-32-channels"),
+    Cfg(5, 8, 23, 17, 6, 3, 3, padding=1, name="5-images-odd"),
+    Cfg(6, 16, 9, 7, 8, 1, 1, name="pointwise"),
+]
+
+
+@requires_inside
+@pytest.mark.parametrize("cfg", THREAD_CFGS, ids=str)
+@pytest.mark.parametrize("name", GEMM_KERNELS)
+def test_banded_bits_do_not_depend_on_the_thread_count(
+    monkeypatch, restore_num_threads, name, dtype, cfg
+):
+    """1 and 2 threads run 1 and 2 lanes (the serial shortcut for small calls is off here), and
+    the results must be the same bits: the bands and image groups, which set each GEMM's width
+    and so BLAS's rounding, must not depend on the thread count."""
+    monkeypatch.setattr(_threading, "SERIAL_FLOPS", 0)
+    x, w, b, gy = make_data(cfg, dtype, seed=25)
+    numba.set_num_threads(1)
+    one = run_all(cfg, x, w, b, gy, name)
+    numba.set_num_threads(2)
+    two = run_all(cfg, x, w, b, gy, name)
+    for what, a, c in zip(("y", "grad_x", "grad_w", "grad_b"), one, two, strict=True):
+        assert_same_bits(a, c, f"{what} [{name}, {cfg}], 1 vs 2 threads")
 
 
 @requires_inside

@@ -56,6 +56,13 @@ BAND_BYTES = 2**20
 SMALL_GEMM_SIZE = 1_000_000
 SMALL_GEMM_MIN_PIXELS = 224
 
+#: Lanes the fused forward passes plan their bands for, and the most that run at once. The band
+#: size sets each GEMM's width, and BLAS may round an output differently in a GEMM of another
+#: width, so the plan must not depend on the thread count (it did, and 1 and 2 threads gave
+#: different bits): bands are sized as if PLAN_LANES lanes shared :data:`WORKSPACE_BYTES`, and
+#: min(threads, jobs, PLAN_LANES) lanes run.
+PLAN_LANES = 16
+
 #: Lanes of the fused backward pass (each sums its own grad-w partials). A constant, not the
 #: thread count, so that results are bitwise identical on any number of threads; 8 keeps
 #: machines with up to 8 cores busy.
@@ -519,8 +526,11 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
         return _chunked_forward(x, w, b, geom)
     n, k, oh, ow = geom.output_shape
     pointwise = is_pointwise(geom)
-    lanes = max(1, min(numba.get_num_threads(), n if pointwise else n * oh))
-    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 0)
+    # The bands depend on the geometry only (see PLAN_LANES); the thread count only on how many
+    # lanes run them.
+    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, PLAN_LANES, 0)
+    jobs = n * -(-oh // band_rows)
+    lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
     cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)

@@ -450,8 +450,9 @@ def _band_tiles(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: i
 
 def _image_group(geom: ConvGeometry, itemsize: int, lanes: int, band_tiles: int) -> int:
     """Images per job: 1 unless a band is a whole image; then as many as keep the group's
-    transformed input near :data:`BAND_BYTES` (all of them under :data:`WORKSPACE_BYTES`), but
-    never so many that some lane would get no job."""
+    transformed input near :data:`BAND_BYTES` (``lanes`` groups under :data:`WORKSPACE_BYTES`),
+    but never so many that one of ``lanes`` lanes would get no job. ``lanes`` must not depend on
+    the thread count (the group sets the GEMMs' width, and with it the rounding)."""
     tiles_h, tiles_w = _tiles(geom)
     if band_tiles < tiles_h:
         return 1
@@ -466,10 +467,13 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
-    lanes = max(1, min(numba.get_num_threads(), n * tiles_h))
-    band_tiles = _band_tiles(geom, x.itemsize, lanes, 0)
-    group = _image_group(geom, x.itemsize, lanes, band_tiles)
-    lanes = max(1, min(lanes, -(-n // group) * -(-tiles_h // band_tiles)))
+    # Bands and image groups depend on the geometry only, as in im2col.forward: planned for
+    # im2col.PLAN_LANES lanes; the thread count only decides how many lanes run them.
+    plan = im2col.PLAN_LANES
+    band_tiles = _band_tiles(geom, x.itemsize, plan, 0)
+    group = _image_group(geom, x.itemsize, plan, band_tiles)
+    jobs = -(-n // group) * -(-tiles_h // band_tiles)
+    lanes = max(1, min(numba.get_num_threads(), jobs, plan))
     count = group * band_tiles * tiles_w
     v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
     m_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
