@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+import numpy as np
+
 from .geometry import ConvGeometry
 from .kernels import direct, im2col, teaching, winograd
 
@@ -60,6 +62,13 @@ def resolve(kernel: str | None) -> str:
 #: channel: 13 ms against 1.7 ms for im2col).
 WINOGRAD_MIN_CHANNELS = 16
 
+#: ... and only if its GEMMs see at least this many tiles each
+#: (:func:`numbaconv.kernels.winograd.tiles_per_gemm`): with wide layers on small images the
+#: band budget leaves few tiles per GEMM, and BLAS runs them slowly (256 channels, 14x14:
+#: 16 tiles, 38 ms forward against 19 ms for im2col; 128 channels, 28x28: 49 tiles, 12.9 ms
+#: against 21.9).
+WINOGRAD_MIN_TILES = 32
+
 
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     """The concrete kernel that ``'auto'`` runs for a geometry (and direction).
@@ -68,20 +77,22 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     asv ``time_forward``/``time_backward`` and ``asv_benchmarks/compare_torch.py``):
 
     - 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS` input and output channels
-      use ``winograd`` (resnet3x3: 32 ms forward and 71 ms backward, against 46 and 80 ms for
-      ``im2col``);
+      and at least :data:`WINOGRAD_MIN_TILES` tiles per GEMM use ``winograd`` (resnet3x3 float32:
+      12.5 ms forward and 32.8 ms backward, against 28.1 and 57.9 ms for ``im2col``);
     - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
       every other layer (``direct`` never won, not even on the digits layer).
 
-    The choice depends on the geometry only: never on timings (noisy on a busy machine) nor on
-    the thread count (results must not depend on it). ``dtype`` and ``direction`` are accepted
-    so that the model can use them later.
+    The choice depends on the geometry and dtype only: never on timings (noisy on a busy
+    machine) nor on the thread count (results must not depend on it). ``direction`` is accepted
+    so that the model can use it later.
     """
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else 4
     if (
         winograd.supports(geom)
         and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
+        and winograd.tiles_per_gemm(geom, itemsize) >= WINOGRAD_MIN_TILES
     ):
         return "winograd"
     return "im2col"

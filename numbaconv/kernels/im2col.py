@@ -501,15 +501,29 @@ def _band_workspace(geom: ConvGeometry, dtype, lanes: int, band_rows: int, point
 
 
 def _backward_lanes(geom: ConvGeometry, itemsize: int) -> int:
-    """Lanes of the fused backward pass; 0 if their grad-w sums would not fit the workspace.
+    """Lanes of the fused backward pass: up to :data:`BACKWARD_LANES`, fewer for large filters
+    (each lane holds a grad-w sum and a GEMM partial, all within half of
+    :data:`WORKSPACE_BYTES`); 0 when not even two fit (the chunked path runs then).
 
     A function of the geometry only (never of the thread count), so the grad-w reduction order,
     and with it every bit of the result, is the same on any number of threads.
     """
-    lanes = min(BACKWARD_LANES, geom.batch)
     taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
-    sums = 2 * lanes * geom.out_channels * taps_g * itemsize  # lane sums + GEMM partials
-    return lanes if sums <= WORKSPACE_BYTES // 2 else 0
+    return lanes_that_fit(geom.batch, 2 * geom.out_channels * taps_g * itemsize)
+
+
+def lanes_that_fit(batch: int, per_lane_bytes: int) -> int:
+    """``min(BACKWARD_LANES, batch)`` lanes, or, when fewer fit in half of
+    :data:`WORKSPACE_BYTES` at ``per_lane_bytes`` each, the largest power of two that fits (so
+    that 2 or 4 threads share them evenly); 0 (the chunked path) when that is 1 and the batch
+    has more than one image."""
+    lanes = min(BACKWARD_LANES, batch)
+    fit = WORKSPACE_BYTES // 2 // max(1, per_lane_bytes)
+    if fit < lanes:
+        lanes = 1 << (fit.bit_length() - 1) if fit > 0 else 0
+        if lanes < 2:
+            return 0
+    return lanes
 
 
 def is_pointwise(geom: ConvGeometry) -> bool:

@@ -462,6 +462,15 @@ def _image_group(geom: ConvGeometry, itemsize: int, lanes: int, band_tiles: int)
     return int(max(1, min(group, -(-geom.batch // lanes))))
 
 
+def tiles_per_gemm(geom: ConvGeometry, itemsize: int) -> int:
+    """How many tiles each of the forward pass's GEMMs covers (at most; the last band of an
+    image may have fewer): the planned band of tile rows, times the images grouped per job."""
+    tiles_h, tiles_w = _tiles(geom)
+    band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
+    group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
+    return group * band_tiles * tiles_w
+
+
 def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bool]:
     """The banded F(4x4, 3x3) pass: ``(y, whether every output is finite)``."""
     n, k, oh, ow = geom.output_shape
@@ -585,9 +594,8 @@ def fused_weight_gradient_kernel(
 def _weight_gradient_lanes(geom: ConvGeometry, itemsize: int) -> int:
     """Lanes of :func:`fused_weight_gradient_kernel` (0: their sums would not fit); as
     :func:`numbaconv.kernels.im2col._backward_lanes`, a function of the geometry only."""
-    lanes = min(im2col.BACKWARD_LANES, geom.batch)
-    sums = 2 * lanes * 36 * geom.out_channels * geom.in_channels * itemsize
-    return lanes if sums <= WORKSPACE_BYTES // 2 else 0
+    per_lane = 2 * 36 * geom.out_channels * geom.in_channels * itemsize  # sum + GEMM partial
+    return im2col.lanes_that_fit(geom.batch, per_lane)
 
 
 def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int):
