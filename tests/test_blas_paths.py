@@ -125,6 +125,27 @@ def test_backward_lanes_fall_back_when_their_sums_do_not_fit(monkeypatch, blas_c
     check_against_reference(cfg, "im2col", np.float64, seed=23)
 
 
+def test_lanes_that_fit_round_down_to_a_power_of_two(monkeypatch):
+    monkeypatch.setattr(im2col, "WORKSPACE_BYTES", 2 * 1000)  # half of it: 1000 bytes for lanes
+    fit = im2col.lanes_that_fit
+    assert fit(16, 100) == 8  # 10 fit: capped at BACKWARD_LANES
+    assert fit(5, 100) == 5  # the batch caps it
+    assert fit(16, 300) == 2  # 3 fit: 2, so that 2 or 4 threads share them evenly
+    assert fit(16, 600) == 0  # 1 fits: the chunked path
+    assert fit(1, 600) == 1  # a single image needs one lane only
+    assert fit(16, 2000) == 0
+
+
+def test_auto_leaves_winograd_when_its_gemms_get_few_tiles():
+    make = nc.geometry.make_geometry
+    resnet = make((16, 64, 56, 56), (64, 64, 3, 3), padding=1)
+    wide_small = make((16, 256, 14, 14), (256, 256, 3, 3), padding=1)
+    assert winograd.tiles_per_gemm(resnet, 4) >= nc.registry.WINOGRAD_MIN_TILES
+    assert winograd.tiles_per_gemm(wide_small, 4) < nc.registry.WINOGRAD_MIN_TILES
+    assert nc.registry.choose(resnet, np.float32) == "winograd"
+    assert nc.registry.choose(wide_small, np.float32) == "im2col"
+
+
 @requires_inside
 def test_backward_lanes_depend_on_the_geometry_only(restore_num_threads):
     geom = nc.geometry.make_geometry((20, 3, 8, 8), (4, 3, 3, 3), padding=1)
