@@ -145,7 +145,13 @@ class Worker:
     def __init__(self, library, kernels, threads):
         cmd = [sys.executable, str(HERE), "--worker", library, "--kernel", ",".join(kernels)]
         cmd += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if library == "numbaconv":
+            # The numpy kernel's GEMMs run on NumPy's OpenBLAS: hold it to --threads as well.
+            env.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.names = ["torch"] if library == "torch" else kernels
 
     def ask(self, line):
@@ -186,10 +192,16 @@ def main(argv=None):
     shape_names = args.shapes.split(",") if args.shapes else list(_shapes())
     # Versions from the metadata: importing numbaconv here would set OMP_WAIT_POLICY for the
     # workers this process starts (and so for PyTorch's).
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def version_of(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "(not installed)"
 
     print(
-        f"torch {version('torch')}, numbaconv {version('numbaconv')}, "
+        f"torch {version_of('torch')}, numbaconv {version_of('numbaconv')}, "
         f"{args.dtype}, {args.threads} threads, medians of {args.repeat} interleaved rounds (ms),"
         f" one process per library, turns of {args.warm_ms:g} ms untimed + {args.burst} timed calls"
     )
