@@ -81,35 +81,12 @@ def im2col_kernel(x, cols, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw : int
         Filter and output sizes, strides, top/left padding and dilations.
     """
-    n_batch, n_chan, height, width = x.shape
-    taps = filter_h * filter_w
-    rows = n_chan * taps
-    pixels = out_h * out_w
-    for job in prange(rows * n_batch):
-        row = job // n_batch
-        n = job - row * n_batch
-        c = row // taps
-        r = (row // filter_w) % filter_h
-        s = row % filter_w
-        col_offset = s * dw - pad_l
-        lo, hi = valid_range(out_w, sw, col_offset, width)
-        for oh in range(out_h):
-            ih = oh * sh - pad_t + r * dh
-            base = n * pixels + oh * out_w
-            if ih < 0 or ih >= height:
-                for ow in range(out_w):
-                    cols[row, base + ow] = 0
-                continue
-            for ow in range(lo):
-                cols[row, base + ow] = 0
-            if sw == 1:  # unit stride: a plain copy LLVM vectorises
-                for ow in range(lo, hi):
-                    cols[row, base + ow] = x[n, c, ih, ow + col_offset]
-            else:
-                for ow in range(lo, hi):
-                    cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
-            for ow in range(hi, out_w):
-                cols[row, base + ow] = 0
+    n_batch, n_chan = x.shape[0], x.shape[1]
+    geo = (filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw)
+    for job in prange(n_batch * n_chan):
+        n = job // n_chan
+        c = job - n * n_chan
+        channel_columns(x, n, c, 0, out_h, cols, n * out_h * out_w, geo)
 
 
 @njit(parallel=True, cache=True)
@@ -120,30 +97,13 @@ def col2im_kernel(cols, img, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pa
     Each ``prange`` job owns one ``(n, c)`` plane of ``img`` and adds its contributions in a fixed
     order, so the result is race-free and deterministic.
     """
-    n_batch, n_chan, height, width = img.shape
-    pixels = out_h * out_w
+    n_batch, n_chan = img.shape[0], img.shape[1]
+    geo = (filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw)
     for job in prange(n_batch * n_chan):
         n = job // n_chan
         c = job - n * n_chan
-        for ih in range(height):
-            for iw in range(width):
-                img[n, c, ih, iw] = 0
-        for r in range(filter_h):
-            for s in range(filter_w):
-                row = (c * filter_h + r) * filter_w + s
-                col_offset = s * dw - pad_l
-                lo, hi = valid_range(out_w, sw, col_offset, width)
-                for oh in range(out_h):
-                    ih = oh * sh - pad_t + r * dh
-                    if ih < 0 or ih >= height:
-                        continue
-                    base = n * pixels + oh * out_w
-                    if sw == 1:  # unit stride: vectorisable
-                        for ow in range(lo, hi):
-                            img[n, c, ih, ow + col_offset] += cols[row, base + ow]
-                    else:
-                        for ow in range(lo, hi):
-                            img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
+        img[n, c] = 0
+        channel_col2im_add(cols, img, n, c, 0, out_h, n * out_h * out_w, geo)
 
 
 @njit(parallel=True, cache=True)
@@ -175,35 +135,46 @@ def gather_grad_kernel(grad_y, out):
 
 
 @njit(cache=True)
-def band_columns(x, n, oh0, oh1, cols, geo):
-    """Serial :func:`im2col_kernel` for output rows ``oh0:oh1`` of image ``n``:
-    ``cols[(c*R + r)*S + s, (oh - oh0)*OW + ow]``. ``cols`` is (C*R*S, (oh1 - oh0)*OW); ``geo``
-    is :func:`geometry_args`."""
+def channel_columns(x, n, c, oh0, oh1, cols, col0, geo):
+    """The teaching columns of channel ``c`` of image ``n`` for output rows ``oh0:oh1``:
+    ``cols[(c*R + r)*S + s, col0 + (oh - oh0)*OW + ow]`` = the zero-padded input at
+    ``(n, c, oh*sh + r*dh - pad_t, ow*sw + s*dw - pad_l)``; ``geo`` is :func:`geometry_args`.
+
+    The one im2col loop nest: the full-batch :func:`im2col_kernel` and the banded passes
+    (:func:`band_columns`) both call it.
+    """
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
-    n_chan, height, width = x.shape[1], x.shape[2], x.shape[3]
-    for c in range(n_chan):
-        for r in range(filter_h):
-            for s in range(filter_w):
-                row = (c * filter_h + r) * filter_w + s
-                col_offset = s * dw - pad_l
-                lo, hi = valid_range(out_w, sw, col_offset, width)
-                for oh in range(oh0, oh1):
-                    ih = oh * sh - pad_t + r * dh
-                    base = (oh - oh0) * out_w
-                    if ih < 0 or ih >= height:
-                        for ow in range(out_w):
-                            cols[row, base + ow] = 0
-                        continue
-                    for ow in range(lo):
+    height, width = x.shape[2], x.shape[3]
+    for r in range(filter_h):
+        for s in range(filter_w):
+            row = (c * filter_h + r) * filter_w + s
+            col_offset = s * dw - pad_l
+            lo, hi = valid_range(out_w, sw, col_offset, width)
+            for oh in range(oh0, oh1):
+                ih = oh * sh - pad_t + r * dh
+                base = col0 + (oh - oh0) * out_w
+                if ih < 0 or ih >= height:
+                    for ow in range(out_w):
                         cols[row, base + ow] = 0
-                    if sw == 1:
-                        for ow in range(lo, hi):
-                            cols[row, base + ow] = x[n, c, ih, ow + col_offset]
-                    else:
-                        for ow in range(lo, hi):
-                            cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
-                    for ow in range(hi, out_w):
-                        cols[row, base + ow] = 0
+                    continue
+                for ow in range(lo):
+                    cols[row, base + ow] = 0
+                if sw == 1:  # unit stride: a plain copy LLVM vectorises
+                    for ow in range(lo, hi):
+                        cols[row, base + ow] = x[n, c, ih, ow + col_offset]
+                else:
+                    for ow in range(lo, hi):
+                        cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
+                for ow in range(hi, out_w):
+                    cols[row, base + ow] = 0
+
+
+@njit(cache=True)
+def band_columns(x, n, oh0, oh1, cols, geo):
+    """The columns of output rows ``oh0:oh1`` of image ``n``, all channels: ``cols`` is
+    (C*R*S, (oh1 - oh0)*OW)."""
+    for c in range(x.shape[1]):
+        channel_columns(x, n, c, oh0, oh1, cols, 0, geo)
 
 
 @njit(cache=True)
@@ -241,28 +212,27 @@ def band_or_image_columns(x, n, oh0, oh1, workspace, pointwise, geo):
 
 
 @njit(cache=True)
-def band_col2im_add(cols, img, n, oh0, oh1, geo):
-    """Adjoint of :func:`band_columns`: add the columns of output rows ``oh0:oh1`` into image
-    ``n`` of ``img`` (which the caller zeroed)."""
+def channel_col2im_add(cols, img, n, c, oh0, oh1, col0, geo):
+    """Adjoint of :func:`channel_columns`: add the columns of channel ``c``, output rows
+    ``oh0:oh1``, into ``img[n, c]``; shared by :func:`col2im_kernel` and the banded backward."""
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
-    n_chan, height, width = img.shape[1], img.shape[2], img.shape[3]
-    for c in range(n_chan):
-        for r in range(filter_h):
-            for s in range(filter_w):
-                row = (c * filter_h + r) * filter_w + s
-                col_offset = s * dw - pad_l
-                lo, hi = valid_range(out_w, sw, col_offset, width)
-                for oh in range(oh0, oh1):
-                    ih = oh * sh - pad_t + r * dh
-                    if ih < 0 or ih >= height:
-                        continue
-                    base = (oh - oh0) * out_w
-                    if sw == 1:
-                        for ow in range(lo, hi):
-                            img[n, c, ih, ow + col_offset] += cols[row, base + ow]
-                    else:
-                        for ow in range(lo, hi):
-                            img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
+    height, width = img.shape[2], img.shape[3]
+    for r in range(filter_h):
+        for s in range(filter_w):
+            row = (c * filter_h + r) * filter_w + s
+            col_offset = s * dw - pad_l
+            lo, hi = valid_range(out_w, sw, col_offset, width)
+            for oh in range(oh0, oh1):
+                ih = oh * sh - pad_t + r * dh
+                if ih < 0 or ih >= height:
+                    continue
+                base = col0 + (oh - oh0) * out_w
+                if sw == 1:  # unit stride: vectorisable
+                    for ow in range(lo, hi):
+                        img[n, c, ih, ow + col_offset] += cols[row, base + ow]
+                else:
+                    for ow in range(lo, hi):
+                        img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
 
 
 @njit(parallel=True, cache=True)
@@ -381,7 +351,8 @@ def fused_backward_kernel(
                     for t in range(taps_g):
                         acc[k, t] += part[k, t]
                 if input_gradient and not pointwise:
-                    band_col2im_add(cols, grad_x, n, oh0, oh1, geo)
+                    for c in range(grad_x.shape[1]):
+                        channel_col2im_add(cols, grad_x, n, c, oh0, oh1, 0, geo)
 
 
 def geometry_args(geom: ConvGeometry) -> tuple[int, ...]:
