@@ -462,13 +462,19 @@ def _image_group(geom: ConvGeometry, itemsize: int, lanes: int, band_tiles: int)
     return int(max(1, min(group, -(-geom.batch // lanes))))
 
 
+def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
+    """``(band_tiles, group)`` of the banded forward pass. Like ``im2col.forward``'s bands, a
+    function of the geometry only: planned for ``im2col.PLAN_LANES`` lanes, whatever the thread
+    count (the GEMMs' width, and with it BLAS's rounding, must not depend on it)."""
+    band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
+    return band_tiles, _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
+
+
 def tiles_per_gemm(geom: ConvGeometry, itemsize: int) -> int:
     """How many tiles each of the forward pass's GEMMs covers (at most; the last band of an
     image may have fewer): the planned band of tile rows, times the images grouped per job."""
-    tiles_h, tiles_w = _tiles(geom)
-    band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
-    group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
-    return group * band_tiles * tiles_w
+    band_tiles, group = _forward_plan(geom, itemsize)
+    return group * band_tiles * _tiles(geom)[1]
 
 
 def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bool]:
@@ -476,13 +482,9 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
-    # Bands and image groups depend on the geometry only, as in im2col.forward: planned for
-    # im2col.PLAN_LANES lanes; the thread count only decides how many lanes run them.
-    plan = im2col.PLAN_LANES
-    band_tiles = _band_tiles(geom, x.itemsize, plan, 0)
-    group = _image_group(geom, x.itemsize, plan, band_tiles)
-    jobs = -(-n // group) * -(-tiles_h // band_tiles)
-    lanes = max(1, min(numba.get_num_threads(), jobs, plan))
+    band_tiles, group = _forward_plan(geom, x.itemsize)
+    jobs = -(-n // group) * -(-tiles_h // band_tiles)  # the thread count only sets how many run
+    lanes = max(1, min(numba.get_num_threads(), jobs, im2col.PLAN_LANES))
     count = group * band_tiles * tiles_w
     v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
     m_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
