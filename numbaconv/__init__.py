@@ -7,7 +7,7 @@
 array([4., 6., 6., 4.], dtype=float32)
 """
 
-from ._threading import configure_threading_layer
+from ._threading import ForkedOpenMPError, configure_threading_layer
 
 configure_threading_layer()
 
@@ -17,4 +17,13 @@ from .registry import KERNELS  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["KERNELS", "ConvLayer", "col2im", "conv2d", "conv2d_backward", "im2col", "__version__"]
+__all__ = [
+    "KERNELS",
+    "ConvLayer",
+    "ForkedOpenMPError",
+    "col2im",
+    "conv2d",
+    "conv2d_backward",
+    "im2col",
+    "__version__",
+]

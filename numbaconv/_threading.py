@@ -1,19 +1,21 @@
-"""Numba threading-layer choice, so that kernels may be called from several Python threads.
+"""Numba threading-layer choice: safe with several Python threads and in forked processes.
 
 Numba's default ``workqueue`` layer aborts the process when two Python threads run a parallel
 kernel at the same time. At import, unless the user chose a layer (``NUMBA_THREADING_LAYER``) or a
-parallel Numba function already ran, numbaconv asks for the ``threadsafe`` layer: TBB if the
-``tbb`` package is installed, else OpenMP. If, in the end, a layer that is not thread-safe is
-active, :func:`kernel_guard` serialises numbaconv's kernel calls with a lock instead of crashing.
+parallel Numba function already ran, numbaconv asks for the ``threadsafe`` layer: TBB if it can be
+loaded, else GNU OpenMP. TBB is also fork-safe, GNU OpenMP is not: Numba kills a forked child that
+runs a parallel kernel after its parent used OpenMP. numbaconv depends on the ``tbb`` wheel where
+one exists and loads its library before Numba looks for it (:func:`preload_tbb`), because a
+virtual environment's ``lib/`` folder, where the wheel puts ``libtbb.so.12``, is not on the
+loader's path. If, in the end, a layer that is not thread-safe is active, :func:`kernel_guard`
+serialises numbaconv's kernel calls with a lock instead of crashing; if the process is a fork of
+one that ran GNU OpenMP, it raises :class:`ForkedOpenMPError` instead of letting Numba kill it.
 
-It also sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set (see
-:func:`configure_threading_layer`); OpenMP runtimes already running keep their policy.
+With the OpenMP layer only, it also sets ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set
+(see :func:`configure_threading_layer`); OpenMP runtimes already running keep their policy.
 
 It also holds SciPy's OpenBLAS (the BLAS that ``np.dot`` calls inside Numba kernels) to one
 thread while a kernel calls it from inside a parallel region; see :func:`single_threaded_blas`.
-
-Caveat: GNU OpenMP is not fork-safe; a program that forks worker processes after running
-numbaconv kernels should use the ``spawn`` start method (or install ``tbb``).
 """
 
 from __future__ import annotations
@@ -21,26 +23,28 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import site
+import sys
 import threading
 from pathlib import Path
 
 import numba
-from numba.np.ufunc import parallel as _numba_parallel
 
 _THREAD_SAFE_LAYERS = ("tbb", "omp")
 _lock = threading.Lock()
 
+#: The file name Numba loads TBB by (``numba.np.ufunc.parallel._check_tbb_version_compatible``).
+_TBB_LIBRARY = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib"}.get(sys.platform)
 
-def configure_threading_layer() -> None:
-    if _numba_parallel._is_initialized:
-        return
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "threadsafe"
-    # numbaconv alternates Numba passes with multi-threaded BLAS calls. GNU OpenMP's workers spin
-    # after each parallel region by default, holding both cores while BLAS's threads wait for
-    # one: measured 1.5-6x slower calls (a 1x1 layer: 8.0 ms spinning, 1.3 ms passive). Unless
-    # the user chose a policy, OpenMP runtimes that start from here on sleep instead.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+#: Set in a child process forked from a parent whose GNU OpenMP thread pool had started.
+_forked_from_openmp = False
+
+#: The TBB library that :func:`preload_tbb` loaded, if any.
+_tbb_path: str | None = None
+
+
+class ForkedOpenMPError(RuntimeError):
+    """A numbaconv kernel was called in a process forked after its parent used GNU OpenMP."""
 
 
 def active_threading_layer() -> str | None:
@@ -51,6 +55,103 @@ def active_threading_layer() -> str | None:
         return None
 
 
+def _tbb_candidates() -> list[Path]:
+    """Where pip puts the ``tbb`` wheel's library: the ``lib/`` of the environment or user base.
+
+    The wheel installs it as data files (``<prefix>/lib/libtbb.so.12``), not inside a package.
+    """
+    prefixes = [sys.prefix, getattr(site, "USER_BASE", None) or site.getuserbase()]
+    return [Path(prefix, "lib", _TBB_LIBRARY) for prefix in prefixes if prefix]
+
+
+def preload_tbb() -> str | None:
+    """Load the ``tbb`` wheel's library globally, so that Numba's TBB layer can find it.
+
+    Numba opens TBB by its bare file name, which the loader looks for on its own path only; once
+    a library of that name is loaded, the same open returns it. Returns the path loaded, or None
+    when there is nothing to load (no ``tbb`` wheel, another platform, or TBB already loadable).
+    Loading it costs about 7 ms; finding it, a few ``stat`` calls.
+    """
+    if _TBB_LIBRARY is None:
+        return None
+    for path in _tbb_candidates():
+        if path.is_file():
+            try:
+                ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            return str(path)
+    return None
+
+
+def _numba_layer_requested() -> str:
+    return str(numba.config.THREADING_LAYER).lower()
+
+
+def configure_threading_layer() -> None:
+    """Pick a thread-safe (and, with TBB, fork-safe) layer before Numba starts one."""
+    if active_threading_layer() is not None:
+        return
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "threadsafe"
+    global _tbb_path
+    if _numba_layer_requested() in ("threadsafe", "default", "safe", "forksafe", "tbb"):
+        _tbb_path = preload_tbb()
+    if _tbb_path is None and _numba_layer_requested() != "tbb":
+        # Only GNU OpenMP's workers are at issue: they spin after each parallel region by
+        # default, holding both cores while NumPy's BLAS threads, used between numbaconv's
+        # layers, wait for one (numbaconv demo: 0.075 s per epoch passive, 0.11 spinning). Unless
+        # the user chose a policy, OpenMP runtimes that start from here on sleep instead. With
+        # TBB the variable would only reach other libraries' OpenMP runtimes (PyTorch's), so it
+        # is left alone.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _openmp_is_gnu() -> bool:
+    """Whether Numba's OpenMP layer runs on GNU OpenMP (the one that is not fork-safe)."""
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return False
+    # Numba's own record of the vendor it was built with; assume GNU should it ever go away.
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+def fork_safe() -> bool | None:
+    """Whether forked children may run numbaconv's kernels (None before the layer is chosen).
+
+    Numba's ``tbb`` and ``workqueue`` layers start their threads again in a forked child; GNU
+    OpenMP cannot, and Numba terminates such a child at its first parallel kernel.
+    """
+    layer = active_threading_layer()
+    if layer is None:
+        return None
+    return not (layer == "omp" and _openmp_is_gnu())
+
+
+def threading_summary() -> str:
+    """One line for ``numbaconv info``: the layer, whether it is fork-safe, and why."""
+    layer = active_threading_layer()
+    if layer is None:
+        return "not started yet"
+    if layer == "tbb":
+        where = f", {_tbb_path}" if _tbb_path else ""
+        return f"tbb (thread- and fork-safe{where})"
+    if fork_safe():
+        return f"{layer} (fork-safe)"
+    return (
+        f"{layer} (GNU OpenMP: not fork-safe; numbaconv calls in processes forked after this "
+        "one used it raise ForkedOpenMPError; `pip install tbb` where its wheels exist)"
+    )
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from_openmp
+    if fork_safe() is False:
+        _forked_from_openmp = True
+
+
 #: Below this many flops a call runs its Numba kernels on one thread. Waking the thread pool
 #: costs more than such a call computes; on a busy machine a fork/join was measured at several
 #: milliseconds (digits layer, 92 kflop: 12 ms on 2 threads, 25 us on 1).
@@ -58,14 +159,24 @@ SERIAL_FLOPS = 2**21
 
 
 @contextlib.contextmanager
-def kernel_guard(work: int):
+def kernel_guard(work: int, numba_parallel: bool = True):
     """Run numbaconv kernels safely and at the right width.
 
-    Takes a lock when the active threading layer is not thread-safe (or not known yet), and
-    limits Numba to one thread (for the calling thread only) for calls whose ``work`` (flops, or
-    elements moved) is under
-    :data:`SERIAL_FLOPS`. Results never depend on it: every kernel's reduction order is fixed.
+    Raises :class:`ForkedOpenMPError` if ``numba_parallel`` kernels would run in a child forked
+    from a process that had started GNU OpenMP (Numba would kill the child). Takes a lock
+    when the active threading layer is not thread-safe (or not known yet), and limits Numba to
+    one thread (for the calling thread only) for calls whose ``work`` (flops, or elements moved)
+    is under :data:`SERIAL_FLOPS`. Results never depend on it: every kernel's reduction order is
+    fixed.
     """
+    if numba_parallel and _forked_from_openmp:
+        raise ForkedOpenMPError(
+            "numbaconv cannot run its parallel kernels in this process: it was forked from one "
+            "that had already used them with Numba's GNU OpenMP threading layer, which is not "
+            "fork-safe (Numba would terminate the process). Start worker processes with "
+            "multiprocessing's 'spawn' or 'forkserver' method, or install the 'tbb' package so "
+            "that numbaconv uses Numba's fork-safe TBB layer; kernel='numpy' works here."
+        )
     lock = _lock if active_threading_layer() not in _THREAD_SAFE_LAYERS else None
     previous = numba.get_num_threads()
     if work < SERIAL_FLOPS and previous > 1:

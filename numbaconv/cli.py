@@ -691,7 +691,7 @@ def info_lines() -> list[tuple[str, str]]:
     import numba
     import scipy
 
-    from ._threading import blas_mode
+    from ._threading import blas_mode, threading_summary
 
     _initialise_threading()
     try:
@@ -706,7 +706,7 @@ def info_lines() -> list[tuple[str, str]]:
         ("numba", numba.__version__),
         ("numpy", np.__version__),
         ("scipy", scipy.__version__),
-        ("threading layer", str(_threading_layer())),
+        ("threading layer", threading_summary()),
         (
             "threads",
             f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",

@@ -71,7 +71,7 @@ def conv2d(
         return np.zeros(geom.output_shape, dtype=dtype)
     x, w = _for_kernel(x), _for_kernel(w)
     b = None if b is None else _for_kernel(b)
-    with kernel_guard(geom.flops):
+    with kernel_guard(geom.flops, numba_parallel=name != "numpy"):
         return registry.implementation(name).forward(x, w, b, geom)
 
 
@@ -109,7 +109,7 @@ def conv2d_backward(
             np.zeros(geom.out_channels, dtype=dtype),
         )
     grad_y, x, w = _for_kernel(grad_y), _for_kernel(x), _for_kernel(w)
-    with kernel_guard(2 * geom.flops):
+    with kernel_guard(2 * geom.flops, numba_parallel=name != "numpy"):
         return registry.implementation(name).backward(grad_y, x, w, geom)
 
 
