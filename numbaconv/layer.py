@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 from . import registry
-from .functional import conv2d, conv2d_backward
+from .functional import conv2d, conv2d_backward, im2col
 from .geometry import SUPPORTED_DTYPES, as_array, make_geometry
 
 _ACTIVATIONS = ("relu", None)
+
+
+class ForwardNotCalledError(RuntimeError, AttributeError):
+    """An attribute that :meth:`ConvLayer.forward` sets (``u``, ``cols``, ``w_col``) was read first.
+
+    A :class:`RuntimeError`, like calling ``backward`` before ``forward``; also an
+    :class:`AttributeError`, because the teaching layer has no such attribute before its first
+    ``forward``, so code written against it (``hasattr(layer, "u")``,
+    ``getattr(layer, "cols", None)``) keeps working.
+    """
 
 
 class ConvLayer:
@@ -46,8 +56,38 @@ class ConvLayer:
     b : ndarray (1, n_flt)
     y_ch, y_h, y_w : int
         Output channels, height and width.
-    y, grad_x, grad_w, grad_b : ndarray
-        Set by :meth:`forward` and :meth:`backward`; ``grad_b`` has shape (n_flt,).
+    x : ndarray (N, x_ch, x_h, x_w) or None
+        A copy of the last input to :meth:`forward` (None before it).
+    y : ndarray (N, n_flt, y_h, y_w) or None
+        The last output, after the activation (None before :meth:`forward`).
+    u : ndarray (N, n_flt, y_h, y_w)
+        The last output before the activation (convolution plus bias); the same array as ``y``
+        when ``activation=None``. Equal to the teaching layer's ``u``, though stored
+        C-contiguous rather than as its transposed view.
+    cols : ndarray (x_ch * flt_h * flt_w, N * y_h * y_w)
+        The teaching im2col matrix of the last input (rows ordered (c, r, s), columns
+        (n, oh, ow); see :func:`numbaconv.im2col`). ``forward`` does not build it: the first read
+        after each ``forward`` does, with the fast im2col kernel, and keeps it until the next
+        ``forward``. That costs ``x_ch*flt_h*flt_w * N*y_h*y_w`` elements of memory (for 16
+        images of 64 channels at 56x56 and a 3x3 filter, 29 million: 116 MB in float32) and a
+        pass over them. With ``dilation`` the taps are the dilated ones; with ``groups`` it holds
+        every input channel, and the rows of group ``g`` are
+        ``cols[g*k : (g+1)*k]``, ``k = x_ch // groups * flt_h * flt_w``.
+    w_col : ndarray (n_flt, x_ch // groups * flt_h * flt_w)
+        ``w`` as a matrix, ``w.reshape(n_flt, -1)`` of the current ``w``: a view (so it follows
+        in-place updates and writes through it change ``w``) unless ``w`` was assigned a
+        non-contiguous array. With ``groups=1``, as in the teaching layer,
+        ``u == ((w_col @ cols).T + b).reshape(N, y_h, y_w, n_flt).transpose(0, 3, 1, 2)``; with
+        groups, the filters of group ``g`` (``w_col`` rows ``g*n_flt//groups`` onwards) multiply
+        that group's rows of ``cols``.
+    grad_x, grad_w, grad_b : ndarray
+        Set by :meth:`backward`; ``grad_b`` has shape (n_flt,).
+    h_w, h_b : ndarray
+        The AdaGrad sums of squared gradients that :meth:`update` keeps (shapes of ``w`` and
+        ``b``), starting at 1e-8 as in the teaching layer.
+
+    Reading ``u``, ``cols`` or ``w_col`` before the first :meth:`forward` raises
+    :class:`ForwardNotCalledError`.
     """
 
     def __init__(
@@ -98,12 +138,18 @@ class ConvLayer:
             b = wb_width * rng.standard_normal((1, n_flt))
         self.w = w.astype(dtype, copy=False)
         self.b = b.astype(dtype, copy=False)
+        self._geometry = geom  # batch 1; cols needs its padding, stride and dilation
         self.y_ch, self.y_h, self.y_w = n_flt, geom.out_height, geom.out_width
         # AdaGrad accumulators of the teaching implementation's update().
         self.h_w = np.zeros(weight_shape, dtype=dtype) + 1e-8
         self.h_b = np.zeros((1, n_flt), dtype=dtype) + 1e-8
         self.x = None
         self.y = None
+        self._u = None
+        # The columns and the input they were built from: a forward stores a new x, and an
+        # identity check against it is what invalidates the cache.
+        self._cols = None
+        self._cols_input = None
 
     @property
     def kernel(self) -> str | None:
@@ -115,6 +161,61 @@ class ConvLayer:
             registry.resolve(name)  # raises ValueError for an unknown name
         self._kernel = name
 
+    def _after_forward(self, name: str) -> None:
+        # u is set by forward only (x is a plain attribute a user may assign).
+        if self._u is None:
+            raise ForwardNotCalledError(
+                f"ConvLayer.{name} read before forward(): forward() sets u, cols and w_col"
+            )
+
+    @property
+    def u(self) -> np.ndarray:
+        """The last output before the activation, (N, n_flt, y_h, y_w)."""
+        self._after_forward("u")
+        return self._u
+
+    @property
+    def cols(self) -> np.ndarray:
+        """The im2col matrix of the last input, (x_ch*flt_h*flt_w, N*y_h*y_w); built on first read.
+
+        Costs ``x_ch*flt_h*flt_w * N*y_h*y_w`` elements, kept until the next :meth:`forward`.
+        """
+        self._after_forward("cols")
+        if self._cols_input is not self.x:
+            self._cols = self._columns(self.x)
+            self._cols_input = self.x
+        return self._cols
+
+    @property
+    def w_col(self) -> np.ndarray:
+        """``w`` as an (n_flt, x_ch // groups * flt_h * flt_w) matrix, a view of the current ``w``.
+
+        Built at each read, so it follows both in-place updates and assignments of ``w``.
+        """
+        self._after_forward("w_col")
+        return self.w.reshape(self.w.shape[0], -1)
+
+    def _columns(self, x: np.ndarray) -> np.ndarray:
+        """The teaching im2col of ``x`` for this layer's geometry."""
+        geom = self._geometry
+        extra_h = geom.pad_bottom - geom.pad_top
+        extra_w = geom.pad_right - geom.pad_left
+        if extra_h or extra_w:
+            # padding='same' with an even (dilated) filter extent pads one more row/column at the
+            # bottom/right (PyTorch's rule); im2col pads both sides alike, so the extra zeros go
+            # into a copy of the input.
+            x = np.pad(x, [(0, 0), (0, 0), (0, extra_h), (0, extra_w)])
+        return im2col(
+            x,
+            geom.filter_height,
+            geom.filter_width,
+            geom.out_height,
+            geom.out_width,
+            stride=(geom.stride_h, geom.stride_w),
+            pad=(geom.pad_top, geom.pad_left),
+            dilation=(geom.dilation_h, geom.dilation_w),
+        )
+
     def _conv_options(self) -> dict:
         return dict(
             stride=self.params[6],
@@ -125,7 +226,11 @@ class ConvLayer:
         )
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Convolve ``x`` (N, x_ch, x_h, x_w), add the bias, apply the activation; store ``y``."""
+        """Convolve ``x`` (N, x_ch, x_h, x_w), add the bias, apply the activation.
+
+        Stores ``x`` (a copy), ``u`` (before the activation) and ``y``, and returns ``y``. The
+        columns (``cols``) are not built here, only when read.
+        """
         x = as_array(x, "x")
         expected = self.params[:3]
         if x.ndim != 4 or x.shape[1:] != expected:
@@ -134,13 +239,13 @@ class ConvLayer:
                 f"{expected[2]}), got {x.shape}"
             )
         u = conv2d(x, self.w, np.reshape(self.b, -1), **self._conv_options())
-        if self.activation == "relu":
-            u = np.where(u <= 0, u.dtype.type(0), u)
+        y = np.where(u <= 0, u.dtype.type(0), u) if self.activation == "relu" else u
         # A copy, as the teaching layer's im2col columns are: changing the caller's array between
-        # forward and backward must not change the gradients.
+        # forward and backward must not change the gradients (nor the columns read later).
         self.x = x.copy()
-        self.y = u
-        return u
+        self._u = u
+        self.y = y
+        return y
 
     def backward(self, grad_y: np.ndarray) -> np.ndarray:
         """Back-propagate ``grad_y`` through the activation and the convolution.
