@@ -11,6 +11,7 @@ from ._threading import ForkedOpenMPError, configure_threading_layer
 
 configure_threading_layer()
 
+from ._workspace import free_workspace  # noqa: E402
 from .functional import col2im, conv2d, conv2d_backward, im2col  # noqa: E402
 from .layer import ConvLayer  # noqa: E402
 from .registry import KERNELS  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
+    "free_workspace",
     "im2col",
     "__version__",
 ]

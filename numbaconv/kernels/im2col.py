@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._threading import blas_inside_kernels, single_threaded_blas
+from .._workspace import take
 from ..geometry import ConvGeometry
 from ._loops import valid_range
 
@@ -387,8 +388,8 @@ class _Chunks:
         self.pixels = geom.out_height * geom.out_width
         taps = geom.in_channels * geom.filter_height * geom.filter_width
         columns = self.size * self.pixels
-        self.cols = np.empty((taps, columns), dtype=w.dtype)
-        self.u = np.empty((geom.out_channels, columns), dtype=w.dtype)
+        self.cols = take("im2col.chunk_columns", (taps, columns), w.dtype)
+        self.u = take("im2col.chunk_gemm", (geom.out_channels, columns), w.dtype)
         self.w_mat = w.reshape(geom.out_channels, -1)  # (K, C/G*R*S), rows grouped by group
         self.args = geometry_args(geom)
 
@@ -424,7 +425,7 @@ def _backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     ws = _Chunks(w, geom)
     grad_x = np.empty_like(x) if input_gradient else None
     grad_w = np.zeros_like(ws.w_mat)
-    partial = np.empty_like(ws.w_mat)
+    partial = take("im2col.chunk_grad_w_partial", ws.w_mat.shape, w.dtype)
     grad_flat = grad_y.reshape(n, k, oh * ow)
     for first, count in ws.ranges():
         columns = count * ws.pixels
@@ -465,9 +466,9 @@ def _band_workspace(geom: ConvGeometry, dtype, lanes: int, band_rows: int, point
     a band's GEMM result (none when a band is the whole image: the GEMM writes the output)."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
     width = band_rows * geom.out_width
-    cols = np.empty((lanes, 0 if pointwise else taps * width), dtype=dtype)
+    cols = take("im2col.band_columns", (lanes, 0 if pointwise else taps * width), dtype)
     whole = band_rows >= geom.out_height
-    out = np.empty((lanes, 0 if whole else geom.out_channels * width), dtype=dtype)
+    out = take("im2col.band_gemm", (lanes, 0 if whole else geom.out_channels * width), dtype)
     return cols, out
 
 
@@ -531,9 +532,10 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
 def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient: bool):
     n, k, oh, ow = geom.output_shape
     w_mat = w.reshape(k, -1)
-    sums = np.empty((lanes, *w_mat.shape), dtype=x.dtype)
-    partials = np.empty_like(sums)
-    bias_sums = np.empty((lanes, k))  # float64 for every dtype: sums of up to N*OH*OW values
+    sums = take("im2col.grad_w_lanes", (lanes, *w_mat.shape), x.dtype)
+    partials = take("im2col.grad_w_partials", sums.shape, x.dtype)
+    # float64 for every dtype: sums of up to N*OH*OW values
+    bias_sums = take("im2col.grad_b_lanes", (lanes, k), np.float64)
     pointwise = is_pointwise(geom)
     band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 2 * w_mat.nbytes)
     cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._threading import blas_inside_kernels, single_threaded_blas
+from .._workspace import take
 from ..geometry import ConvGeometry, make_geometry
 from . import im2col
 
@@ -182,10 +183,10 @@ def _winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray | None:
     padded_h, padded_w = 2 * tiles_h + 2, 2 * tiles_w + 2
     per_image = (16 * (c + k) * tiles + c * (padded_h + 4) * padded_w) * x.itemsize
     chunk = int(max(1, min(n, WORKSPACE_BYTES // per_image)))
-    padded = np.empty((chunk, c, padded_h, padded_w), dtype=x.dtype)
-    scratch = np.empty((chunk * c, 4, padded_w), dtype=x.dtype)
-    v = np.empty((16, c, chunk * tiles), dtype=x.dtype)
-    m = np.empty((16, k, chunk * tiles), dtype=x.dtype)
+    padded = take("winograd.chunk_padded", (chunk, c, padded_h, padded_w), x.dtype)
+    scratch = take("winograd.chunk_rows", (chunk * c, 4, padded_w), x.dtype)
+    v = take("winograd.chunk_input", (16, c, chunk * tiles), x.dtype)
+    m = take("winograd.chunk_gemm", (16, k, chunk * tiles), x.dtype)
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     has_bias = bias is not None
     bias = bias if has_bias else np.zeros(1, dtype=x.dtype)
@@ -486,10 +487,12 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     jobs = -(-n // group) * -(-tiles_h // band_tiles)  # the thread count only sets how many run
     lanes = max(1, min(numba.get_num_threads(), jobs, im2col.PLAN_LANES))
     count = group * band_tiles * tiles_w
-    v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
-    m_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
+    v_ws = take("winograd.band_input", (lanes, 36, _plane(c * count)), x.dtype)
+    m_ws = take("winograd.band_gemm", (lanes, 36, _plane(k * count)), x.dtype)
     # Rows 0-11: the input transform's; 0-23 and 24-39: the output transform's two stages.
-    row_ws = np.empty((lanes, 40, max(4 * tiles_w + 2, band_tiles * tiles_w)), dtype=x.dtype)
+    row_ws = take(
+        "winograd.band_rows", (lanes, 40, max(4 * tiles_w + 2, band_tiles * tiles_w)), x.dtype
+    )
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     bias = bias if bias is not None else np.zeros(k, dtype=x.dtype)
     nonfinite = np.zeros(lanes, dtype=np.bool_)
@@ -605,15 +608,15 @@ def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int):
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
-    sums = np.empty((lanes, 36, k, c), dtype=x.dtype)
-    partials = np.empty_like(sums)
-    bias_sums = np.empty((lanes, k))  # float64 for every dtype
+    sums = take("winograd.grad_w_lanes", (lanes, 36, k, c), x.dtype)
+    partials = take("winograd.grad_w_partials", sums.shape, x.dtype)
+    bias_sums = take("winograd.grad_b_lanes", (lanes, k), np.float64)  # float64 for every dtype
     band_tiles = _band_tiles(geom, x.itemsize, lanes, 2 * sums[0].nbytes)
     group = _image_group(geom, x.itemsize, lanes, band_tiles)
     count = group * band_tiles * tiles_w
-    v_ws = np.empty((lanes, 36, _plane(c * count)), dtype=x.dtype)
-    g_ws = np.empty((lanes, 36, _plane(k * count)), dtype=x.dtype)
-    row_ws = np.empty((lanes, 12, 4 * tiles_w + 2), dtype=x.dtype)
+    v_ws = take("winograd.grad_w_input", (lanes, 36, _plane(c * count)), x.dtype)
+    g_ws = take("winograd.grad_w_grad_y", (lanes, 36, _plane(k * count)), x.dtype)
+    row_ws = take("winograd.grad_w_rows", (lanes, 12, 4 * tiles_w + 2), x.dtype)
     with single_threaded_blas():
         fused_weight_gradient_kernel(
             x, grad_y, sums, bias_sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles,
