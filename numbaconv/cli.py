@@ -1,7 +1,8 @@
-"""The ``numbaconv`` command line: ``demo``, ``bench`` and ``info``.
+"""The ``numbaconv`` command line: ``demo``, ``bench``, ``compile`` and ``info``.
 
 - ``numbaconv demo`` trains a small CNN on scikit-learn's digits (:mod:`numbaconv.demo`);
 - ``numbaconv bench`` times ``conv2d`` and ``conv2d_backward`` of every kernel on layer shapes;
+- ``numbaconv compile`` fills Numba's on-disk cache with every kernel (:mod:`numbaconv.cache`);
 - ``numbaconv info`` reports versions, threading, the Numba cache, the CPU and the default kernel.
 
 Bad arguments print one line, ``numbaconv: error: ...``, and exit with status 2. The optional
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import __version__, registry
+from . import __version__, cache, registry
 from . import demo as demo_module
 from .functional import conv2d, conv2d_backward
 from .geometry import ConvGeometry, make_geometry
@@ -207,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile every kernel into Numba's on-disk cache, so no later call compiles",
+        description="Compile every kernel, both dtypes and every code path, in parallel worker "
+        "processes, into Numba's on-disk cache; print where the cache is.",
+    )
+    compile_.add_argument(
+        "--jobs", type=_positive_int, help="worker processes (default: one per CPU)"
+    )
+
     commands.add_parser(
         "info",
         help="versions, threading, cache, CPU and default kernel",
@@ -239,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "compile":
+            return cache.run(args.jobs)
         return run_info()
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -625,42 +638,6 @@ def simd_width() -> tuple[str, int | None]:
     return "unknown", None
 
 
-def numba_cache_dirs() -> list[str]:
-    """Where Numba caches numbaconv's compiled kernels.
-
-    Asks the kernels' own dispatchers (``cache=True``) where their cache lives: ``__pycache__``
-    next to each kernel module, or a folder under ``NUMBA_CACHE_DIR`` when that is set, or a
-    user-wide folder when the package's folder is not writable. Should Numba's (private) cache
-    attributes change, falls back to ``numba.config.CACHE_DIR`` or the package's ``__pycache__``.
-
-    Returns
-    -------
-    list of str
-        Each folder once, in the order found.
-    """
-    import importlib
-    import pkgutil
-
-    import numba
-    from numba.core.dispatcher import Dispatcher
-
-    from . import kernels
-
-    folders: list[str] = []
-    for module_info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"{kernels.__name__}.{module_info.name}")
-        for value in vars(module).values():
-            if isinstance(value, Dispatcher):
-                folder = getattr(getattr(value, "_cache", None), "_cache_path", None)
-                if folder and folder not in folders:
-                    folders.append(folder)
-    if folders:
-        return folders
-    if numba.config.CACHE_DIR:
-        return [numba.config.CACHE_DIR]
-    return [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")]
-
-
 def _threading_layer() -> str | None:
     from ._threading import active_threading_layer
 
@@ -712,7 +689,7 @@ def info_lines() -> list[tuple[str, str]]:
             f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",
         ),
         ("blas", blas_mode()),
-        ("numba cache", ", ".join(numba_cache_dirs())),
+        ("numba cache", ", ".join(cache.cache_dirs())),
         ("cpu", cpu_model()),
         ("simd", f"{simd_name}, {bits} bits" if bits else simd_name),
         ("kernels", ", ".join(registry.KERNELS)),

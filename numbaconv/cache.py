@@ -1,0 +1,206 @@
+"""Numba's on-disk cache of numbaconv's kernels: where it is, and filling it ahead of time.
+
+Every kernel is ``@njit(cache=True)``: the first process that runs a kernel at a dtype compiles
+it (seconds per kernel) and writes the machine code to the cache; later processes load it
+(milliseconds). :func:`compile_all` (``numbaconv compile``) runs every code path of every kernel
+at both dtypes on tiny inputs, in parallel worker processes, so that no user call compiles.
+
+A compiled function is specific to its argument types (dtype, number of dimensions, layout) and
+to the CPU (Numba compiles for the host). Tiny inputs give the same types as large ones: every
+kernel takes C-contiguous arrays of the call's dtype (:func:`numbaconv.functional._for_kernel`)
+and plain integers and booleans, whatever the sizes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+
+import numpy as np
+
+#: The GEMM kernels have two implementations (see ``NUMBACONV_BLAS_INSIDE_KERNELS`` in the
+#: README): the banded passes with BLAS inside them, and the chunked passes with BLAS between.
+_PATHS = {"banded": "1", "chunked": "0"}
+
+#: (kernel, dtype, path) per task; the teaching im2col/col2im run in the chunked tasks.
+TASKS: tuple[tuple[str, str, str], ...] = tuple(
+    (kernel, dtype, path)
+    for kernel, paths in (("im2col", _PATHS), ("winograd", _PATHS), ("direct", {"banded": "1"}))
+    for dtype in ("float32", "float64")
+    for path in paths
+)
+
+
+def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
+    """Small layers (x shape, w shape, options) that reach every branch of a kernel family:
+    plain, 1x1 (the image is its own columns), strided, dilated, grouped; Winograd's own
+    geometry and one it hands to im2col."""
+    layers = [
+        ((2, 4, 7, 6), (4, 4, 3, 3), dict(padding=1)),
+        ((2, 6, 5, 5), (4, 6, 1, 1), {}),
+        ((2, 4, 9, 8), (6, 2, 3, 2), dict(stride=2, padding=(1, 0), dilation=(2, 1), groups=2)),
+    ]
+    if kernel == "winograd":
+        layers.append(((2, 4, 10, 9), (3, 4, 3, 3), dict(padding=(2, 1))))
+    return layers
+
+
+def warm(kernel: str, dtype: str, path: str) -> str:
+    """Run one task's calls in this process (compiling or loading each function); its name."""
+    from . import functional
+
+    os.environ["NUMBACONV_BLAS_INSIDE_KERNELS"] = _PATHS[path]
+    rng = np.random.default_rng(0)
+    for x_shape, w_shape, options in _layers(kernel):
+        x = rng.standard_normal(x_shape).astype(dtype)
+        w = rng.standard_normal(w_shape).astype(dtype)
+        b = rng.standard_normal(w_shape[0]).astype(dtype)
+        y = functional.conv2d(x, w, b, kernel=kernel, **options)
+        functional.conv2d_backward(y, x, w, kernel=kernel, **options)
+        if kernel == "winograd":
+            # Non-finite values: Winograd notices them and recomputes with im2col.
+            x[0, 0, 0, 0] = np.nan
+            y = functional.conv2d(x, w, b, kernel=kernel, **options)
+            functional.conv2d_backward(y, x, w, kernel=kernel, **options)
+    if path == "chunked":
+        x = rng.standard_normal((2, 3, 6, 5)).astype(dtype)
+        cols = functional.im2col(x, 3, 3, 6, 5, 1, 1)
+        functional.col2im(cols, x.shape, 3, 3, 6, 5, 1, 1)
+    return f"{kernel} {dtype} ({path})"
+
+
+def _warm_in_worker(task: tuple[str, str, str]) -> str:
+    return warm(*task)
+
+
+def compile_all(
+    jobs: int | None = None, progress: Callable[[int, int, str], None] | None = None
+) -> int:
+    """Fill Numba's on-disk cache with every kernel at both dtypes.
+
+    The tasks run in ``jobs`` new processes (default: one per CPU, at most one per task); then
+    this process runs them all once more, which loads everything from the cache and compiles
+    what a worker's write may have lost (two processes that update one function's cache index at
+    the same moment can drop an entry).
+
+    Parameters
+    ----------
+    jobs : int, optional
+    progress : callable, optional
+        Called as ``progress(done, total, task_name)`` after each task.
+
+    Returns
+    -------
+    int
+        How many functions the final pass still had to compile (0 when the workers' cache was
+        complete).
+    """
+    total = 2 * len(TASKS)
+    done = 0
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(TASKS)))
+    # New interpreters: the workers must compile (or load) on their own, whatever this process
+    # has already run, and 'spawn' is safe with every threading layer.
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(_warm_in_worker, task) for task in TASKS]):
+            done += 1
+            if progress is not None:
+                progress(done, total, future.result())
+    saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")
+    before = _compiled_count()
+    try:
+        for task in TASKS:
+            name = warm(*task)
+            done += 1
+            if progress is not None:
+                progress(done, total, f"{name}, checked")
+    finally:
+        if saved is None:
+            os.environ.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)
+        else:
+            os.environ["NUMBACONV_BLAS_INSIDE_KERNELS"] = saved
+    return _compiled_count() - before
+
+
+def dispatchers() -> list:
+    """Every Numba dispatcher in numbaconv's kernel modules."""
+    from numba.core.dispatcher import Dispatcher
+
+    from . import kernels
+
+    found = []
+    for module_info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{module_info.name}")
+        found.extend(value for value in vars(module).values() if isinstance(value, Dispatcher))
+    return found
+
+
+def _compiled_count() -> int:
+    """Signatures compiled (not loaded from the cache) in this process so far."""
+    return sum(
+        sum(dispatcher.stats.cache_misses.values())
+        for dispatcher in dispatchers()
+        if getattr(dispatcher, "stats", None) is not None
+    )
+
+
+def cache_dirs() -> list[str]:
+    """Where Numba caches numbaconv's compiled kernels.
+
+    Asks the kernels' own dispatchers (``cache=True``) where their cache lives: ``__pycache__``
+    next to each kernel module, or a folder under ``NUMBA_CACHE_DIR`` when that is set, or a
+    user-wide folder when the package's folder is not writable. Should Numba's (private) cache
+    attributes change, falls back to ``numba.config.CACHE_DIR`` or the package's ``__pycache__``.
+
+    Returns
+    -------
+    list of str
+        Each folder once, in the order found.
+    """
+    import numba
+
+    folders: list[str] = []
+    for dispatcher in dispatchers():
+        folder = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
+        if folder and folder not in folders:
+            folders.append(folder)
+    if folders:
+        return folders
+    if numba.config.CACHE_DIR:
+        return [numba.config.CACHE_DIR]
+    return [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")]
+
+
+def print_progress(done: int, total: int, name: str, stream=None) -> None:
+    """A one-line progress bar on a terminal, one line per step elsewhere (logs, CI)."""
+    stream = stream or sys.stderr
+    width = 30
+    filled = width * done // total
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name}"
+    if stream.isatty():
+        end = "\n" if done == total else ""
+        stream.write(f"\r\x1b[2K{line}{end}")
+    else:
+        stream.write(line + "\n")
+    stream.flush()
+
+
+def run(jobs: int | None = None) -> int:
+    """``numbaconv compile``: fill the cache with a progress bar, say where it is and how long it
+    took; return the exit status."""
+    start = time.perf_counter()
+    print(
+        f"numbaconv compile: compiling every kernel for both dtypes into {', '.join(cache_dirs())}"
+    )
+    recompiled = compile_all(jobs, print_progress)
+    seconds = time.perf_counter() - start
+    note = f" ({recompiled} lost cache entries written again)" if recompiled else ""
+    print(f"numbaconv compile: done in {seconds:.1f} s{note}; the cache is in:")
+    for folder in cache_dirs():
+        print(f"  {folder}")
+    return 0
