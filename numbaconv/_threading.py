@@ -220,7 +220,27 @@ def _find_scipy_openblas():
     return None
 
 
-_scipy_openblas = _find_scipy_openblas()
+_UNSET = object()
+_scipy_openblas_found = _UNSET
+
+
+def _openblas():
+    """:func:`_find_scipy_openblas`, looked up at the first call that needs it: importing
+    ``scipy.linalg`` takes about 0.1 s, which ``import numbaconv`` and the kernels that call no
+    BLAS (``direct``, ``numpy``) need not pay. (Numba's ``np.dot`` imports it at its first
+    call anyway.)"""
+    global _scipy_openblas_found
+    if _scipy_openblas_found is _UNSET:
+        _scipy_openblas_found = _find_scipy_openblas()
+    return _scipy_openblas_found
+
+
+def __getattr__(name):
+    if name == "_scipy_openblas":  # the module attribute that tests and older code read
+        return _openblas()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _blas_lock = threading.Lock()
 _blas_users = 0
 _blas_saved_threads = 1
@@ -235,14 +255,14 @@ def blas_inside_kernels() -> bool:
     """
     if os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS", "1") == "0":
         return False
-    return _scipy_openblas is not None
+    return _openblas() is not None
 
 
 def blas_mode() -> str:
     """One line for ``numbaconv info``: where the GEMM kernels call BLAS, and why."""
     if blas_inside_kernels():
         return "SciPy's OpenBLAS, called inside the parallel kernels (1 thread per caller)"
-    if _scipy_openblas is None:
+    if _openblas() is None:
         return "NumPy's, between kernels (SciPy's bundled OpenBLAS was not found)"
     return "NumPy's, between kernels (NUMBACONV_BLAS_INSIDE_KERNELS=0)"
 
@@ -257,7 +277,7 @@ def single_threaded_blas():
     other Python threads meanwhile run single-threaded: slower, never wrong.
     """
     global _blas_users, _blas_saved_threads
-    get, set_ = _scipy_openblas
+    get, set_ = _openblas()
     with _blas_lock:
         if _blas_users == 0:
             _blas_saved_threads = get()
