@@ -163,3 +163,25 @@ def test_error_message_names_the_fixes(monkeypatch):
     with pytest.raises(nc.ForkedOpenMPError):
         nc.conv2d_backward(np.ones((1, 1, 2, 2)), x, w)
     assert nc.conv2d(x, w, kernel="numpy")[0, 0, 0, 0] == 9.0
+
+
+def _policy_after_import(layer: str | None) -> str:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")
+    }
+    if layer is not None:
+        env["NUMBA_THREADING_LAYER"] = layer
+    code = "import os, numbaconv; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_omp_wait_policy_set_only_for_the_openmp_layer():
+    """PASSIVE keeps GNU OpenMP's workers from spinning; with TBB, other libraries' OpenMP
+    runtimes (PyTorch's) are left with their own default."""
+    assert _policy_after_import("omp") == "PASSIVE"
+    if _tbb_installed():
+        assert _policy_after_import(None) == "unset"
