@@ -5,7 +5,7 @@ Run it with an empty Numba cache to see compilation, and again to see the cache 
     d=$(mktemp -d)
     for i in 1 2 3; do NUMBA_CACHE_DIR=$d python asv_benchmarks/first_call.py 8; done
 
-The argument is the channel count C of the layer (16 x C x 16 x 16 input, C 3x3 filters, padding
+The argument is the channel count C of the layer (16 x C x 24 x 24 input, C 3x3 filters, padding
 1): with the default kernel, 8 runs ``im2col`` and 32 runs ``winograd``.
 """
 
@@ -20,7 +20,7 @@ import numbaconv as nc  # noqa: E402
 imported = time.perf_counter()
 channels = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 rng = np.random.default_rng(0)
-x = rng.standard_normal((16, channels, 16, 16)).astype(np.float32)
+x = rng.standard_normal((16, channels, 24, 24)).astype(np.float32)
 w = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)
 y = nc.conv2d(x, w, padding=1)
 forward = time.perf_counter()
