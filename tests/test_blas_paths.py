@@ -5,12 +5,14 @@
 - Outside them (``NUMBACONV_BLAS_INSIDE_KERNELS=0``, or another BLAS): batch chunks, NumPy GEMMs.
 
 The band and lane boundaries are the new places for off-by-one errors, so the banded path also
-runs with one-row bands and with more images than backward lanes.
+runs with one-row bands and with more images than backward lanes, with the serial shortcut off
+(these layers are far under ``SERIAL_FLOPS``): the jobs are split between lanes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import numba
@@ -18,12 +20,14 @@ import numpy as np
 import pytest
 from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
 from test_conv_grid import GRID
+from test_parallel import BY_NAME
 
 import numbaconv as nc
 from numbaconv import _threading
 from numbaconv.kernels import im2col, winograd
 
 GEMM_KERNELS = ["im2col", "winograd"]
+AUTO_WINOGRAD = BY_NAME["auto-winograd"]
 
 # Winograd-covered configs (3x3, stride 1) with odd output sizes and more images than lanes.
 EXTRA = [
@@ -62,13 +66,21 @@ def blas_calls(monkeypatch):
 @pytest.mark.parametrize("band", ["one-row-bands", "default-bands"])
 @pytest.mark.parametrize("cfg", GRID + EXTRA, ids=str)
 @pytest.mark.parametrize("name", GEMM_KERNELS)
-def test_blas_inside_kernels(monkeypatch, blas_calls, name, dtype, cfg, band):
+def test_blas_inside_kernels(
+    monkeypatch, blas_calls, force_parallel, thread_probe, name, dtype, cfg, band
+):  # fmt: skip
     monkeypatch.delenv("NUMBACONV_BLAS_INSIDE_KERNELS", raising=False)
     if band == "one-row-bands":
         monkeypatch.setattr(im2col, "BAND_BYTES", 1)
         monkeypatch.setattr(winograd, "BAND_BYTES", 1)
     check_against_reference(cfg, name, dtype, seed=21)
     assert blas_calls, "the banded path was not taken"
+    assert all(r.threads >= 2 for r in thread_probe.regions), thread_probe.regions
+    if band == "one-row-bands" and cfg.y_shape[0] * cfg.y_shape[2] >= 2:
+        # One job per output row: with 2 rows or more in the batch, the forward pass splits
+        # them between lanes (and, on most layers, an image between two lanes).
+        forward = [r for r in thread_probe.regions if r.name == "im2col.fused_forward_kernel"]
+        assert all(r.lanes >= 2 for r in forward), forward
 
 
 # Enough channels that the forward plan (bands, image groups) has room to vary.
@@ -109,7 +121,7 @@ def test_winograd_float32_accuracy_with_many_channels():
 
 @pytest.mark.parametrize("cfg", GRID + EXTRA, ids=str)
 @pytest.mark.parametrize("name", GEMM_KERNELS)
-def test_blas_outside_kernels(monkeypatch, blas_calls, name, dtype, cfg):
+def test_blas_outside_kernels(monkeypatch, blas_calls, force_parallel, name, dtype, cfg):
     monkeypatch.setenv("NUMBACONV_BLAS_INSIDE_KERNELS", "0")
     check_against_reference(cfg, name, dtype, seed=22)
     assert not blas_calls, "NUMBACONV_BLAS_INSIDE_KERNELS=0 still called BLAS inside a kernel"
@@ -123,6 +135,29 @@ def test_backward_lanes_fall_back_when_their_sums_do_not_fit(monkeypatch, blas_c
     monkeypatch.setattr(im2col, "WORKSPACE_BYTES", 64)
     assert im2col._backward_lanes(geom, 8) == 0
     check_against_reference(cfg, "im2col", np.float64, seed=23)
+
+
+@pytest.mark.skipif(
+    os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS") == "0",
+    reason="NUMBACONV_BLAS_INSIDE_KERNELS=0 chooses the fallback path explicitly",
+)
+def test_default_path_calls_blas_inside_kernels(thread_probe, blas_calls):
+    """Where SciPy's wheel bundles its OpenBLAS (CI's machines), the default path is the banded
+    one. Fails, instead of letting the requires_inside tests skip and the rest run the fallback
+    with CI green, if that library stops being found."""
+    assert _threading.blas_inside_kernels(), (
+        f"the GEMM kernels fell back to NumPy's BLAS between kernels: {_threading.blas_mode()}"
+    )
+    # One layer on which auto picks each of the two GEMM families.
+    for cfg, family in [(BY_NAME["bands-split-images"], "im2col"), (AUTO_WINOGRAD, "winograd")]:
+        x, w, b, gy = make_data(cfg, np.float32)
+        thread_probe.clear()
+        blas_calls.clear()
+        run_all(cfg, x, w, b, gy, None)  # the default kernel
+        names = thread_probe.region_names()
+        # Only the banded passes (fused_*), none of the chunked path's kernels.
+        assert names and all(n.startswith(f"{family}.fused_") for n in names), names
+        assert len(blas_calls) == len(thread_probe.regions)  # each one held BLAS to one thread
 
 
 def test_lanes_that_fit_round_down_to_a_power_of_two(monkeypatch):

@@ -1,11 +1,19 @@
-"""Random small configurations (hypothesis) vs the loop reference, every kernel, both dtypes."""
+"""Random small configurations (hypothesis) vs the loop reference, every kernel, both dtypes.
+
+Each example runs twice: as users get it (these layers are under the serial threshold, so on
+one thread) and with the serial shortcut off (on all of Numba's threads). The reference, the
+slow part, is computed once for both.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from helpers import DTYPES, Cfg, check_against_reference, make_data, naive_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from threadprobe import forced_parallel
 
 
 def _extent(size, k, stride, lo, hi, dil):
@@ -60,6 +68,8 @@ def test_random_configs_match_reference(kernel, cfg, seed):
     for dtype in DTYPES:
         ref = naive_reference(cfg, *make_data(cfg, dtype, seed))
         check_against_reference(cfg, kernel, dtype, seed, ref=ref)
+        with forced_parallel():
+            check_against_reference(cfg, kernel, dtype, seed, ref=ref)
 
 
 @st.composite
@@ -84,6 +94,8 @@ def test_random_3x3_configs_match_reference(kernel, cfg, seed):
     for dtype in DTYPES:
         ref = naive_reference(cfg, *make_data(cfg, dtype, seed))
         check_against_reference(cfg, kernel, dtype, seed, ref=ref)
+        with forced_parallel():
+            check_against_reference(cfg, kernel, dtype, seed, ref=ref)
 
 
 def test_strategy_produces_valid_configs():
@@ -98,3 +110,13 @@ def test_strategy_produces_valid_configs():
         assert make_data(cfg, np.float64)[0].shape == cfg.x_shape
 
     inner()
+
+
+def test_ci_replays_the_same_examples():
+    """With CI set (conftest.py loads the "ci" profile), the tests above run derandomised, so a
+    failure in CI replays; their own @settings keep that from the profile."""
+    profile = settings.get_profile("ci")
+    assert profile.derandomize and profile.print_blob and profile.database is None
+    if os.environ.get("CI"):
+        for test in (test_random_configs_match_reference, test_random_3x3_configs_match_reference):
+            assert test._hypothesis_internal_use_settings.derandomize, test.__name__

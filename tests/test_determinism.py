@@ -9,6 +9,7 @@ import numba
 import numpy as np
 import pytest
 from helpers import Cfg, assert_close, assert_same_bits, make_data, reference, run_all
+from test_parallel import BY_NAME
 
 import numbaconv as nc
 
@@ -32,7 +33,19 @@ DET_CFGS = [
     ),
 ]
 
-MAX_THREADS = numba.config.NUMBA_NUM_THREADS
+# These layers are far under SERIAL_FLOPS: the tests that compare thread counts or run
+# concurrent callers take `force_parallel`, else every side would run on one thread and the
+# comparison could not fail; `thread_probe` checks that the work really was split.
+
+# Layers whose banded passes cut images between lanes and group images (see test_parallel.py);
+# compared across thread counts with DET_CFGS.
+SPLIT_CFGS = [BY_NAME["bands-split-images"], BY_NAME["17-images"]]
+
+MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # 4 or more, unless NUMBA_NUM_THREADS was set lower
+
+#: How long a barrier waits for the other threads: a thread that fails or hangs before it
+#: breaks the barrier (BrokenBarrierError in the others) instead of hanging CI.
+BARRIER_TIMEOUT_S = 120
 
 
 def _outputs(cfg, data, kernel):
@@ -45,7 +58,7 @@ def _assert_all_same_bits(a, b, what):
 
 
 @pytest.mark.parametrize("cfg", DET_CFGS, ids=str)
-def test_repeated_calls_bitwise_identical(kernel, dtype, cfg):
+def test_repeated_calls_bitwise_identical(kernel, dtype, cfg, force_parallel):
     data = make_data(cfg, dtype, seed=4)
     first = _outputs(cfg, data, kernel)
     for i in range(3):
@@ -55,25 +68,35 @@ def test_repeated_calls_bitwise_identical(kernel, dtype, cfg):
     _assert_all_same_bits(first, _outputs(cfg, copies, kernel), "copied inputs")
 
 
-@pytest.mark.parametrize("cfg", DET_CFGS, ids=str)
-def test_thread_count_does_not_change_bits(kernel, dtype, cfg, restore_num_threads):
-    assert MAX_THREADS >= 2, "these tests expect at least 2 Numba threads"
+FOUR_THREADS = pytest.mark.skipif(
+    MAX_THREADS < 4, reason=f"Numba has {MAX_THREADS} threads (NUMBA_NUM_THREADS, conftest.py)"
+)
+
+
+@pytest.mark.parametrize("threads", [2, pytest.param(4, marks=FOUR_THREADS)])
+@pytest.mark.parametrize("cfg", DET_CFGS + SPLIT_CFGS, ids=str)
+def test_thread_count_does_not_change_bits(
+    kernel, dtype, cfg, threads, force_parallel, thread_probe, restore_num_threads
+):  # fmt: skip
     data = make_data(cfg, dtype, seed=5)
     numba.set_num_threads(1)
     one = _outputs(cfg, data, kernel)
-    numba.set_num_threads(2)
-    two = _outputs(cfg, data, kernel)
-    _assert_all_same_bits(one, two, "1 vs 2 threads")
-    numba.set_num_threads(MAX_THREADS)
-    _assert_all_same_bits(one, _outputs(cfg, data, kernel), f"1 vs {MAX_THREADS} threads")
-    # And they are right.
-    ref = reference(cfg, dtype, 5)
-    assert_close(one[0], ref.y, ref.y_abs, dtype, "forward")
-    assert_close(one[2], ref.gw, ref.gw_abs, dtype, "grad_w")
+    assert all(r.threads == 1 for r in thread_probe.regions)
+    thread_probe.clear()
+    numba.set_num_threads(threads)
+    many = _outputs(cfg, data, kernel)
+    if kernel != "numpy":  # plain NumPy has no Numba region
+        thread_probe.assert_every_region_parallel(f"{kernel} {cfg}", min_threads=threads)
+    _assert_all_same_bits(one, many, f"1 vs {threads} threads")
+    if cfg in DET_CFGS:  # and they are right (the split layers are checked in test_parallel.py)
+        ref = reference(cfg, dtype, 5)
+        assert_close(one[0], ref.y, ref.y_abs, dtype, "forward")
+        assert_close(one[2], ref.gw, ref.gw_abs, dtype, "grad_w")
 
 
-def test_concurrent_calls_from_python_threads(kernel, dtype):
-    """Four Python threads calling every entry point at once get exactly the serial results."""
+def test_concurrent_calls_from_python_threads(kernel, dtype, force_parallel, thread_probe):
+    """Four Python threads calling every entry point at once get exactly the serial results,
+    with the serial shortcut off so that their calls really run parallel regions at once."""
     cfgs = DET_CFGS + [Cfg(3, 2, 6, 6, 3, 3, 3, padding="same", name="small-same")]
     jobs = [(cfg, make_data(cfg, dtype, seed=s)) for s in range(4) for cfg in cfgs]
     serial = [_outputs(cfg, data, kernel) for cfg, data in jobs]
@@ -81,11 +104,12 @@ def test_concurrent_calls_from_python_threads(kernel, dtype):
     serial_cols = nc.im2col(im2col_x, 3, 3, 9, 8, 1, 1)
     serial_img = nc.col2im(serial_cols, im2col_x.shape, 3, 3, 9, 8, 1, 1)
 
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(4, timeout=BARRIER_TIMEOUT_S)
+    # Numba's thread count is per Python thread: mix 1-, 2- and (where available) 4-thread callers.
+    widths = [1, 2, min(4, MAX_THREADS), 2]
 
     def work(t):
-        # Numba's thread count is per Python thread: mix 1- and 2-thread callers.
-        numba.set_num_threads(1 + t % 2)
+        numba.set_num_threads(widths[t])
         barrier.wait()
         out = []
         for rep in range(3):
@@ -97,8 +121,11 @@ def test_concurrent_calls_from_python_threads(kernel, dtype):
             out.append(("cols", (cols, nc.col2im(cols, im2col_x.shape, 3, 3, 9, 8, 1, 1))))
         return out
 
+    thread_probe.clear()
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(work, range(4)))
+    # The callers ran parallel regions at their own widths, not all on one thread.
+    assert {r.threads for r in thread_probe.regions} == set(widths), thread_probe.regions
     for t, out in enumerate(results):
         for j, got in out:
             if j == "cols":
@@ -108,10 +135,13 @@ def test_concurrent_calls_from_python_threads(kernel, dtype):
                 _assert_all_same_bits(serial[j], got, f"thread {t}, job {j}")
 
 
-def test_concurrent_layers(kernel):
+def test_concurrent_layers(kernel, force_parallel):
     """Independent ConvLayers trained in parallel threads match the same work done serially."""
+    barrier = threading.Barrier(4, timeout=BARRIER_TIMEOUT_S)
 
-    def train(seed):
+    def train(seed, wait=False):
+        if wait:
+            barrier.wait()
         layer = nc.ConvLayer(2, 6, 6, 3, 3, 3, 1, 1, kernel=kernel, rng=np.random.default_rng(seed))
         rng = np.random.default_rng(100 + seed)
         for _ in range(4):
@@ -123,7 +153,7 @@ def test_concurrent_layers(kernel):
 
     serial = [train(s) for s in range(4)]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        parallel = list(pool.map(train, range(4)))
+        parallel = list(pool.map(lambda seed: train(seed, wait=True), range(4)))
     for s, (a, b) in enumerate(zip(serial, parallel, strict=True)):
         for u, v, name in zip(a, b, ("w", "b", "grad_x"), strict=True):
             assert_same_bits(u, v, f"layer {s} {name}")

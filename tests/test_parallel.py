@@ -1,0 +1,230 @@
+"""The parallel paths: every kernel, dtype and pass against the loop reference on layers whose
+Numba regions are asserted to have split their work over several threads and lanes.
+
+Calls under ``SERIAL_FLOPS`` run on one thread, and nearly every layer of the rest of the suite
+is that small, so these tests turn the shortcut off (``force_parallel``) and check with
+``thread_probe`` (``threadprobe.py``) that the work really was split. The layers are chosen for
+what the banded passes plan on them: ``auto`` picking each concrete kernel, bands and image
+groups that lane boundaries cut through, odd sizes; ``test_plans_split_the_batch`` asserts the
+plans, so each layer says why it splits.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+import pytest
+from helpers import Cfg, assert_close, check_against_reference, make_data, reference, run_all
+from test_conv_grid import GRID
+from threadprobe import KERNEL_MODULES, LANE_ARGUMENTS, parallel_kernels
+
+import numbaconv as nc
+from numbaconv import _threading
+from numbaconv.kernels import im2col, winograd
+
+SEED = 31
+
+LAYERS = [
+    # auto picks winograd: 16 input and output channels, and 1x32 tiles of 4x4 per image give its
+    # GEMMs the 32 tiles WINOGRAD_MIN_TILES asks for (the cheapest such layer: the loop reference
+    # costs about a second per million multiply-adds). Partial tiles both ways (2 of 4 rows, 1 of
+    # 4 columns at the right edge); 2.3 MFLOP, above SERIAL_FLOPS even without forcing.
+    Cfg(2, 16, 2, 125, 16, 3, 3, padding=1, name="auto-winograd"),
+    # auto picks im2col (one filter). Its 144 taps x 30 columns make bands of 60 rows in float32,
+    # 30 in float64, so 61 rows are 2 or 3 bands, the last of one row; lanes cut images in two.
+    Cfg(3, 16, 61, 30, 1, 3, 3, padding=1, name="bands-split-images"),
+    # 17 images: more than the 16 lanes Winograd plans its forward pass for, so it groups 2 images
+    # per job (9 jobs, the last with one image); its grad-w runs 8 lanes of 2 or 3 images in
+    # groups of 3; im2col's backward runs 8 lanes of 2 or 3 images.
+    Cfg(17, 2, 6, 7, 3, 3, 3, padding=1, name="17-images"),
+    # Odd sizes, strides, dilation, asymmetric padding: im2col's general path (not Winograd's).
+    Cfg(5, 3, 11, 9, 4, 3, 3, stride=2, padding=(2, 1), dilation=(1, 2), name="odd-strided"),
+    Cfg(4, 6, 9, 7, 6, 3, 2, stride=(1, 2), padding=1, groups=3, name="grouped"),
+    # Pointwise: the banded passes read each image as its own columns matrix.
+    Cfg(6, 8, 7, 5, 4, 1, 1, name="pointwise"),
+    # Winograd with padding 2 (its grad-x then has padding 0), odd output, no bias.
+    Cfg(3, 4, 10, 13, 5, 3, 3, padding=2, bias=False, name="winograd-pad2-no-bias"),
+]
+BY_NAME = {cfg.name: cfg for cfg in LAYERS}
+
+
+def geometry(cfg: Cfg):
+    return nc.geometry.make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+
+
+def layer_data(cfg: Cfg, dtype):
+    """``(x, w, b, grad_y)`` in ``dtype`` holding float32 values, so that the one float64 loop
+    reference of the float32 data (:func:`layer_reference`) is exact for both dtypes: the
+    reference of these layers is the slow part."""
+    return tuple(None if a is None else a.astype(dtype) for a in make_data(cfg, np.float32, SEED))
+
+
+def layer_reference(cfg: Cfg):
+    return reference(cfg, np.float32, SEED)
+
+
+def check_layer(cfg: Cfg, kernel, dtype):
+    x, w, b, gy = layer_data(cfg, dtype)
+    ref = layer_reference(cfg)
+    y, gx, gw, gb = run_all(cfg, x, w, b, gy, kernel)
+    tag = f"[{kernel}, {np.dtype(dtype).name}, {cfg}]"
+    assert_close(y, ref.y, ref.y_abs, dtype, f"forward {tag}")
+    assert_close(gx, ref.gx, ref.gx_abs, dtype, f"grad_x {tag}")
+    assert_close(gw, ref.gw, ref.gw_abs, dtype, f"grad_w {tag}")
+    assert_close(gb, ref.gb, ref.gb_abs, dtype, f"grad_b {tag}")
+
+
+# -------------------------------------------------------------------------------------------
+# The means: the serial shortcut can be turned off, and the probe tells serial from parallel
+# -------------------------------------------------------------------------------------------
+
+
+def test_serial_shortcut_is_read_at_each_call(monkeypatch, restore_num_threads, thread_probe):
+    """``force_parallel`` works by setting ``SERIAL_FLOPS``: that only works if ``kernel_guard``
+    reads it at each call, from every Python thread, and the probe must see the difference."""
+    cfg = Cfg(2, 2, 5, 5, 2, 3, 3, name="tiny")  # a few kflop: far under the threshold
+    x, w, b, _ = make_data(cfg, np.float64)
+    numba.set_num_threads(2)
+    nc.conv2d(x, w, b, kernel="direct")
+    assert [r.threads for r in thread_probe.regions] == [1]
+
+    monkeypatch.setattr(_threading, "SERIAL_FLOPS", 0)
+    thread_probe.clear()
+    nc.conv2d(x, w, b, kernel="direct")
+    thread_probe.assert_every_region_parallel("main thread, shortcut off")
+
+    def other_thread():
+        numba.set_num_threads(2)  # per Python thread
+        nc.conv2d(x, w, b, kernel="direct")
+
+    thread_probe.clear()
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    thread_probe.assert_every_region_parallel("another Python thread, shortcut off")
+
+
+def test_probe_knows_every_banded_kernel():
+    """Each kernel named in ``LANE_ARGUMENTS`` exists and takes that per-lane argument, so the
+    probe records the lanes of every banded pass (a rename would otherwise hide them)."""
+    kernels = {}
+    for module in KERNEL_MODULES:
+        kernels.update(parallel_kernels(module))
+    for name, argument in LANE_ARGUMENTS.items():
+        assert name in kernels, f"{name} is no longer a parallel kernel: update threadprobe.py"
+        params = kernels[name].py_func.__code__.co_varnames
+        assert argument in params, f"{name} has no argument {argument!r}: update threadprobe.py"
+    fused = {name for name in kernels if name.startswith("fused_")}
+    assert fused <= set(LANE_ARGUMENTS), f"banded kernels the probe does not know: {fused}"
+
+
+# -------------------------------------------------------------------------------------------
+# The layers: what the planners and auto do on them
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("dtype_", [np.float32, np.float64], ids=["float32", "float64"])
+def test_auto_picks_each_concrete_kernel_among_the_layers(dtype_, direction):
+    chosen = {cfg.name: nc.registry.choose(geometry(cfg), dtype_, direction) for cfg in LAYERS}
+    assert chosen["auto-winograd"] == "winograd"
+    assert chosen["bands-split-images"] == "im2col"
+    # auto never picks direct or numpy (README): these two are what it can run.
+    assert set(chosen.values()) == {"winograd", "im2col"}
+    # And the winograd layer is in parallel by itself, not only when forced.
+    assert geometry(BY_NAME["auto-winograd"]).flops >= _threading.SERIAL_FLOPS
+
+
+def _runs(jobs: int, lanes: int) -> list[range]:
+    """The jobs each lane takes: contiguous runs, as the banded kernels split them."""
+    return [range(jobs * lane // lanes, jobs * (lane + 1) // lanes) for lane in range(lanes)]
+
+
+@pytest.mark.parametrize("dtype_", [np.float32, np.float64], ids=["float32", "float64"])
+def test_plans_split_the_batch(
+    dtype_, force_parallel, thread_probe, restore_num_threads
+):  # fmt: skip
+    """The plans of the banded passes on the split layers (2 threads), and the lanes the passes
+    then really ran."""
+    itemsize = np.dtype(dtype_).itemsize
+    threads = 2
+    numba.set_num_threads(threads)
+
+    # im2col forward: several bands per image, and the boundary between the two lanes' runs of
+    # (image, band) jobs falls inside an image.
+    cfg = BY_NAME["bands-split-images"]
+    geom = geometry(cfg)
+    band_rows = im2col._band_rows(geom, itemsize, im2col.PLAN_LANES, 0)
+    bands = -(-geom.out_height // band_rows)
+    assert (band_rows, bands) == ((60, 2) if itemsize == 4 else (30, 3))
+    runs = _runs(cfg.n * bands, min(threads, cfg.n * bands))
+    assert len(runs) == 2 and runs[1].start % bands != 0, "a lane boundary inside an image"
+    # im2col backward: one image per lane, several bands each.
+    assert im2col._backward_lanes(geom, itemsize) == 3
+    assert im2col._band_rows(geom, itemsize, 3, 2 * cfg.k * 144 * itemsize) == band_rows
+    thread_probe.clear()
+    run_all(cfg, *layer_data(cfg, dtype_), "im2col")
+    lanes = {r.name: r.lanes for r in thread_probe.regions}
+    assert lanes == {"im2col.fused_forward_kernel": 2, "im2col.fused_backward_kernel": 3}
+
+    # Winograd forward (and grad-x, the same pass on grad_y): 17 images in groups of 2, so 9
+    # jobs; the two lanes take 4 and 5 of them, the last job one image.
+    cfg = BY_NAME["17-images"]
+    geom = geometry(cfg)
+    tiles_h = winograd._tiles(geom)[0]
+    assert winograd._forward_plan(geom, itemsize) == (tiles_h, 2)
+    assert [len(r) for r in _runs(9, threads)] == [4, 5] and cfg.n % 2 == 1
+    # Winograd grad-w: 8 lanes of 2 or 3 images, in groups of 3 (lanes of 2: a short group).
+    assert winograd._weight_gradient_lanes(geom, itemsize) == 8
+    assert winograd._image_group(geom, itemsize, 8, tiles_h) == 3
+    assert sorted({len(r) for r in _runs(cfg.n, 8)}) == [2, 3]
+    thread_probe.clear()
+    run_all(cfg, *layer_data(cfg, dtype_), "winograd")
+    lanes = [(r.name, r.lanes) for r in thread_probe.regions]
+    assert lanes == [
+        ("winograd.fused_winograd_kernel", 2),  # forward
+        ("winograd.fused_weight_gradient_kernel", 8),
+        ("winograd.fused_winograd_kernel", 2),  # grad-x
+    ]
+
+
+# -------------------------------------------------------------------------------------------
+# Every kernel x dtype x pass against the reference, in parallel
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", LAYERS, ids=str)
+def test_parallel_matches_reference(kernel, dtype, cfg, force_parallel, thread_probe):
+    check_layer(cfg, kernel, dtype)
+    if kernel == "numpy":  # plain NumPy: no Numba region to split (its BLAS has its own threads)
+        assert not thread_probe.regions
+        return
+    thread_probe.assert_every_region_parallel(f"{kernel} {cfg}")
+    passes = [call for call in thread_probe.calls if call.regions]
+    assert len(passes) == 2, f"forward and backward each run parallel regions: {passes}"
+
+
+def test_auto_winograd_layer_is_parallel_without_forcing(dtype, thread_probe):
+    """The auto-winograd layer runs Winograd's banded passes in parallel by itself, as users get
+    it: no threshold forced."""
+    cfg = BY_NAME["auto-winograd"]
+    check_layer(cfg, "auto", dtype)
+    thread_probe.assert_every_region_parallel(f"auto {cfg}")
+    assert [r.name for r in thread_probe.regions] == [
+        "winograd.fused_winograd_kernel",
+        "winograd.fused_weight_gradient_kernel",
+        "winograd.fused_winograd_kernel",
+    ]
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=str)
+def test_grid_in_parallel(kernel, dtype, cfg, force_parallel, thread_probe):
+    """The grid's geometries (strides, dilations, groups, partial tiles) on the parallel paths.
+    Some have one image, one filter or one output row, so not every region gets two lanes; every
+    one gets all the threads (the width the kernels plan their lanes with)."""
+    check_against_reference(cfg, kernel, dtype)
+    assert all(call.threads >= 2 for call in thread_probe.calls), thread_probe.calls
+    assert all(region.threads >= 2 for region in thread_probe.regions), thread_probe.regions
