@@ -8,22 +8,45 @@ import subprocess
 import sys
 import textwrap
 
+from threadprobe import parallel_kernels
+
+from numbaconv.kernels import direct, im2col, winograd
+
+# Every kernel family on both of its paths: the banded passes (BLAS inside the kernels, the
+# default) and the chunked ones (NUMBACONV_BLAS_INSIDE_KERNELS=0, read at each call), forward and
+# backward, both dtypes. The grouped layer is one Winograd does not cover (so im2col, direct and
+# numpy); the 3x3 one is, so that Winograd's own kernels are compiled too.
 WORKLOAD = textwrap.dedent(
     """
+    import os
     import numpy as np
     import numbaconv as nc
 
     def workload():
-        for dtype in (np.float32, np.float64):
-            rng = np.random.default_rng(0)
-            x = rng.standard_normal((2, 4, 6, 6)).astype(dtype)
-            w = rng.standard_normal((4, 2, 3, 3)).astype(dtype)
-            b = rng.standard_normal(4).astype(dtype)
-            for kernel in nc.KERNELS:
-                y = nc.conv2d(x, w, b, kernel=kernel, padding=1, groups=2)
-                nc.conv2d_backward(y, x, w, kernel=kernel, padding=1, groups=2)
-            cols = nc.im2col(x, 3, 3, 6, 6, 1, 1)
-            nc.col2im(cols, x.shape, 3, 3, 6, 6, 1, 1)
+        layers = [
+            ((2, 4, 6, 6), (4, 2, 3, 3), dict(padding=1, groups=2)),
+            ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),
+        ]
+        saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")
+        try:
+            for inside in ("1", "0"):
+                os.environ["NUMBACONV_BLAS_INSIDE_KERNELS"] = inside
+                for dtype in (np.float32, np.float64):
+                    rng = np.random.default_rng(0)
+                    for x_shape, w_shape, kw in layers:
+                        x = rng.standard_normal(x_shape).astype(dtype)
+                        w = rng.standard_normal(w_shape).astype(dtype)
+                        b = rng.standard_normal(w_shape[0]).astype(dtype)
+                        for kernel in nc.KERNELS:
+                            y = nc.conv2d(x, w, b, kernel=kernel, **kw)
+                            nc.conv2d_backward(y, x, w, kernel=kernel, **kw)
+                    cols = nc.im2col(x, 3, 3, 6, 7, 1, 1)
+                    nc.col2im(cols, x.shape, 3, 3, 6, 7, 1, 1)
+        finally:
+            if saved is None:
+                os.environ.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)
+            else:
+                os.environ["NUMBACONV_BLAS_INSIDE_KERNELS"] = saved
     """
 )
 
@@ -33,13 +56,16 @@ REPORT = textwrap.dedent(
     from numba.core.dispatcher import Dispatcher
 
     workload()
-    misses = {}
+    misses, loaded = {}, []
     for name, module in list(sys.modules.items()):
         if name == "numbaconv" or name.startswith("numbaconv."):
             for attr, obj in list(vars(module).items()):
-                if isinstance(obj, Dispatcher) and obj.stats.cache_misses:
-                    misses[f"{name}.{attr}"] = [str(s) for s in obj.stats.cache_misses]
-    print("MISSES=" + json.dumps(misses))
+                if isinstance(obj, Dispatcher):
+                    if obj.stats.cache_misses:
+                        misses[f"{name}.{attr}"] = [str(s) for s in obj.stats.cache_misses]
+                    if obj.stats.cache_hits:
+                        loaded.append(f"{name}.{attr}")
+    print("REPORT=" + json.dumps({"misses": misses, "loaded": sorted(loaded)}))
     """
 )
 
@@ -61,7 +87,18 @@ def test_second_process_compiles_nothing():
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MISSES=")][-1]
-    misses = json.loads(line[len("MISSES=") :])
-    assert misses == {}, f"compiled again in a second process (not cached): {misses}"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT=")][-1]
+    report = json.loads(line[len("REPORT=") :])
+    assert report["misses"] == {}, f"compiled again in a second process: {report['misses']}"
     assert "cannot cache" not in proc.stderr.lower(), proc.stderr
+    # ... and loaded every parallel kernel of every family from the cache (a kernel the
+    # workload never ran would have nothing to miss).
+    loaded = set(report["loaded"])
+    for module in (im2col, winograd, direct):
+        expected = {f"{module.__name__}.{name}" for name in parallel_kernels(module)}
+        assert expected, module.__name__
+        assert expected <= loaded, f"not loaded from the cache: {sorted(expected - loaded)}"
+    assert {
+        "numbaconv.kernels.winograd.fused_winograd_kernel",
+        "numbaconv.kernels.winograd.fused_weight_gradient_kernel",
+    } <= loaded
