@@ -1,9 +1,10 @@
 """Compare numbaconv with PyTorch's CPU conv2d and with the ``numpy`` teaching kernel.
 
-For each layer shape of the suite: forward and backward (grad input + grad weight + grad bias,
-PyTorch's ``aten.convolution_backward``) times, measured interleaved (one call of each contender
-per round, rounds repeated), medians, the ratios PyTorch/numbaconv and numpy/numbaconv, and their
-geometric means. PyTorch is a development-only dependency of this script (``pip install torch``).
+For each layer shape of the suite (``--zoo``: and of the model zoo, ``numbaconv.shapes``): forward
+and backward (grad input + grad weight + grad bias, PyTorch's ``aten.convolution_backward``) times,
+measured interleaved (one call of each contender per round, rounds repeated), medians, the ratios
+PyTorch/numbaconv and numpy/numbaconv, and their geometric means. PyTorch is a development-only
+dependency of this script (``pip install torch``).
 
 Each library runs in its own worker process, started from this environment, as a user would run
 it: PyTorch never sees numbaconv's ``OMP_WAIT_POLICY=PASSIVE`` default, and numbaconv never sees
@@ -39,8 +40,9 @@ HERE = Path(__file__).resolve()
 # ------------------------------------------------------------------------------------------
 
 
-def _shapes():
-    """``LAYER_SHAPES`` without importing numbaconv (which would set its OpenMP defaults)."""
+def _shapes_module():
+    """``numbaconv.shapes`` without importing numbaconv (which would choose its threading layer
+    and set its OpenMP defaults in this process)."""
     import importlib.util
 
     path = HERE.parent.parent / "numbaconv" / "shapes.py"
@@ -48,19 +50,28 @@ def _shapes():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # NamedTuple needs its module registered
     spec.loader.exec_module(module)
-    return module.LAYER_SHAPES
+    return module
+
+
+def _shapes():
+    """Every benchmark layer, by name (the suite's eight and the zoo)."""
+    return _shapes_module().ALL_SHAPES
 
 
 def _data(shape, dtype):
     import numpy as np
 
-    n, c, h, w, k, r, s, stride, pad = shape
+    n, k = shape.batch, shape.out_channels
+    pad_h, pad_w = shape.pad_pair
+    d = shape.dilation
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, c, h, w)).astype(dtype)
-    weight = (rng.standard_normal((k, c, r, s)) / math.sqrt(c * r * s)).astype(dtype)
+    x = rng.standard_normal(shape.input_shape).astype(dtype)
+    fan_in = math.prod(shape.weight_shape[1:])
+    weight = (rng.standard_normal(shape.weight_shape) / math.sqrt(fan_in)).astype(dtype)
     bias = rng.standard_normal(k).astype(dtype)
-    out_h = (h + 2 * pad - r) // stride + 1
-    out_w = (w + 2 * pad - s) // stride + 1
+    # torch.nn.Conv2d's output size (numbaconv's geometry is not imported by the torch worker).
+    out_h = (shape.height + 2 * pad_h - d * (shape.filter_height - 1) - 1) // shape.stride + 1
+    out_w = (shape.width + 2 * pad_w - d * (shape.filter_width - 1) - 1) // shape.stride + 1
     grad_y = rng.standard_normal((n, k, out_h, out_w)).astype(dtype)
     return x, weight, bias, grad_y
 
@@ -69,17 +80,19 @@ def _torch_calls(shape, dtype, threads):
     import torch
 
     torch.set_num_threads(threads)
-    n, c, h, w, k, r, s, stride, pad = shape
     tx, tw, tb, tgy = (torch.from_numpy(a) for a in _data(shape, dtype))
+    stride, dilation = [shape.stride] * 2, [shape.dilation] * 2
+    padding = list(shape.pad_pair)
 
     def forward():
         with torch.no_grad():
-            torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=pad)
+            torch.nn.functional.conv2d(tx, tw, tb, **shape.options)
 
     def backward():
         torch.ops.aten.convolution_backward(
-            tgy, tx, tw, [k], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1, [True] * 3
-        )
+            tgy, tx, tw, [shape.out_channels], stride, padding, dilation, False, [0, 0],
+            shape.groups, [True] * 3,
+        )  # fmt: skip
 
     return {"torch": (forward, backward)}
 
@@ -90,15 +103,13 @@ def _numbaconv_calls(shape, dtype, threads, kernels):
     import numbaconv as nc
 
     numba.set_num_threads(threads)
-    stride, pad = shape[7], shape[8]
+    options = shape.options
     x, weight, bias, grad_y = _data(shape, dtype)
     calls = {}
     for name in kernels:
         calls[name] = (
-            lambda name=name: nc.conv2d(x, weight, bias, stride=stride, padding=pad, kernel=name),
-            lambda name=name: nc.conv2d_backward(
-                grad_y, x, weight, stride=stride, padding=pad, kernel=name
-            ),
+            lambda name=name: nc.conv2d(x, weight, bias, kernel=name, **options),
+            lambda name=name: nc.conv2d_backward(grad_y, x, weight, kernel=name, **options),
         )
     return calls
 
@@ -177,7 +188,16 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeat", type=int, default=11)
     parser.add_argument("--numpy-repeat", type=int, default=3)
-    parser.add_argument("--shapes", default=None, help="comma-separated (default: all)")
+    parser.add_argument(
+        "--shapes", default=None, help="comma-separated layer names (default: the suite's eight)"
+    )
+    parser.add_argument(
+        "--zoo", action="store_true", help="all layers: the suite's eight and the model zoo"
+    )
+    parser.add_argument(
+        "--numpy", action=argparse.BooleanOptionalAction, default=True,
+        help="also time the numpy teaching kernel (default: yes)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warm-ms", type=float, default=200.0, help="untimed calls per turn")
     parser.add_argument("--burst", type=int, default=3, help="timed calls per turn")
@@ -189,7 +209,17 @@ def main(argv=None):
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
             print(f"warning: {var}={os.environ[var]} is set; results are not representative")
-    shape_names = args.shapes.split(",") if args.shapes else list(_shapes())
+    shapes_module = _shapes_module()
+    if args.shapes:
+        shape_names = args.shapes.split(",")
+    elif args.zoo:
+        shape_names = list(shapes_module.ALL_SHAPES)
+    else:
+        shape_names = list(shapes_module.LAYER_SHAPES)
+    unknown = [name for name in shape_names if name not in shapes_module.ALL_SHAPES]
+    if unknown:
+        parser.error(f"unknown layer names: {', '.join(unknown)}")
+    baseline = ["numpy"] if args.numpy else []
     # Versions from the metadata: importing numbaconv here would set OMP_WAIT_POLICY for the
     # workers this process starts (and so for PyTorch's).
     from importlib.metadata import PackageNotFoundError, version
@@ -207,9 +237,9 @@ def main(argv=None):
     )
     workers = [
         Worker("torch", ["torch"], args.threads),
-        Worker("numbaconv", kernels + ["numpy"], args.threads),
+        Worker("numbaconv", kernels + baseline, args.threads),
     ]
-    header = f"{'shape':10s} {'pass':4s} {'torch':>8s} {'numpy':>8s} "
+    header = f"{'shape':16s} {'pass':4s} {'torch':>8s} {'numpy':>8s} "
     print(header + " ".join(f"{k:>8s}" for k in kernels) + "  torch/nc  numpy/nc")
     rows = []
     try:
@@ -229,9 +259,10 @@ def main(argv=None):
                             times.setdefault(name, []).append(seconds)
                 med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
                 ours = med[kernels[0]]
-                rows.append((shape_name, label, med["torch"] / ours, med["numpy"] / ours))
+                numpy_ms = med.get("numpy", math.nan)
+                rows.append((shape_name, label, med["torch"] / ours, numpy_ms / ours))
                 print(
-                    f"{shape_name:10s} {label:4s} {med['torch']:8.2f} {med['numpy']:8.2f} "
+                    f"{shape_name:16s} {label:4s} {med['torch']:8.2f} {numpy_ms:8.2f} "
                     + " ".join(f"{med[k]:8.2f}" for k in kernels)
                     + f"  {rows[-1][2]:8.2f}  {rows[-1][3]:8.1f}",
                     flush=True,
@@ -245,7 +276,17 @@ def main(argv=None):
             f"geometric mean torch/{kernels[0]} {label}: {gmean(ratios):.2f}  "
             f"(min {min(ratios):.2f})"
         )
-    print(f"geometric mean numpy/{kernels[0]} (fwd and bwd): {gmean([r[3] for r in rows]):.1f}")
+    families = {}
+    for name, label, ratio, _ in rows:
+        families.setdefault(shapes_module.FAMILY[name], {}).setdefault(label, []).append(ratio)
+    if len(families) > 1:
+        print(f"per family, geometric mean torch/{kernels[0]} (fwd, bwd):")
+        for family, by_pass in families.items():
+            cells = ", ".join(f"{gmean(by_pass[label]):.2f}" for label in ("fwd", "bwd"))
+            print(f"  {family:18s} {cells}")
+    if args.numpy:
+        numpy_ratios = [r[3] for r in rows]
+        print(f"geometric mean numpy/{kernels[0]} (fwd and bwd): {gmean(numpy_ratios):.1f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 import numbaconv as nc
-from numbaconv.shapes import LAYER_SHAPES
+from numbaconv.shapes import ALL_SHAPES, LAYER_SHAPES
 
 MIB = 2**20
 
@@ -35,19 +35,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--batches", default="16,64", help="batch sizes, comma-separated")
-    parser.add_argument("--shapes", default=",".join(LAYER_SHAPES))
+    parser.add_argument("--shapes", default=",".join(LAYER_SHAPES), help="any of numbaconv.shapes")
     parser.add_argument("--kernels", default="im2col,winograd,direct,numpy")
     args = parser.parse_args(argv)
     kernels = args.kernels.split(",")
     header = f"{'shape':10s} {'N':>4s} {'pass':4s} {'outputs':>8s} "
     print(header + " ".join(f"{k:>9s}" for k in kernels))
     for name in args.shapes.split(","):
-        _, c, h, w, k, r, s, stride, pad = LAYER_SHAPES[name]
+        shape = ALL_SHAPES[name]
+        k = shape.out_channels
         for batch in (int(b) for b in args.batches.split(",")):
             rng = np.random.default_rng(0)
-            x = rng.standard_normal((batch, c, h, w)).astype(args.dtype)
-            weight = rng.standard_normal((k, c, r, s)).astype(args.dtype)
-            opts = dict(stride=stride, padding=pad)
+            x = rng.standard_normal((batch, *shape.input_shape[1:])).astype(args.dtype)
+            weight = rng.standard_normal(shape.weight_shape).astype(args.dtype)
+            opts = shape.options
             y = nc.conv2d(x, weight, **opts, kernel="im2col")
             passes = (
                 ("fwd", y.nbytes, partial(nc.conv2d, x, weight, **opts)),

@@ -27,7 +27,7 @@ from . import __version__, cache, registry
 from . import demo as demo_module
 from .functional import conv2d, conv2d_backward
 from .geometry import ConvGeometry, make_geometry
-from .shapes import LAYER_SHAPES, LayerShape
+from .shapes import ALL_SHAPES, LAYER_SHAPES, LayerShape
 
 PROG = "numbaconv"
 DEMO_HINT = 'the demo needs {}: pip install "numbaconv[demo]"'
@@ -88,14 +88,19 @@ def _kernel_list(text: str) -> list[str]:
     return list(dict.fromkeys(_kernel_name(name) for name in names))
 
 
+SHAPE_FORMAT = "N,C,H,W,K,R,S[,stride[,pad[,dilation[,groups]]]]"
+
+
 def parse_shape(text: str) -> LayerShape:
-    """Parse ``N,C,H,W,K,R,S[,stride[,pad]]`` and check that the convolution is valid.
+    """Parse ``N,C,H,W,K,R,S[,stride[,pad[,dilation[,groups]]]]`` or a benchmark layer's name
+    (:data:`numbaconv.shapes.ALL_SHAPES`) and check that the convolution is valid.
 
     Parameters
     ----------
     text : str
         Batch, input channels, height, width, filters, filter height and width, then optionally
-        the stride (default 1) and the padding (default 0).
+        the stride (default 1), the padding (default 0), the dilation (default 1) and the groups
+        (default 1); or a layer name such as ``resnet3x3``.
 
     Returns
     -------
@@ -107,16 +112,18 @@ def parse_shape(text: str) -> LayerShape:
         With a one-line reason when the text is malformed or the convolution is invalid
         (for example, an empty output).
     """
+    if text.strip() in ALL_SHAPES:
+        return ALL_SHAPES[text.strip()]
     fields = text.split(",")
-    if not 7 <= len(fields) <= 9:
+    if not 7 <= len(fields) <= 11:
         raise argparse.ArgumentTypeError(
-            f"expected N,C,H,W,K,R,S[,stride[,pad]] (7 to 9 integers), got {text!r}"
+            f"expected {SHAPE_FORMAT} (7 to 11 integers) or a layer name, got {text!r}"
         )
     try:
         values = [int(field) for field in fields]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected N,C,H,W,K,R,S[,stride[,pad]] as integers, got {text!r}"
+            f"expected {SHAPE_FORMAT} as integers, or a layer name, got {text!r}"
         ) from None
     shape = LayerShape(*values)
     if shape.batch < 1:
@@ -129,12 +136,18 @@ def parse_shape(text: str) -> LayerShape:
 
 
 def _geometry(shape: LayerShape) -> ConvGeometry:
-    n, c, h, w, k, r, s, stride, pad = shape
-    return make_geometry((n, c, h, w), (k, c, r, s), stride=stride, padding=pad)
+    return make_geometry(shape.input_shape, shape.weight_shape, **shape.options)
 
 
 def _shape_text(shape: LayerShape) -> str:
-    return ",".join(str(v) for v in shape)
+    """The layer's name when it is a benchmark layer, else its numbers."""
+    for name, known in ALL_SHAPES.items():
+        if known == shape:
+            return name
+    fields = list(shape)
+    while len(fields) > 9 and fields[-1] == 1:  # dilation and groups at their defaults
+        fields.pop()
+    return ",".join(str(v) for v in fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shape",
         type=parse_shape,
         action="append",
-        metavar="N,C,H,W,K,R,S[,stride[,pad]]",
-        help="a layer shape; repeatable (default: the suite's layer shapes)",
+        metavar=SHAPE_FORMAT,
+        help="a layer shape or a layer's name (e.g. resnet3x3, dw3x3_112); repeatable "
+        "(default: the suite's eight layer shapes)",
+    )
+    bench.add_argument(
+        "--zoo",
+        action="store_true",
+        help="all benchmark layers: the suite's eight and the model zoo (numbaconv.shapes)",
     )
     bench.add_argument(
         "--kernels",
@@ -317,7 +336,7 @@ class BenchResult:
     """The figures of one (shape, kernel) pair; times are medians in milliseconds."""
 
     shape: str
-    dims: list[int]  #: N, C, H, W, K, R, S, stride, pad
+    dims: list  #: N, C, H, W, K, R, S, stride, pad, dilation, groups
     kernel: str
     forward_ms: float
     backward_ms: float
@@ -417,7 +436,7 @@ def bench_shape(
     w = rng.standard_normal(geom.weight_shape).astype(dtype)
     b = rng.standard_normal(geom.out_channels).astype(dtype)
     grad_y = rng.standard_normal(geom.output_shape).astype(dtype)
-    options = dict(stride=shape.stride, padding=shape.pad)
+    options = shape.options
 
     def forward(kernel):
         return lambda: conv2d(x, w, b, kernel=kernel, **options)
@@ -527,9 +546,10 @@ def run_bench(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
             raise UsageError(f"--json: folder {folder!r} does not exist")
+    shapes = dict(ALL_SHAPES) if args.zoo else {}
     if args.shape:
-        shapes = {_shape_text(shape): shape for shape in args.shape}
-    else:
+        shapes.update((_shape_text(shape), shape) for shape in args.shape)
+    if not shapes:
         shapes = dict(LAYER_SHAPES)
     kernels = args.kernels or list(registry.KERNELS)
     dtype = np.dtype(args.dtype)

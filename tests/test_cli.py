@@ -17,7 +17,7 @@ import pytest
 
 import numbaconv
 from numbaconv import _threading, cli, registry
-from numbaconv.shapes import LAYER_SHAPES
+from numbaconv.shapes import ALL_SHAPES, LAYER_SHAPES
 
 EPOCH_LINE = re.compile(
     r"^epoch (\d+)/(\d+)  loss (\S+)  train acc (\S+)  test acc (\S+)  (\S+) s$", re.MULTILINE
@@ -42,8 +42,13 @@ def epochs(out: str) -> list[tuple[float, float, float]]:
 BAD_ARGUMENTS = [
     (["bench", "--kernels", "im2col,nope"], "argument --kernels: unknown kernel 'nope'"),
     (["demo", "--kernel", "nope"], "argument --kernel: unknown kernel 'nope'; valid kernels: "),
-    (["bench", "--shape", "1,2,3"], "expected N,C,H,W,K,R,S[,stride[,pad]] (7 to 9 integers)"),
-    (["bench", "--shape", "1,1,8,8,4,3,x"], "as integers, got '1,1,8,8,4,3,x'"),
+    (
+        ["bench", "--shape", "1,2,3"],
+        "expected N,C,H,W,K,R,S[,stride[,pad[,dilation[,groups]]]] (7 to 11 integers) or a layer",
+    ),
+    (["bench", "--shape", "resnet9x9"], "or a layer name, got 'resnet9x9'"),
+    (["bench", "--shape", "2,6,8,8,4,3,3,1,1,1,4"], "divisible by groups"),
+    (["bench", "--shape", "1,1,8,8,4,3,x"], "as integers, or a layer name, got '1,1,8,8,4,3,x'"),
     (["bench", "--shape", "1,1,4,4,2,5,5"], "output size would be 0x0"),
     (["bench", "--shape", "1,1,4,4,2,3,3,0"], "stride must be >= 1, got 0"),
     (["bench", "--shape", "1,1,4,4,2,3,3,1,-1"], "padding must be non-negative"),
@@ -106,7 +111,7 @@ def test_help_and_version(capsys):
     assert (status, out) == (0, f"numbaconv {numbaconv.__version__}\n")
     status, out, _ = run(capsys, "bench", "--help")
     assert status == 0
-    assert "--shape N,C,H,W,K,R,S[,stride[,pad]]" in out
+    assert "--shape N,C,H,W,K,R,S[,stride[,pad[,dilation[,groups]]]]" in out
     assert "--limit" not in run(capsys, "demo", "--help")[1]
 
 
@@ -115,10 +120,14 @@ def test_help_and_version(capsys):
 
 
 def test_parse_shape_defaults_and_suite_shapes():
-    assert cli.parse_shape("2,3,8,8,4,3,3") == (2, 3, 8, 8, 4, 3, 3, 1, 0)
-    assert cli.parse_shape(" 2, 3,8,8,4,3,3,2,1") == (2, 3, 8, 8, 4, 3, 3, 2, 1)
+    assert cli.parse_shape("2,3,8,8,4,3,3") == (2, 3, 8, 8, 4, 3, 3, 1, 0, 1, 1)
+    assert cli.parse_shape(" 2, 3,8,8,4,3,3,2,1") == (2, 3, 8, 8, 4, 3, 3, 2, 1, 1, 1)
+    assert cli.parse_shape("2,4,9,9,4,3,3,1,2,2,2") == (2, 4, 9, 9, 4, 3, 3, 1, 2, 2, 2)
     for shape in LAYER_SHAPES.values():  # every suite shape is valid as written
         assert cli.parse_shape(",".join(map(str, shape))) == shape
+    for name, shape in ALL_SHAPES.items():  # ... and every benchmark layer by its name
+        assert cli.parse_shape(name) == shape
+        assert cli._shape_text(shape) == name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +153,7 @@ def test_bench_json(capsys, tmp_path, restore_num_threads):
         ("1,2,5,5,3,1,1,2,0", "im2col"),
         ("1,2,5,5,3,1,1,2,0", "numpy"),
     ]
-    assert results[0]["dims"] == [2, 3, 6, 6, 4, 3, 3, 1, 1]
+    assert results[0]["dims"] == [2, 3, 6, 6, 4, 3, 3, 1, 1, 1, 1]
     # 2 flops per multiply-add: N*K*OH*OW * C*R*S; the strided 1x1 layer has a 3x3 output.
     flops = {TINY: 2 * 2 * 4 * 6 * 6 * 3 * 3 * 3, "1,2,5,5,3,1,1,2,0": 2 * 1 * 3 * 3 * 3 * 2}
     for r in results:

@@ -32,7 +32,7 @@ KERNEL_NAMES = ("im2col", "direct", "numpy", "winograd", "auto", "torch")
 #: The numbaconv kernels alone (benchmarks of numbaconv's own API).
 NUMBACONV_KERNEL_NAMES = tuple(name for name in KERNEL_NAMES if name != "torch")
 #: The layer shapes of ``numbaconv.shapes.LAYER_SHAPES`` that the suite measures.
-SHAPE_NAMES = (
+SUITE_SHAPE_NAMES = (
     "digits",
     "mnist",
     "cifar",
@@ -42,6 +42,28 @@ SHAPE_NAMES = (
     "first5x5",
     "stem7x7",
 )
+#: The model zoo's layers (``numbaconv.shapes.ZOO_SHAPES``), measured for ``auto`` and ``torch``
+#: only: every kernel on 24 layers would take hours per commit on 2 cores.
+ZOO_SHAPE_NAMES = (
+    "resnet_shortcut",
+    "resnet_3x3_14",
+    "resnet_3x3_7",
+    "resnet_reduce",
+    "resnet_expand",
+    "resnet_batch1",
+    "dw3x3_112",
+    "dw3x3_s2",
+    "dw3x3_14",
+    "dw5x5_28",
+    "resnext_grouped",
+    "dilated_2",
+    "dilated_12",
+    "inception_1x7",
+    "inception_7x1",
+    "unet_large",
+)
+ZOO_KERNEL_NAMES = ("auto", "torch")
+SHAPE_NAMES = SUITE_SHAPE_NAMES + ZOO_SHAPE_NAMES
 DTYPE_NAMES = ("float32", "float64")
 
 QUICK = os.environ.get("NUMBACONV_BENCH_QUICK", "0") not in ("", "0")
@@ -66,14 +88,14 @@ TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 class ConvData(NamedTuple):
-    """One layer's seeded inputs: x (N, C, H, W), w (K, C, R, S), b (K,), grad_y (N, K, OH, OW)."""
+    """One layer's seeded inputs: x (N, C, H, W), w (K, C // groups, R, S), b (K,), grad_y
+    (N, K, OH, OW), and conv2d's keyword options (stride, padding, dilation, groups)."""
 
     x: np.ndarray
     w: np.ndarray
     b: np.ndarray
     grad_y: np.ndarray
-    stride: int
-    pad: int
+    options: dict
 
     def head(self, count: int) -> ConvData:
         """The same layer on the first ``count`` images."""
@@ -101,12 +123,13 @@ def shrink(shape, max_batch: int, max_size: int):
 def layer_shape(name: str):
     """The ``LayerShape`` called ``name`` at the commit under test (reduced in quick mode)."""
     try:
-        from numbaconv.shapes import LAYER_SHAPES
+        from numbaconv import shapes
     except ImportError as error:
         raise NotImplementedError("numbaconv.shapes does not exist at this commit") from error
-    if name not in LAYER_SHAPES:
-        raise NotImplementedError(f"layer shape {name!r} is not in numbaconv.shapes.LAYER_SHAPES")
-    shape = LAYER_SHAPES[name]
+    known = getattr(shapes, "ALL_SHAPES", shapes.LAYER_SHAPES)
+    if name not in known:
+        raise NotImplementedError(f"layer shape {name!r} is not in numbaconv.shapes at this commit")
+    shape = known[name]
     return shrink(shape, QUICK_MAX_BATCH, QUICK_MAX_SIZE) if QUICK else shape
 
 
@@ -114,20 +137,31 @@ def make_data(shape, dtype, seed: int = 0) -> ConvData:
     """Seeded standard-normal data for ``shape``; weights scaled so that outputs are O(1)."""
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(seed)
-    n, c, h, w, k, r, s, stride, pad = shape
-    x = rng.standard_normal((n, c, h, w), dtype=dtype)
-    weight = (rng.standard_normal((k, c, r, s)) / math.sqrt(c * r * s)).astype(dtype)
+    # Older commits' LayerShape has no dilation or groups (nor the properties that use them).
+    groups = getattr(shape, "groups", 1)
+    options = dict(
+        stride=shape.stride,
+        padding=shape.pad,
+        dilation=getattr(shape, "dilation", 1),
+        groups=groups,
+    )
+    c, k, r, s = shape.in_channels, shape.out_channels, shape.filter_height, shape.filter_width
+    x = rng.standard_normal((shape.batch, c, shape.height, shape.width), dtype=dtype)
+    fan_in = c // groups * r * s
+    weight = (rng.standard_normal((k, c // groups, r, s)) / math.sqrt(fan_in)).astype(dtype)
     bias = rng.standard_normal(k, dtype=dtype)
     # numbaconv computes the output shape of an empty batch without running a kernel, so the
     # output-size formula stays in one place (numbaconv.geometry).
-    out_shape = numbaconv.conv2d(x[:0], weight, stride=stride, padding=pad).shape
-    grad_y = rng.standard_normal((n, *out_shape[1:]), dtype=dtype)
-    return ConvData(x, weight, bias, grad_y, stride, pad)
+    out_shape = numbaconv.conv2d(x[:0], weight, **options).shape
+    grad_y = rng.standard_normal((shape.batch, *out_shape[1:]), dtype=dtype)
+    return ConvData(x, weight, bias, grad_y, options)
 
 
 def prepare(kernel: str, shape_name: str, dtype_name: str) -> ConvData:
     """The data of one benchmark case, or ``NotImplementedError`` when the case is skipped."""
     require_kernel(kernel)
+    if shape_name in ZOO_SHAPE_NAMES and kernel not in ZOO_KERNEL_NAMES:
+        raise NotImplementedError(f"the zoo layers run {' and '.join(ZOO_KERNEL_NAMES)} only")
     if not QUICK and (kernel, shape_name, dtype_name) in TOO_SLOW:
         raise NotImplementedError(f"{kernel} on {shape_name} in {dtype_name}: seconds per call")
     return make_data(layer_shape(shape_name), dtype_name)
@@ -152,26 +186,26 @@ def _torch():
 
 def forward_call(kernel: str, data: ConvData) -> Callable[[], np.ndarray]:
     """A no-argument function computing ``conv2d(x, w, b)`` with ``kernel``."""
-    x, w, b, _, stride, pad = data
+    x, w, b, _, options = data
     if kernel == "torch":
         torch = _torch()
         tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
 
         def torch_forward():
             with torch.no_grad():
-                return torch.nn.functional.conv2d(tx, tw, tb, stride=stride, padding=pad)
+                return torch.nn.functional.conv2d(tx, tw, tb, **options)
 
         return torch_forward
 
     def forward():
-        return numbaconv.conv2d(x, w, b, stride=stride, padding=pad, kernel=kernel)
+        return numbaconv.conv2d(x, w, b, kernel=kernel, **options)
 
     return forward
 
 
 def backward_call(kernel: str, data: ConvData) -> Callable[[], tuple]:
     """A no-argument function computing ``(grad_x, grad_w, grad_b)`` with ``kernel``."""
-    x, w, _, grad_y, stride, pad = data
+    x, w, _, grad_y, options = data
     if kernel == "torch":
         torch = _torch()
         tx, tw, tgy = (torch.from_numpy(a) for a in (x, w, grad_y))
@@ -185,21 +219,25 @@ def backward_call(kernel: str, data: ConvData) -> Callable[[], tuple]:
                 tx,
                 tw,
                 bias_sizes,
-                [stride] * 2,
-                [pad] * 2,
-                [1, 1],
+                _pair(options["stride"]),
+                _pair(options["padding"]),
+                _pair(options["dilation"]),
                 False,
                 [0, 0],
-                1,
+                options["groups"],
                 [True, True, True],
             )
 
         return torch_backward
 
     def backward():
-        return numbaconv.conv2d_backward(grad_y, x, w, stride=stride, padding=pad, kernel=kernel)
+        return numbaconv.conv2d_backward(grad_y, x, w, kernel=kernel, **options)
 
     return backward
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, tuple | list) else [value, value]
 
 
 def _as_numpy(result) -> np.ndarray:
@@ -246,9 +284,10 @@ def warm_numba_cache() -> None:
             shape = layer_shape(shape_name)
         except NotImplementedError:
             continue
+        kernels = ["auto"] if shape_name in ZOO_SHAPE_NAMES else numbaconv.KERNELS
         for dtype_name in DTYPE_NAMES:
             data = make_data(shrink(shape, 1, QUICK_MAX_SIZE), dtype_name)
-            for kernel in numbaconv.KERNELS:
+            for kernel in kernels:
                 forward_call(kernel, data)()
                 backward_call(kernel, data)()
 
