@@ -1,4 +1,4 @@
-"""numbaconv: fast CPU 2-D convolution layers for Python, written with Numba.
+"""numbaconv: fast CPU convolution layers for Python, written with Numba.
 
 >>> import numpy as np, numbaconv as nc
 >>> x = np.ones((1, 1, 4, 4), dtype=np.float32)
@@ -12,8 +12,19 @@ from ._threading import ForkedOpenMPError, configure_threading_layer
 configure_threading_layer()
 
 from ._workspace import free_workspace  # noqa: E402
-from .functional import col2im, conv2d, conv2d_backward, im2col  # noqa: E402
-from .layer import ConvLayer  # noqa: E402
+from .functional import (  # noqa: E402
+    col2im,
+    conv1d,
+    conv1d_backward,
+    conv2d,
+    conv2d_backward,
+    conv_transpose1d,
+    conv_transpose1d_backward,
+    conv_transpose2d,
+    conv_transpose2d_backward,
+    im2col,
+)
+from .layer import ConvLayer, ConvTransposeLayer  # noqa: E402
 from .registry import KERNELS  # noqa: E402
 
 __version__ = "0.1.0"
@@ -21,10 +32,17 @@ __version__ = "0.1.0"
 __all__ = [
     "KERNELS",
     "ConvLayer",
+    "ConvTransposeLayer",
     "ForkedOpenMPError",
     "col2im",
+    "conv1d",
+    "conv1d_backward",
     "conv2d",
     "conv2d_backward",
+    "conv_transpose1d",
+    "conv_transpose1d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
     "free_workspace",
     "im2col",
     "__version__",
