@@ -46,6 +46,11 @@ LAYERS = [
     Cfg(6, 8, 7, 5, 4, 1, 1, name="pointwise"),
     # Winograd with padding 2 (its grad-x then has padding 0), odd output, no bias.
     Cfg(3, 4, 10, 13, 5, 3, 3, padding=2, bias=False, name="winograd-pad2-no-bias"),
+    # Depthwise (auto picks direct): a channel multiplier of 2 and strides 1 and 2, whose rows
+    # direct reads with constant-stride vector loops; then stride 3, dilation and a 5x3 filter,
+    # its generic loops.
+    Cfg(3, 6, 9, 11, 12, 3, 3, stride=(1, 2), padding=1, groups=6, name="depthwise-multiplier"),
+    Cfg(2, 4, 13, 14, 4, 5, 3, stride=3, padding=2, dilation=(2, 1), groups=4, name="dw-stride3"),
 ]
 BY_NAME = {cfg.name: cfg for cfg in LAYERS}
 
@@ -132,8 +137,9 @@ def test_auto_picks_each_concrete_kernel_among_the_layers(dtype_, direction):
     chosen = {cfg.name: nc.registry.choose(geometry(cfg), dtype_, direction) for cfg in LAYERS}
     assert chosen["auto-winograd"] == "winograd"
     assert chosen["bands-split-images"] == "im2col"
-    # auto never picks direct or numpy (README): these two are what it can run.
-    assert set(chosen.values()) == {"winograd", "im2col"}
+    assert chosen["depthwise-multiplier"] == chosen["dw-stride3"] == "direct"
+    # auto never picks numpy (README): these three are what it can run.
+    assert set(chosen.values()) == {"winograd", "im2col", "direct"}
     # And the winograd layer is in parallel by itself, not only when forced.
     assert geometry(BY_NAME["auto-winograd"]).flops >= _threading.SERIAL_FLOPS
 
