@@ -22,3 +22,48 @@ def valid_range(n_out, stride, offset, size):
     if hi < lo:
         hi = lo
     return lo, hi
+
+
+# Row loops below index 0-based slices: Numba checks every index that might be negative
+# (Python's wraparound), and such a check in a loop body keeps LLVM from vectorising it. Strides
+# 1 and 2 get loops with a constant stride (contiguous or interleaved vector loads and stores).
+
+
+@njit(cache=True, inline="always")
+def gather_row(dst, src, first, stride):
+    """``dst[i] = src[first + i*stride]`` for every ``i`` of ``dst``."""
+    count = dst.shape[0]
+    if stride == 1:
+        s1 = src[first : first + count]
+        for i in range(count):
+            dst[i] = s1[i]
+    elif stride == 2:
+        s2 = src[first : first + 2 * count]
+        for i in range(count):
+            dst[i] = s2[2 * i]
+    else:
+        for i in range(count):
+            dst[i] = src[first + i * stride]
+
+
+@njit(cache=True, inline="always")
+def scatter_add_row(dst, src, first, stride):
+    """``dst[first + i*stride] += src[i]`` for every ``i`` of ``src``."""
+    count = src.shape[0]
+    if stride == 1:
+        d1 = dst[first : first + count]
+        for i in range(count):
+            d1[i] += src[i]
+    elif stride == 2:
+        d2 = dst[first : first + 2 * count]
+        for i in range(count):
+            d2[2 * i] += src[i]
+    else:
+        for i in range(count):
+            dst[first + i * stride] += src[i]
+
+
+@njit(cache=True, inline="always")
+def zero_row(dst):
+    for i in range(dst.shape[0]):
+        dst[i] = 0

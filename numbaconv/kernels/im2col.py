@@ -36,7 +36,7 @@ from numba import njit, prange
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry
-from ._loops import valid_range
+from ._loops import gather_row, scatter_add_row, valid_range, zero_row
 
 #: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result); one image's
 #: workspace is always allowed. Chunks larger than L2 (2 MiB per core here) cost little, while
@@ -154,20 +154,13 @@ def channel_columns(x, n, c, oh0, oh1, cols, col0, geo):
             for oh in range(oh0, oh1):
                 ih = oh * sh - pad_t + r * dh
                 base = col0 + (oh - oh0) * out_w
+                dst = cols[row, base : base + out_w]
                 if ih < 0 or ih >= height:
-                    for ow in range(out_w):
-                        cols[row, base + ow] = 0
+                    zero_row(dst)
                     continue
-                for ow in range(lo):
-                    cols[row, base + ow] = 0
-                if sw == 1:  # unit stride: a plain copy LLVM vectorises
-                    for ow in range(lo, hi):
-                        cols[row, base + ow] = x[n, c, ih, ow + col_offset]
-                else:
-                    for ow in range(lo, hi):
-                        cols[row, base + ow] = x[n, c, ih, ow * sw + col_offset]
-                for ow in range(hi, out_w):
-                    cols[row, base + ow] = 0
+                zero_row(dst[:lo])
+                gather_row(dst[lo:hi], x[n, c, ih], lo * sw + col_offset, sw)
+                zero_row(dst[hi:])
 
 
 @njit(cache=True)
@@ -223,17 +216,16 @@ def channel_col2im_add(cols, img, n, c, oh0, oh1, col0, geo):
             row = (c * filter_h + r) * filter_w + s
             col_offset = s * dw - pad_l
             lo, hi = valid_range(out_w, sw, col_offset, width)
+            if hi <= lo:
+                continue
             for oh in range(oh0, oh1):
                 ih = oh * sh - pad_t + r * dh
                 if ih < 0 or ih >= height:
                     continue
                 base = col0 + (oh - oh0) * out_w
-                if sw == 1:  # unit stride: vectorisable
-                    for ow in range(lo, hi):
-                        img[n, c, ih, ow + col_offset] += cols[row, base + ow]
-                else:
-                    for ow in range(lo, hi):
-                        img[n, c, ih, ow * sw + col_offset] += cols[row, base + ow]
+                scatter_add_row(
+                    img[n, c, ih], cols[row, base + lo : base + hi], lo * sw + col_offset, sw
+                )
 
 
 @njit(parallel=True, cache=True)
