@@ -181,10 +181,14 @@ def _pads(geom: ConvGeometry) -> tuple[int, int, int, int]:
     return geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right
 
 
-def _explicitly_padded(x, geom: ConvGeometry, padding_mode):
-    """``(x, geom)`` to run for ``padding_mode``: ``x`` padded and an unpadded geometry, or both
-    unchanged for ``'zeros'`` (the kernels pad with zeros themselves) and for no padding."""
-    mode = check_padding_mode(padding_mode, _pads(geom), (geom.in_height, geom.in_width))
+def _checked_mode(padding_mode, geom: ConvGeometry) -> str:
+    return check_padding_mode(padding_mode, _pads(geom), (geom.in_height, geom.in_width))
+
+
+def _explicitly_padded(x, geom: ConvGeometry, mode: str):
+    """``(x, geom)`` to run for the (checked) padding mode: ``x`` padded and an unpadded
+    geometry, or both unchanged for ``'zeros'`` (the kernels pad with zeros themselves) and for
+    no padding."""
     if mode == "zeros" or not any(_pads(geom)):
         return x, geom
     padded = pad_input(x, _pads(geom), mode)
@@ -244,7 +248,7 @@ def conv2d(
     geom, _ = validate_conv(
         x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
-    x, geom = _explicitly_padded(x, geom, padding_mode)
+    x, geom = _explicitly_padded(x, geom, _checked_mode(padding_mode, geom))
     return _run_forward(x, w, b, geom, registry.resolve(kernel))
 
 
@@ -276,12 +280,17 @@ def conv2d_backward(
     geom, dtype = validate_conv(
         x, w, None, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
+    mode = _checked_mode(padding_mode, geom)
     validate_grad_output(grad_y, geom, dtype)
-    name = registry.resolve(kernel)
-    padded, run_geom = _explicitly_padded(x, geom, padding_mode)
+    return _conv2d_backward(grad_y, x, w, geom, mode, registry.resolve(kernel))
+
+
+def _conv2d_backward(grad_y, x, w, geom: ConvGeometry, mode: str, name: str):
+    """:func:`conv2d_backward` once the arrays and the padding mode are validated."""
+    padded, run_geom = _explicitly_padded(x, geom, mode)
     grad_x, grad_w, grad_b = _run_backward(grad_y, padded, w, run_geom, name)
     if run_geom is not geom:
-        grad_x = fold_padding(grad_x, _pads(geom), padding_mode)
+        grad_x = fold_padding(grad_x, _pads(geom), mode)
     return grad_x, grad_w, grad_b
 
 
@@ -406,7 +415,12 @@ def conv_transpose2d_backward(
         groups=groups,
     )
     validate_grad_shape(grad_y, geom.input_shape, dtype)
-    name = registry.resolve(kernel)
+    return _conv_transpose2d_backward(grad_y, x, w, geom, registry.resolve(kernel))
+
+
+def _conv_transpose2d_backward(grad_y, x, w, geom: ConvGeometry, name: str):
+    """:func:`conv_transpose2d_backward` once the arrays are validated."""
+    dtype = x.dtype
     grad_x = _run_forward(grad_y, w, None, geom, name)
     if grad_x.shape != x.shape:  # output_padding >= stride: drop the rows x does not have
         grad_x = np.ascontiguousarray(grad_x[:, :, : x.shape[2], : x.shape[3]])
@@ -427,6 +441,11 @@ def _as_2d(a: np.ndarray, name: str, layout: str) -> np.ndarray:
     if a.ndim != 3:
         raise ValueError(f"{name} must be 3-D {layout}, got {a.ndim}-D with shape {a.shape}")
     return a[:, :, np.newaxis, :]
+
+
+def _shape_1d(shape_2d: tuple[int, int, int, int]) -> tuple[int, int, int]:
+    """``(A, B, 1, L)`` as ``(A, B, L)``."""
+    return shape_2d[0], shape_2d[1], shape_2d[3]
 
 
 def _as_1d(a: np.ndarray) -> np.ndarray:
@@ -499,14 +518,14 @@ def conv1d_backward(
     grad_w : ndarray, shape of ``w``
     grad_b : ndarray, shape (K,)
     """
-    grad_x, grad_w, grad_b = conv2d_backward(
-        _as_2d(grad_y, "grad_y", "(N, K, OL)"),
-        _as_2d(x, "x", "(N, C, L)"),
-        _as_2d(w, "w", "(K, C // groups, k)"),
-        groups=groups,
-        padding_mode=padding_mode,
-        kernel=kernel,
-        **options_1d(stride, padding, dilation),
+    x4, w4 = _as_2d(x, "x", "(N, C, L)"), _as_2d(w, "w", "(K, C // groups, k)")
+    options = options_1d(stride, padding, dilation)
+    geom, dtype = validate_conv(x4, w4, None, groups=groups, **options)
+    mode = _checked_mode(padding_mode, geom)
+    # Checked against the 1-D shape, so that the message names the shape the caller knows.
+    validate_grad_shape(grad_y, _shape_1d(geom.output_shape), dtype)
+    grad_x, grad_w, grad_b = _conv2d_backward(
+        grad_y[:, :, np.newaxis, :], x4, w4, geom, mode, registry.resolve(kernel)
     )
     return _as_1d(grad_x), _as_1d(grad_w), grad_b
 
@@ -575,13 +594,12 @@ def conv_transpose1d_backward(
     grad_w : ndarray, shape of ``w``
     grad_b : ndarray, shape (C_out,)
     """
-    grad_x, grad_w, grad_b = conv_transpose2d_backward(
-        _as_2d(grad_y, "grad_y", "(N, C_out, OL)"),
-        _as_2d(x, "x", "(N, C_in, L)"),
-        _as_2d(w, "w", "(C_in, C_out // groups, k)"),
-        groups=groups,
-        kernel=kernel,
-        **options_1d(stride, padding, dilation, output_padding),
+    x4, w4 = _as_2d(x, "x", "(N, C_in, L)"), _as_2d(w, "w", "(C_in, C_out // groups, k)")
+    options = options_1d(stride, padding, dilation, output_padding)
+    geom, dtype = validate_conv_transpose(x4, w4, None, groups=groups, **options)
+    validate_grad_shape(grad_y, _shape_1d(geom.input_shape), dtype)
+    grad_x, grad_w, grad_b = _conv_transpose2d_backward(
+        grad_y[:, :, np.newaxis, :], x4, w4, geom, registry.resolve(kernel)
     )
     return _as_1d(grad_x), _as_1d(grad_w), grad_b
 
