@@ -11,6 +11,11 @@ dilation ``d``, the output size is::
 
     out = (in + pad_lo + pad_hi - d * (k - 1) - 1) // s + 1
 
+A transposed convolution is described by the geometry of its adjoint convolution (see
+:func:`make_transposed_geometry`); its output size along one axis is
+:func:`transposed_output_size`. A 1-D convolution is a 2-D one of height 1 (:func:`options_1d`).
+``padding_mode`` is checked against the resolved padding by :func:`check_padding_mode`.
+
 Pure Python: no Numba here. Every public entry point calls :func:`conv_geometry` (or one of the
 smaller checks) once; the kernels trust what they are given and never validate.
 """
@@ -417,8 +422,13 @@ def single(value, name: str) -> int:
             raise ValueError(
                 f"{name} must be an int or a 1-tuple for 1-D convolution, got {value!r}"
             )
-        return _int(value[0], name)
-    return _int(value, name)
+        (value,) = value
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}") from None
 
 
 def options_1d(stride=1, padding=0, dilation=1, output_padding=None) -> dict:
