@@ -46,6 +46,8 @@ LAYERS = [
     Cfg(6, 8, 7, 5, 4, 1, 1, name="pointwise"),
     # Winograd with padding 2 (its grad-x then has padding 0), odd output, no bias.
     Cfg(3, 4, 10, 13, 5, 3, 3, padding=2, bias=False, name="winograd-pad2-no-bias"),
+    # One image: Winograd's grad-w cuts its 5 tile rows into 3 bands of 2, 2 and 1 (3 lanes).
+    Cfg(1, 16, 18, 30, 16, 3, 3, padding=1, name="winograd-batch1"),
     # Depthwise (auto picks direct): a channel multiplier of 2 and strides 1 and 2, whose rows
     # direct reads with constant-stride vector loops; then stride 3, dilation and a 5x3 filter,
     # its generic loops.
@@ -183,18 +185,27 @@ def test_plans_split_the_batch(
     tiles_h = winograd._tiles(geom)[0]
     assert winograd._forward_plan(geom, itemsize) == (tiles_h, 2)
     assert [len(r) for r in _runs(9, threads)] == [4, 5] and cfg.n % 2 == 1
-    # Winograd grad-w: 8 lanes of 2 or 3 images, in groups of 3 (lanes of 2: a short group).
-    assert winograd._weight_gradient_lanes(geom, itemsize) == 8
+    # Winograd grad-w: whole images in groups of 3 (planned for 8 lanes), so 6 jobs, the last a
+    # group of 2, one per lane.
+    assert winograd.weight_gradient_plan(geom, itemsize) == (6, tiles_h, 3)
     assert winograd._image_group(geom, itemsize, 8, tiles_h) == 3
-    assert sorted({len(r) for r in _runs(cfg.n, 8)}) == [2, 3]
     thread_probe.clear()
     run_all(cfg, *layer_data(cfg, dtype_), "winograd")
     lanes = [(r.name, r.lanes) for r in thread_probe.regions]
     assert lanes == [
         ("winograd.fused_winograd_kernel", 2),  # forward
-        ("winograd.fused_weight_gradient_kernel", 8),
+        ("winograd.fused_weight_gradient_kernel", 6),
         ("winograd.fused_winograd_kernel", 2),  # grad-x
     ]
+
+
+def test_batch_of_one_splits_winograd_weight_gradient(force_parallel, thread_probe):
+    cfg = BY_NAME["winograd-batch1"]
+    assert winograd.weight_gradient_plan(geometry(cfg), 4) == (3, 2, 1)
+    thread_probe.clear()
+    run_all(cfg, *layer_data(cfg, np.float32), "winograd")
+    lanes = {r.name: r.lanes for r in thread_probe.regions}
+    assert lanes["winograd.fused_weight_gradient_kernel"] == 3
 
 
 # -------------------------------------------------------------------------------------------
@@ -208,7 +219,11 @@ def test_parallel_matches_reference(kernel, dtype, cfg, force_parallel, thread_p
     if kernel == "numpy":  # plain NumPy: no Numba region to split (its BLAS has its own threads)
         assert not thread_probe.regions
         return
-    thread_probe.assert_every_region_parallel(f"{kernel} {cfg}")
+    # im2col's backward gives each lane whole images (their grad-x rows overlap between
+    # bands), so a batch of one runs on one lane: a known limitation (issue "Fast on every
+    # layer"), pinned here so that lifting it shows.
+    one_lane = frozenset({"im2col.fused_backward_kernel"}) if cfg.n == 1 else frozenset()
+    thread_probe.assert_every_region_parallel(f"{kernel} {cfg}", one_lane=one_lane)
     passes = [call for call in thread_probe.calls if call.regions]
     assert len(passes) == 2, f"forward and backward each run parallel regions: {passes}"
 

@@ -463,11 +463,23 @@ def _image_group(geom: ConvGeometry, itemsize: int, lanes: int, band_tiles: int)
     return int(max(1, min(group, -(-geom.batch // lanes))))
 
 
+def _split_for_jobs(tiles_h: int, band_tiles: int, blocks: int, wanted: int) -> int:
+    """``band_tiles``, or fewer tile rows per band if ``blocks`` image groups would otherwise
+    give fewer than ``wanted`` jobs."""
+    if blocks * -(-tiles_h // band_tiles) >= wanted:
+        return band_tiles
+    return -(-tiles_h // -(-wanted // blocks))  # ceil(tiles_h / bands wanted per group)
+
+
 def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
     """``(band_tiles, group)`` of the banded forward pass. Like ``im2col.forward``'s bands, a
     function of the geometry only: planned for ``im2col.PLAN_LANES`` lanes, whatever the thread
-    count (the GEMMs' width, and with it BLAS's rounding, must not depend on it)."""
+    count (the GEMMs' width, and with it BLAS's rounding, must not depend on it), and cut into at
+    least :data:`MIN_JOBS` jobs where the image allows."""
     band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
+    group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
+    tiles_h = _tiles(geom)[0]
+    band_tiles = _split_for_jobs(tiles_h, band_tiles, -(-geom.batch // group), MIN_JOBS)
     return band_tiles, _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
 
 
@@ -517,9 +529,9 @@ def fused_weight_gradient_kernel(
     ``grad_y`` transform, and 36 single-threaded GEMMs ``(K, tiles) @ (tiles, C)`` added to the
     lane's ``sums[lane]`` (36, K, C); the caller adds the lanes in order and applies ``G^T . G``.
     grad-b is summed on the way, per lane, in the float64 ``bias_sums[lane]``.
-    Lane ``l`` of ``sums.shape[0]`` takes a fixed, contiguous run of images, ``group`` at a time
-    when a band is a whole image (all sizes depend on the geometry only: the same bits on any
-    number of threads).
+    Jobs are (group of ``group`` images, band of ``band_tiles`` tile rows) pairs, in image-then-band
+    order; lane ``l`` of ``sums.shape[0]`` takes a fixed, contiguous run of them (all sizes depend
+    on the geometry only: the same bits on any number of threads).
     """
     n_batch = x.shape[0]
     n_filters, out_h, out_w = grad_y.shape[1], grad_y.shape[2], grad_y.shape[3]
@@ -534,85 +546,112 @@ def fused_weight_gradient_kernel(
         part = part_ws[lane]
         acc[:] = 0
         bias_acc[:] = 0
-        last = n_batch * (lane + 1) // lanes
-        for n0 in range(n_batch * lane // lanes, last, group):
-            n1 = min(last, n0 + group)
-            for band in range(bands):
-                th0 = band * band_tiles
-                th1 = min(tiles_h, th0 + band_tiles)
-                per_image = (th1 - th0) * tiles_w
-                count = (n1 - n0) * per_image
-                v = v_ws[lane]
-                g = g_ws[lane]
-                for n in range(n0, n1):
-                    first_tile = (n - n0) * per_image
-                    input_transform_band(
-                        x, n, th0, th1, v, first_tile, count, rows, tiles_w, pad_t, pad_l
-                    )
-                    for k in range(n_filters):
-                        for th in range(th0, th1):
-                            # The tile row's four grad_y rows, zero past the output's edges...
-                            for a in range(4):
-                                oh = 4 * th + a
-                                if oh >= out_h:
-                                    for q in range(grid_w):
-                                        rows[a, q] = 0
-                                    continue
-                                for q in range(out_w):
-                                    rows[a, q] = grad_y[n, k, oh, q]
-                                for q in range(out_w, grid_w):
+        # Lane ``lane`` takes a contiguous run of the (image group, band) jobs, so that a batch
+        # of one image still spreads over the lanes, band by band.
+        blocks = (n_batch + group - 1) // group
+        jobs = blocks * bands
+        for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
+            block = job // bands
+            band = job - block * bands
+            n0 = block * group
+            n1 = min(n_batch, n0 + group)
+            th0 = band * band_tiles
+            th1 = min(tiles_h, th0 + band_tiles)
+            per_image = (th1 - th0) * tiles_w
+            count = (n1 - n0) * per_image
+            v = v_ws[lane]
+            g = g_ws[lane]
+            for n in range(n0, n1):
+                first_tile = (n - n0) * per_image
+                input_transform_band(
+                    x, n, th0, th1, v, first_tile, count, rows, tiles_w, pad_t, pad_l
+                )
+                for k in range(n_filters):
+                    for th in range(th0, th1):
+                        # The tile row's four grad_y rows, zero past the output's edges...
+                        for a in range(4):
+                            oh = 4 * th + a
+                            if oh >= out_h:
+                                for q in range(grid_w):
                                     rows[a, q] = 0
-                                bias_acc[k] += im2col.row_sum(grad_y[n, k, oh])
-                            # ... A Gy down the columns (vectorised), then (A Gy) A^T per tile.
-                            for q in range(grid_w):
-                                g0, g1, g2, g3 = rows[0, q], rows[1, q], rows[2, q], rows[3, q]
-                                t0, t1, t2, t3, t4, t5 = _a6(g0, g1, g2, g3)
-                                rows[4, q] = t0
-                                rows[5, q] = t1
-                                rows[6, q] = t2
-                                rows[7, q] = t3
-                                rows[8, q] = t4
-                                rows[9, q] = t5
-                            first = k * count + first_tile + (th - th0) * tiles_w
-                            for i in range(6):
-                                for tw in range(tiles_w):
-                                    q = 4 * tw
-                                    r = 4 + i
-                                    t0, t1, t2, t3, t4, t5 = _a6(
-                                        rows[r, q], rows[r, q + 1], rows[r, q + 2], rows[r, q + 3]
-                                    )
-                                    g[6 * i, first + tw] = t0
-                                    g[6 * i + 1, first + tw] = t1
-                                    g[6 * i + 2, first + tw] = t2
-                                    g[6 * i + 3, first + tw] = t3
-                                    g[6 * i + 4, first + tw] = t4
-                                    g[6 * i + 5, first + tw] = t5
-                for e in range(36):
-                    np.dot(
-                        g[e, : n_filters * count].reshape(n_filters, count),
-                        v[e, : n_chan * count].reshape(n_chan, count).T,
-                        part[e],
-                    )
-                acc += part
+                                continue
+                            for q in range(out_w):
+                                rows[a, q] = grad_y[n, k, oh, q]
+                            for q in range(out_w, grid_w):
+                                rows[a, q] = 0
+                            bias_acc[k] += im2col.row_sum(grad_y[n, k, oh])
+                        # ... A Gy down the columns (vectorised), then (A Gy) A^T per tile.
+                        for q in range(grid_w):
+                            g0, g1, g2, g3 = rows[0, q], rows[1, q], rows[2, q], rows[3, q]
+                            t0, t1, t2, t3, t4, t5 = _a6(g0, g1, g2, g3)
+                            rows[4, q] = t0
+                            rows[5, q] = t1
+                            rows[6, q] = t2
+                            rows[7, q] = t3
+                            rows[8, q] = t4
+                            rows[9, q] = t5
+                        first = k * count + first_tile + (th - th0) * tiles_w
+                        for i in range(6):
+                            for tw in range(tiles_w):
+                                q = 4 * tw
+                                r = 4 + i
+                                t0, t1, t2, t3, t4, t5 = _a6(
+                                    rows[r, q], rows[r, q + 1], rows[r, q + 2], rows[r, q + 3]
+                                )
+                                g[6 * i, first + tw] = t0
+                                g[6 * i + 1, first + tw] = t1
+                                g[6 * i + 2, first + tw] = t2
+                                g[6 * i + 3, first + tw] = t3
+                                g[6 * i + 4, first + tw] = t4
+                                g[6 * i + 5, first + tw] = t5
+            for e in range(36):
+                np.dot(
+                    g[e, : n_filters * count].reshape(n_filters, count),
+                    v[e, : n_chan * count].reshape(n_chan, count).T,
+                    part[e],
+                )
+            acc += part
 
 
-def _weight_gradient_lanes(geom: ConvGeometry, itemsize: int) -> int:
-    """Lanes of :func:`fused_weight_gradient_kernel` (0: their sums would not fit); as
+#: Both passes cut images into bands until they have at least this many (image group, band)
+#: jobs, so that small batches (a batch of one) still run on several cores; more, narrower bands
+#: would make the GEMMs narrower than BLAS runs well. A constant: plans must not depend on the
+#: thread count. 4 keeps 2-4 cores busy. float32, 2 threads: U-Net's 1x32x256x256 backward
+#: 16.4 -> 11.3 ms (its grad-w had run on one lane). ResNet's 1x128x28x28 stays at 6.0 / 22.5 ms
+#: (two jobs of 14-28 tiles per GEMM), and with that plan ``auto`` sends it to im2col
+#: (``WINOGRAD_MIN_TILES``), which takes 2.3 / 4.3 ms.
+MIN_JOBS = 4
+
+
+def weight_gradient_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int]:
+    """``(lanes, band_tiles, group)`` of :func:`fused_weight_gradient_kernel`; ``lanes`` is 0
+    when not even two lanes' sums fit (then im2col computes grad-w). As
     :func:`numbaconv.kernels.im2col._backward_lanes`, a function of the geometry only."""
     per_lane = 2 * 36 * geom.out_channels * geom.in_channels * itemsize  # sum + GEMM partial
-    return im2col.lanes_that_fit(geom.batch, per_lane)
+    fit = im2col.lanes_that_fit(im2col.BACKWARD_LANES, per_lane)
+    if fit == 0 and geom.batch == 1:
+        fit = im2col.lanes_that_fit(1, per_lane)  # one lane: no sums to add up
+    if fit == 0:
+        return 0, 0, 0
+    tiles_h = _tiles(geom)[0]
+    band_tiles = _band_tiles(geom, itemsize, fit, per_lane)
+    group = _image_group(geom, itemsize, fit, band_tiles)
+    blocks = -(-geom.batch // group)
+    band_tiles = _split_for_jobs(tiles_h, band_tiles, blocks, min(fit, MIN_JOBS))
+    jobs = blocks * -(-tiles_h // band_tiles)
+    return min(fit, jobs), band_tiles, group
 
 
-def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, lanes: int):
-    """``(grad_w, grad_b)`` by :func:`fused_weight_gradient_kernel`."""
+def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, plan: tuple[int, int, int]):
+    """``(grad_w, grad_b)`` by :func:`fused_weight_gradient_kernel` on ``plan``
+    (:func:`weight_gradient_plan`)."""
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
+    lanes, band_tiles, group = plan
     sums = take("winograd.grad_w_lanes", (lanes, 36, k, c), x.dtype)
     partials = take("winograd.grad_w_partials", sums.shape, x.dtype)
     bias_sums = take("winograd.grad_b_lanes", (lanes, k), np.float64)  # float64 for every dtype
-    band_tiles = _band_tiles(geom, x.itemsize, lanes, 2 * sums[0].nbytes)
-    group = _image_group(geom, x.itemsize, lanes, band_tiles)
     count = group * band_tiles * tiles_w
     v_ws = take("winograd.grad_w_input", (lanes, 36, _plane(c * count)), x.dtype)
     g_ws = take("winograd.grad_w_grad_y", (lanes, 36, _plane(k * count)), x.dtype)
@@ -664,9 +703,9 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     transposed = _input_gradient_geometry(geom) if supports(geom) else None
     if transposed is None or not supports(transposed) or not _all_finite(w):
         return im2col.backward(grad_y, x, w, geom)
-    lanes = _weight_gradient_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
-    if lanes:
-        grad_w, grad_b = _winograd_weight_gradient(grad_y, x, geom, lanes)
+    plan = weight_gradient_plan(geom, x.itemsize) if blas_inside_kernels() else (0, 0, 0)
+    if plan[0]:
+        grad_w, grad_b = _winograd_weight_gradient(grad_y, x, geom, plan)
     else:
         grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
     # grad_x = grad_y correlated with the filters flipped in space, input/output swapped.
