@@ -53,6 +53,8 @@ LAYERS = [
     # its generic loops.
     Cfg(3, 6, 9, 11, 12, 3, 3, stride=(1, 2), padding=1, groups=6, name="depthwise-multiplier"),
     Cfg(2, 4, 13, 14, 4, 5, 3, stride=3, padding=2, dilation=(2, 1), groups=4, name="dw-stride3"),
+    # Stride 1: direct's plane kernels (dilated, padding up to the filter's reach).
+    Cfg(3, 4, 11, 9, 8, 3, 3, padding=(2, 1), dilation=(2, 1), groups=4, name="dw-planes"),
 ]
 BY_NAME = {cfg.name: cfg for cfg in LAYERS}
 
@@ -139,7 +141,7 @@ def test_auto_picks_each_concrete_kernel_among_the_layers(dtype_, direction):
     chosen = {cfg.name: nc.registry.choose(geometry(cfg), dtype_, direction) for cfg in LAYERS}
     assert chosen["auto-winograd"] == "winograd"
     assert chosen["bands-split-images"] == "im2col"
-    assert chosen["depthwise-multiplier"] == chosen["dw-stride3"] == "direct"
+    assert chosen["depthwise-multiplier"] == chosen["dw-stride3"] == chosen["dw-planes"] == "direct"
     # auto never picks numpy (README): these three are what it can run.
     assert set(chosen.values()) == {"winograd", "im2col", "direct"}
     # And the winograd layer is in parallel by itself, not only when forced.

@@ -38,6 +38,8 @@ LANE_ARGUMENTS = {
     "fused_backward_kernel": "grad_w_lanes",
     "fused_winograd_kernel": "v_ws",
     "fused_weight_gradient_kernel": "sums",
+    "flat_kernel": "workspace",
+    "flat_grad_weight_kernel": "workspace",
 }
 
 
