@@ -70,14 +70,15 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 32
 
 
-#: ``'auto'`` runs ``direct`` on layers with at most this many input channels per group
-#: (depthwise layers, channel multiplier or not): there im2col's GEMMs are one row of taps per
-#: group. float32, 2 threads (``numbaconv bench``, forward/backward ms, im2col -> direct):
-#: MobileNetV2's 16x32x112x112 depthwise 3x3 17.9/46.0 -> 4.3/13.4, its stride-2 144-channel
-#: layer 9.2/21.7 -> 4.6/11.8, EfficientNet's 5x5 46.2/87.2 -> 16.4/33.5, batch of one with 256
-#: channels 0.92/3.3 -> 0.45/0.87. At 2 channels per group direct won at 56x56 (9.9 -> 7.7 ms) and
-#: lost at 28x28 (5.4 -> 6.8 ms); at 4 (ResNeXt's 32 groups) and 8 it lost (22 -> 30, 2.9 -> 13).
-DIRECT_MAX_CHANNELS_PER_GROUP = 1
+#: ``'auto'`` runs ``direct`` on depthwise layers (one input channel per group, channel
+#: multiplier or not), whatever the stride: there im2col's GEMMs are one row of taps per group.
+#: At stride 1 (``direct``'s plane kernels) also on layers with up to this many input channels
+#: per group. float32, 2 threads, ``numbaconv bench``, forward/backward ms, im2col -> direct:
+#: MobileNetV2's 16x32x112x112 depthwise 3x3 17.9/46.0 -> 3.9/11.5, its stride-2 144-channel layer
+#: 9.2/21.7 -> 4.6/11.7 (row kernels), EfficientNet's 5x5 46.2/87.2 -> 2.7/9.0; 2 channels per
+#: group at 28x28 4.1/7.9 -> 1.5/4.4, ResNeXt's 4 per group 14.8/28.2 -> 9.0/27.9; at 8 per
+#: group im2col won again (2.3/4.1 against 2.6/8.3).
+DIRECT_MAX_CHANNELS_PER_GROUP = 4
 
 
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
@@ -89,8 +90,8 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     - 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS` input and output channels
       and at least :data:`WINOGRAD_MIN_TILES` tiles per GEMM use ``winograd`` (resnet3x3 float32:
       12.5 ms forward and 32.8 ms backward, against 28.1 and 57.9 ms for ``im2col``);
-    - layers with at most :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group
-      (depthwise) use ``direct``;
+    - depthwise layers, and stride-1 layers with at most
+      :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
     - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
       every other layer (``direct`` did not win even on the digits layer).
 
@@ -101,8 +102,11 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
     itemsize = np.dtype(dtype).itemsize if dtype is not None else 4
-    if geom.groups > 1 and geom.in_channels // geom.groups <= DIRECT_MAX_CHANNELS_PER_GROUP:
-        return "direct"
+    if geom.groups > 1:
+        per_group = geom.in_channels // geom.groups
+        stride_1 = geom.stride_h == geom.stride_w == 1
+        if per_group == 1 or (stride_1 and per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
+            return "direct"
     if (
         winograd.supports(geom)
         and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
