@@ -172,13 +172,17 @@ def test_plans_split_the_batch(
     assert (band_rows, bands) == ((60, 2) if itemsize == 4 else (30, 3))
     runs = _runs(cfg.n * bands, min(threads, cfg.n * bands))
     assert len(runs) == 2 and runs[1].start % bands != 0, "a lane boundary inside an image"
-    # im2col backward: one image per lane, several bands each.
-    assert im2col._backward_lanes(geom, itemsize) == 3
-    assert im2col._band_rows(geom, itemsize, 3, 2 * cfg.k * 144 * itemsize) == band_rows
+    # im2col backward: 3 images for SMALL_BATCH_LANES = 4 lanes, so bands of at most
+    # ceil(61 / 2) = 31 rows (2 or 3 per image), shared by the lanes in 2 phases (a band of
+    # 30 or 31 rows reaches 2 rows further than its own, into the next band but not beyond).
+    assert im2col.SMALL_BATCH_LANES == 4
+    assert im2col._backward_lanes(geom, itemsize) == 4
+    backward_rows = min(band_rows, 31)
+    assert im2col._band_phases(geom, backward_rows) == 2
     thread_probe.clear()
     run_all(cfg, *layer_data(cfg, dtype_), "im2col")
-    lanes = {r.name: r.lanes for r in thread_probe.regions}
-    assert lanes == {"im2col.fused_forward_kernel": 2, "im2col.fused_backward_kernel": 3}
+    lanes = [(r.name, r.lanes) for r in thread_probe.regions]
+    assert lanes == [("im2col.fused_forward_kernel", 2)] + [("im2col.fused_backward_kernel", 4)] * 2
 
     # Winograd forward (and grad-x, the same pass on grad_y): 17 images in groups of 2, so 9
     # jobs; the two lanes take 4 and 5 of them, the last job one image.
@@ -221,11 +225,7 @@ def test_parallel_matches_reference(kernel, dtype, cfg, force_parallel, thread_p
     if kernel == "numpy":  # plain NumPy: no Numba region to split (its BLAS has its own threads)
         assert not thread_probe.regions
         return
-    # im2col's backward gives each lane whole images (their grad-x rows overlap between
-    # bands), so a batch of one runs on one lane: a known limitation (issue "Fast on every
-    # layer"), pinned here so that lifting it shows.
-    one_lane = frozenset({"im2col.fused_backward_kernel"}) if cfg.n == 1 else frozenset()
-    thread_probe.assert_every_region_parallel(f"{kernel} {cfg}", one_lane=one_lane)
+    thread_probe.assert_every_region_parallel(f"{kernel} {cfg}")
     passes = [call for call in thread_probe.calls if call.regions]
     assert len(passes) == 2, f"forward and backward each run parallel regions: {passes}"
 

@@ -133,21 +133,13 @@ class ThreadProbe:
     def region_names(self) -> set[str]:
         return {region.name for region in self.regions}
 
-    def assert_every_region_parallel(
-        self, what: str = "", min_threads: int = 2, one_lane: frozenset = frozenset()
-    ) -> None:
+    def assert_every_region_parallel(self, what: str = "", min_threads: int = 2) -> None:
         """At least one parallel region ran, and every one of them with ``min_threads`` threads
-        or more and, if banded, at least two lanes: the work really was split. Regions named in
-        ``one_lane`` must run exactly one lane instead (a known limitation, pinned)."""
+        or more and, if banded, at least two lanes: the work really was split."""
         regions = self.regions
         assert regions, f"{what}: no Numba parallel region ran ({len(self.calls)} calls)"
-        pinned = [r for r in regions if r.name in one_lane]
-        assert all(r.lanes == 1 for r in pinned), f"{what}: expected one lane: {pinned}"
         serial = [
-            r
-            for r in regions
-            if r.name not in one_lane
-            and (r.threads < min_threads or (r.lanes is not None and r.lanes < 2))
+            r for r in regions if r.threads < min_threads or (r.lanes is not None and r.lanes < 2)
         ]
         assert not serial, (
             f"{what}: {len(serial)} of {len(regions)} parallel regions did not split their work "

@@ -321,24 +321,22 @@ def flat_kernel(
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def flat_grad_weight_kernel(grad_y, x, grad_w, pad_t, pad_l, dh, dw, groups, workspace, sums_ws):
     """grad-w of a stride-1 convolution by planes: per (filter, channel) job and image, ``x``'s
-    padded plane and ``grad_y`` on the same OH x padded_w grid (zero past OW), then one float64
-    dot product per tap, summed in ``sums_ws`` (lanes, R, S, float64). ``workspace`` is (lanes,
-    padded plane + grid); lanes take contiguous runs of jobs, and each job sums the images in
-    order."""
+    zero-padded plane, then per tap the dot products of ``grad_y``'s rows with the plane's rows
+    at the tap's offset, summed in ``sums_ws`` (lanes, R, S, float64). Only the OW columns that
+    an output reads take part (the padded plane's other columns hold pixels that a NaN or Inf
+    would spread from). ``workspace`` is (lanes, padded plane); lanes take contiguous runs of
+    jobs, and each job sums the images in order."""
     n_batch, n_filters, out_h, out_w = grad_y.shape
     _, chan_per_group, filter_h, filter_w = grad_w.shape
     filters_per_group = n_filters // groups
     padded_w = out_w + (filter_w - 1) * dw
     padded_size = (out_h + (filter_h - 1) * dh) * padded_w + (filter_w - 1) * dw
-    grid_size = out_h * padded_w
     lanes = workspace.shape[0]
     jobs = n_filters * chan_per_group
     for lane in prange(lanes):
         padded = workspace[lane, :padded_size]
-        grid = workspace[lane, padded_size : padded_size + grid_size]
         sums = sums_ws[lane]
         padded[:] = 0
-        grid[:] = 0
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             k = job // chan_per_group
             c = job - k * chan_per_group
@@ -346,14 +344,18 @@ def flat_grad_weight_kernel(grad_y, x, grad_w, pad_t, pad_l, dh, dw, groups, wor
             sums[:] = 0
             for n in range(n_batch):
                 _place(x[n, channel], padded, padded_w, pad_t, pad_l)
-                _place(grad_y[n, k], grid, padded_w, 0, 0)
+                grad_plane = grad_y[n, k]
                 for r in range(filter_h):
                     for s in range(filter_w):
                         o = r * dh * padded_w + s * dw
-                        a = padded[o : o + grid_size]
                         total = 0.0
-                        for q in range(grid_size):
-                            total += grid[q] * a[q]
+                        for oh in range(out_h):
+                            a = padded[o + oh * padded_w : o + oh * padded_w + out_w]
+                            g = grad_plane[oh]
+                            part = 0.0
+                            for q in range(out_w):
+                                part += g[q] * a[q]
+                            total += part
                         sums[r, s] += total
             for r in range(filter_h):
                 for s in range(filter_w):
