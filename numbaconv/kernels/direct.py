@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from .._workspace import take
 from ..geometry import ConvGeometry
-from ._loops import valid_range
+from ._loops import gather_row, valid_range, zero_row
 
 #: Reassociation lets LLVM vectorise the dot products of grad-w and grad-b (partial sums per
 #: vector lane); contraction, fused multiply-adds. Neither touches NaN/Inf semantics (DESIGN).
@@ -211,53 +211,49 @@ def grad_bias_kernel(grad_y, grad_b):
 
 
 @njit(cache=True, inline="always")
-def _place(src, padded, padded_w, top, left):
-    """Copy the plane ``src`` into the flat ``padded`` with its corner at (top, left) of a grid
-    ``padded_w`` wide (negative offsets crop). Positions outside it are left as they are."""
+def _place(src, padded, padded_w, padded_h, row0, col0, sh, sw):
+    """``padded[i*padded_w + j] = src[row0 + sh*i, col0 + sw*j]``, zero outside ``src``, for
+    the ``padded_h`` x ``padded_w`` grid (negative ``row0``/``col0``: zero padding first)."""
     height, width = src.shape
-    padded_h = (padded.shape[0]) // padded_w
-    j0 = max(0, -left)
-    j1 = min(width, padded_w - left)
-    if j1 <= j0:
-        return
-    for i in range(height):
-        row = i + top
-        if row < 0 or row >= padded_h:
+    lo, hi = valid_range(padded_w, sw, col0, width)
+    for i in range(padded_h):
+        dst = padded[i * padded_w : (i + 1) * padded_w]
+        row = row0 + sh * i
+        if row < 0 or row >= height:
+            zero_row(dst)
             continue
-        start = row * padded_w + left + j0
-        dst = padded[start : start + j1 - j0]
-        line = src[i, j0:j1]
-        for j in range(j1 - j0):
-            dst[j] = line[j]
+        zero_row(dst[:lo])
+        gather_row(dst[lo:hi], src[row], lo * sw + col0, sw)
+        zero_row(dst[hi:])
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _taps(acc, padded, padded_w, weights, dh, dw):
-    """``acc[q] += sum_{r, s} weights[r, s] * padded[q + r*dh*padded_w + s*dw]``, up to three
-    taps of a filter row per pass over ``acc`` (fewer loads and stores of ``acc``)."""
+def _taps(acc, padded, padded_w, taps, taps_h, taps_w, dh, dw):
+    """``acc[q] += sum_{r, s} taps[r*taps_w + s] * padded[q + r*dh*padded_w + s*dw]``, up to
+    three taps of a filter row per pass over ``acc`` (fewer loads and stores of ``acc``)."""
     size = acc.shape[0]
-    filter_h, filter_w = weights.shape
-    for r in range(filter_h):
+    for r in range(taps_h):
         s = 0
-        while s < filter_w:
+        while s < taps_w:
             o = r * dh * padded_w + s * dw
-            if s + 2 < filter_w:
-                w0, w1, w2 = weights[r, s], weights[r, s + 1], weights[r, s + 2]
+            t = r * taps_w + s
+            if s + 2 < taps_w:
+                w0, w1, w2 = taps[t], taps[t + 1], taps[t + 2]
                 a = padded[o : o + size]
                 b = padded[o + dw : o + dw + size]
                 c = padded[o + 2 * dw : o + 2 * dw + size]
                 for q in range(size):
                     acc[q] += w0 * a[q] + w1 * b[q] + w2 * c[q]
                 s += 3
-            elif s + 1 < filter_w:
-                w0, w1 = weights[r, s], weights[r, s + 1]
+            elif s + 1 < taps_w:
+                w0, w1 = taps[t], taps[t + 1]
                 a = padded[o : o + size]
                 b = padded[o + dw : o + dw + size]
                 for q in range(size):
                     acc[q] += w0 * a[q] + w1 * b[q]
                 s += 2
             else:
-                w0 = weights[r, s]
+                w0 = taps[t]
                 a = padded[o : o + size]
                 for q in range(size):
                     acc[q] += w0 * a[q]
@@ -266,19 +262,31 @@ def _taps(acc, padded, padded_w, weights, dh, dw):
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def flat_kernel(
-    src, w, bias, has_bias, out, top, left, dh, dw, groups, transpose, workspace, taps_ws
-):
-    """A stride-1 convolution by planes. ``transpose=False``: ``out`` = conv2d(``src``, w) + bias
-    (``src`` is x, ``top``/``left`` its padding). ``transpose=True``: ``out`` = grad-x from
-    ``src`` = grad_y, with the filters flipped and their roles swapped (``top``/``left`` =
-    dilated filter extent - 1 - padding). ``workspace`` (lanes, padded plane + accumulator) is
-    zeroed here, ``taps_ws`` (lanes, R, S) holds a job's filter; lane ``l`` takes a contiguous
-    run of the (image, output channel) jobs."""
+    src, w, bias, has_bias, out, top, left, sh, sw, dh, dw, groups, transpose, workspace, taps_ws
+):  # fmt: skip
+    """A convolution by planes.
+
+    ``transpose=False``: ``out`` = conv2d(``src``, w) + bias, ``src`` being x and ``top``/``left``
+    its padding. A stride (``sh``, ``sw``) is split into its phases: output (oh, ow) reads rows
+    ``oh*sh + r`` of the padded input, so the filter rows ``r = a + sh*i`` read phase ``a``'s
+    plane ``x_padded[a::sh]`` at ``oh + i``: a stride-1 convolution of each phase plane (taken
+    with a stride, once per job) with its sub-filter ``w[a::sh, b::sw]``, summed over the
+    phases. Dilation is for stride 1 only (the caller makes sure).
+
+    ``transpose=True``: ``out`` = grad-x from ``src`` = grad_y, stride 1, with the filters flipped
+    and their roles swapped (``top``/``left`` = dilated filter extent - 1 - padding).
+
+    ``workspace`` (lanes, padded plane + accumulator) and ``taps_ws`` (lanes, R*S) are scratch;
+    lane ``l`` takes a contiguous run of the (image, output channel) jobs.
+    """
     n_batch, n_out, out_h, out_w = out.shape
     n_filters, chan_per_group, filter_h, filter_w = w.shape
     filters_per_group = n_filters // groups
-    padded_w = out_w + (filter_w - 1) * dw
-    padded_size = (out_h + (filter_h - 1) * dh) * padded_w + (filter_w - 1) * dw
+    phase_h = (filter_h + sh - 1) // sh  # rows of the largest sub-filter
+    phase_w = (filter_w + sw - 1) // sw
+    padded_w = out_w + (phase_w - 1) * dw
+    padded_h = out_h + (phase_h - 1) * dh
+    padded_size = padded_h * padded_w + (phase_w - 1) * dw
     acc_size = out_h * padded_w
     sources = filters_per_group if transpose else chan_per_group
     lanes = workspace.shape[0]
@@ -287,7 +295,7 @@ def flat_kernel(
         padded = workspace[lane, :padded_size]
         acc = workspace[lane, padded_size : padded_size + acc_size]
         taps = taps_ws[lane]
-        padded[:] = 0
+        padded[:] = 0  # the tail past the grid, which the last rows' taps read, stays zero
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             n = job // n_out
             o = job - n * n_out
@@ -301,15 +309,23 @@ def flat_kernel(
                     c = o - group * chan_per_group
                     for r in range(filter_h):
                         for s in range(filter_w):
-                            taps[r, s] = w[k, c, filter_h - 1 - r, filter_w - 1 - s]
-                    plane = src[n, k]
-                else:  # o is a filter; its group's input channels are the sources
-                    for r in range(filter_h):
-                        for s in range(filter_w):
-                            taps[r, s] = w[o, j, r, s]
-                    plane = src[n, (o // filters_per_group) * chan_per_group + j]
-                _place(plane, padded, padded_w, top, left)
-                _taps(acc, padded, padded_w, taps, dh, dw)
+                            taps[r * filter_w + s] = w[k, c, filter_h - 1 - r, filter_w - 1 - s]
+                    _place(src[n, k], padded, padded_w, padded_h, -top, -left, 1, 1)
+                    _taps(acc, padded, padded_w, taps, filter_h, filter_w, dh, dw)
+                    continue
+                # o is a filter; its group's input channels are the sources
+                plane = src[n, (o // filters_per_group) * chan_per_group + j]
+                for a in range(sh):
+                    rows = (filter_h - a + sh - 1) // sh
+                    for b in range(sw):
+                        cols = (filter_w - b + sw - 1) // sw
+                        if rows == 0 or cols == 0:
+                            continue
+                        for r in range(rows):
+                            for s in range(cols):
+                                taps[r * cols + s] = w[o, j, a + sh * r, b + sw * s]
+                        _place(plane, padded, padded_w, padded_h, a - top, b - left, sh, sw)
+                        _taps(acc, padded, padded_w, taps, rows, cols, dh, dw)
             target = out[n, o]
             for oh in range(out_h):
                 row = acc[oh * padded_w : oh * padded_w + out_w]
@@ -330,7 +346,8 @@ def flat_grad_weight_kernel(grad_y, x, grad_w, pad_t, pad_l, dh, dw, groups, wor
     _, chan_per_group, filter_h, filter_w = grad_w.shape
     filters_per_group = n_filters // groups
     padded_w = out_w + (filter_w - 1) * dw
-    padded_size = (out_h + (filter_h - 1) * dh) * padded_w + (filter_w - 1) * dw
+    padded_h = out_h + (filter_h - 1) * dh
+    padded_size = padded_h * padded_w + (filter_w - 1) * dw
     lanes = workspace.shape[0]
     jobs = n_filters * chan_per_group
     for lane in prange(lanes):
@@ -343,7 +360,7 @@ def flat_grad_weight_kernel(grad_y, x, grad_w, pad_t, pad_l, dh, dw, groups, wor
             channel = (k // filters_per_group) * chan_per_group + c
             sums[:] = 0
             for n in range(n_batch):
-                _place(x[n, channel], padded, padded_w, pad_t, pad_l)
+                _place(x[n, channel], padded, padded_w, padded_h, -pad_t, -pad_l, 1, 1)
                 grad_plane = grad_y[n, k]
                 for r in range(filter_h):
                     for s in range(filter_w):
@@ -376,7 +393,7 @@ def _args(geom: ConvGeometry) -> tuple[int, ...]:
 
 def _flat(geom: ConvGeometry) -> bool:
     """Stride 1 and padding within the filter's reach (so grad-x's transposed padding is not
-    negative): the plane kernels apply."""
+    negative): the plane kernels apply, forward and backward."""
     reach_h = (geom.filter_height - 1) * geom.dilation_h
     reach_w = (geom.filter_width - 1) * geom.dilation_w
     return (
@@ -386,29 +403,41 @@ def _flat(geom: ConvGeometry) -> bool:
     )
 
 
+def _flat_forward(geom: ConvGeometry) -> bool:
+    """The plane kernel's forward pass: any padding; a stride only without dilation on that
+    axis (its phases are then plain stride-1 convolutions)."""
+    return (geom.stride_h == 1 or geom.dilation_h == 1) and (
+        geom.stride_w == 1 or geom.dilation_w == 1
+    )
+
+
 def _flat_workspace(name: str, jobs: int, out_h: int, out_w: int, geom: ConvGeometry, dtype):
-    """Per lane: a padded plane for an ``out_h`` x ``out_w`` output, and a grid as large."""
-    padded_w = out_w + (geom.filter_width - 1) * geom.dilation_w
-    padded_h = out_h + (geom.filter_height - 1) * geom.dilation_h
-    size = padded_h * padded_w + (geom.filter_width - 1) * geom.dilation_w + out_h * padded_w
+    """Per lane: a padded plane for an ``out_h`` x ``out_w`` output (of the largest phase of a
+    strided filter), and an accumulator grid as large."""
+    phase_h = -(-geom.filter_height // geom.stride_h)
+    phase_w = -(-geom.filter_width // geom.stride_w)
+    padded_w = out_w + (phase_w - 1) * geom.dilation_w
+    padded_h = out_h + (phase_h - 1) * geom.dilation_h
+    size = padded_h * padded_w + (phase_w - 1) * geom.dilation_w + out_h * padded_w
     # Results do not depend on the lanes (each job is one lane's alone), only the speed does.
     lanes = max(1, min(numba.get_num_threads(), jobs))
     return take(name, (lanes, size), dtype)
 
 
 def _taps_workspace(workspace, geom: ConvGeometry, dtype):
-    return take("direct.flat_taps", (workspace.shape[0], *geom.weight_shape[2:]), dtype)
+    taps = geom.filter_height * geom.filter_width
+    return take("direct.flat_taps", (workspace.shape[0], taps), dtype)
 
 
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     y = np.empty(geom.output_shape, dtype=x.dtype)
     bias = b if b is not None else np.zeros(1, dtype=x.dtype)
-    if _flat(geom):
+    if _flat_forward(geom):
         n, k, oh, ow = geom.output_shape
         workspace = _flat_workspace("direct.flat", n * k, oh, ow, geom, x.dtype)
         flat_kernel(
-            x, w, bias, b is not None, y, geom.pad_top, geom.pad_left, geom.dilation_h,
-            geom.dilation_w, geom.groups, False, workspace,
+            x, w, bias, b is not None, y, geom.pad_top, geom.pad_left, geom.stride_h,
+            geom.stride_w, geom.dilation_h, geom.dilation_w, geom.groups, False, workspace,
             _taps_workspace(workspace, geom, x.dtype),
         )  # fmt: skip
     else:
@@ -427,7 +456,7 @@ def backward(grad_y, x, w, geom: ConvGeometry):
         workspace = _flat_workspace("direct.flat", n * c, h, width, geom, x.dtype)
         flat_kernel(
             grad_y, w, grad_b, False, grad_x, reach_h - geom.pad_top, reach_w - geom.pad_left,
-            geom.dilation_h, geom.dilation_w, geom.groups, True, workspace,
+            1, 1, geom.dilation_h, geom.dilation_w, geom.groups, True, workspace,
             _taps_workspace(workspace, geom, x.dtype),
         )  # fmt: skip
         _, k, oh, ow = geom.output_shape
