@@ -1,18 +1,26 @@
 """The ``direct`` kernel family: Numba-parallel loops straight over input and filters.
 
-No workspace: each ``prange`` job owns one output plane (forward: ``y[n, k]``; grad-x:
-``grad_x[n, c]``; grad-w: ``grad_w[k, c]``; grad-b: ``grad_b[k]``) and accumulates into it in a
-fixed order, so results are race-free and identical for any thread count. Its cost is
-``C/groups * R * S`` passes over each output row, so it pays where a layer has few channels per
-group (depthwise and narrow grouped layers), which ``auto`` gives it; there a GEMM would be a
-sliver of a matrix per group.
+Each ``prange`` job owns one output plane (forward: ``y[n, k]``; grad-x: ``grad_x[n, c]``;
+grad-w: ``grad_w[k, c]``; grad-b: ``grad_b[k]``) and accumulates into it in a fixed order, so
+results are race-free and identical for any thread count. Its cost is ``C/groups * R * S``
+passes over each output plane, so it pays where a layer has few channels per group (depthwise
+and narrow grouped layers), which ``auto`` gives it; there a GEMM would be a sliver of a matrix
+per group.
 
-The innermost loops run along a row over the pixels whose input lies inside the image (the bounds
-come from :func:`valid_range`), on 1-D slices indexed from 0: Numba checks every index that
-might be negative (Python's wraparound), and such a check in the loop body kept LLVM from
-vectorising it (measured: depthwise 3x3 on 16x32x112x112, forward 51 ms with ``row[ow + off]``,
-4.6 ms with ``dst[i]`` on slices). Unit and stride-2 loops index with a constant stride, so that
-LLVM can use contiguous or interleaved vector loads.
+Two ways through a plane:
+
+- *planes* (:func:`flat_kernel`, :func:`flat_grad_weight_kernel`; forward at any stride
+  without dilation on a strided axis, backward at stride 1): the input plane is copied into a
+  zero-padded plane (one per thread, the only workspace), and each filter tap is one long loop
+  over the flattened output grid;
+- *rows* (the other kernels; the rest of the geometries): loops along each output row over the
+  pixels whose input lies inside the image (bounds from :func:`valid_range`), no workspace.
+
+Every inner loop runs on 1-D slices indexed from 0: Numba checks every index that might be
+negative (Python's wraparound), and such a check in the loop body kept LLVM from vectorising it
+(measured: depthwise 3x3 on 16x32x112x112, forward 51 ms with ``row[ow + off]``, 4.6 ms with
+``dst[i]`` on slices). Unit and stride-2 loops index with a constant stride, so that LLVM can use
+contiguous or interleaved vector loads.
 """
 
 from __future__ import annotations
@@ -201,7 +209,7 @@ def grad_bias_kernel(grad_y, grad_b):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stride 1: whole planes at a time. A job copies its input plane into a zero-padded plane of the
+# Planes. A job copies its input plane into a zero-padded plane of the
 # output's width plus the filter's reach (``padded_w``), and every filter tap is then one long
 # loop over the flattened plane, ``acc[q] += w * padded[q + tap_offset]``: the output is computed
 # on an OH x padded_w grid and its first OW columns kept. On small maps the row loops above spend
