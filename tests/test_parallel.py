@@ -184,10 +184,17 @@ def test_plans_split_the_batch(
     lanes = [(r.name, r.lanes) for r in thread_probe.regions]
     assert lanes == [("im2col.fused_forward_kernel", 2)] + [("im2col.fused_backward_kernel", 4)] * 2
 
-    # Winograd forward (and grad-x, the same pass on grad_y): 17 images in groups of 2, so 9
-    # jobs; the two lanes take 4 and 5 of them, the last job one image.
+    # im2col forward on 6x7 maps: 42 columns per image, so images go side by side, 4 per GEMM
+    # (17 // 4: enough jobs left), in 5 jobs, the last one image.
     cfg = BY_NAME["17-images"]
     geom = geometry(cfg)
+    assert im2col.forward_plan(geom, itemsize) == (6, 4)
+    thread_probe.clear()
+    nc.conv2d(*layer_data(cfg, dtype_)[:3], kernel="im2col", **cfg.kwargs)
+    assert [(r.name, r.lanes) for r in thread_probe.regions] == [("im2col.fused_forward_kernel", 2)]
+
+    # Winograd forward (and grad-x, the same pass on grad_y): 17 images in groups of 2, so 9
+    # jobs; the two lanes take 4 and 5 of them, the last job one image.
     tiles_h = winograd._tiles(geom)[0]
     assert winograd._forward_plan(geom, itemsize) == (tiles_h, 2)
     assert [len(r) for r in _runs(9, threads)] == [4, 5] and cfg.n % 2 == 1
