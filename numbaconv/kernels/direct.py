@@ -343,45 +343,55 @@ def flat_kernel(
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def flat_grad_weight_kernel(grad_y, x, grad_w, pad_t, pad_l, dh, dw, groups, workspace, sums_ws):
-    """grad-w of a stride-1 convolution by planes: per (filter, channel) job and image, ``x``'s
-    zero-padded plane, then per tap the dot products of ``grad_y``'s rows with the plane's rows
-    at the tap's offset, summed in ``sums_ws`` (lanes, R, S, float64). Only the OW columns that
-    an output reads take part (the padded plane's other columns hold pixels that a NaN or Inf
-    would spread from). ``workspace`` is (lanes, padded plane); lanes take contiguous runs of
-    jobs, and each job sums the images in order."""
+def flat_grad_weight_kernel(
+    grad_y, x, grad_w, pad_t, pad_l, sh, sw, dh, dw, groups, workspace, sums_ws
+):  # fmt: skip
+    """grad-w by planes: per (filter, channel) job, image and phase of the stride (as in
+    :func:`flat_kernel`), ``x``'s phase plane, zero-padded, then per tap of the phase's
+    sub-filter the dot products of ``grad_y``'s rows with the plane's rows at the tap's offset,
+    summed in ``sums_ws`` (lanes, R, S, float64). Only the OW columns that an output reads take
+    part (the padded plane's other columns hold pixels that a NaN or Inf would spread from).
+    ``workspace`` is (lanes, padded plane); lanes take contiguous runs of jobs, and each job
+    sums the images in order."""
     n_batch, n_filters, out_h, out_w = grad_y.shape
     _, chan_per_group, filter_h, filter_w = grad_w.shape
     filters_per_group = n_filters // groups
-    padded_w = out_w + (filter_w - 1) * dw
-    padded_h = out_h + (filter_h - 1) * dh
-    padded_size = padded_h * padded_w + (filter_w - 1) * dw
+    phase_h = (filter_h + sh - 1) // sh
+    phase_w = (filter_w + sw - 1) // sw
+    padded_w = out_w + (phase_w - 1) * dw
+    padded_h = out_h + (phase_h - 1) * dh
     lanes = workspace.shape[0]
     jobs = n_filters * chan_per_group
     for lane in prange(lanes):
-        padded = workspace[lane, :padded_size]
+        padded = workspace[lane, : padded_h * padded_w]
         sums = sums_ws[lane]
-        padded[:] = 0
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             k = job // chan_per_group
             c = job - k * chan_per_group
             channel = (k // filters_per_group) * chan_per_group + c
             sums[:] = 0
             for n in range(n_batch):
-                _place(x[n, channel], padded, padded_w, padded_h, -pad_t, -pad_l, 1, 1)
                 grad_plane = grad_y[n, k]
-                for r in range(filter_h):
-                    for s in range(filter_w):
-                        o = r * dh * padded_w + s * dw
-                        total = 0.0
-                        for oh in range(out_h):
-                            a = padded[o + oh * padded_w : o + oh * padded_w + out_w]
-                            g = grad_plane[oh]
-                            part = 0.0
-                            for q in range(out_w):
-                                part += g[q] * a[q]
-                            total += part
-                        sums[r, s] += total
+                for a in range(sh):
+                    for b in range(sw):
+                        rows = (filter_h - a + sh - 1) // sh
+                        cols = (filter_w - b + sw - 1) // sw
+                        if rows == 0 or cols == 0:
+                            continue
+                        plane = x[n, channel]
+                        _place(plane, padded, padded_w, padded_h, a - pad_t, b - pad_l, sh, sw)
+                        for i in range(rows):
+                            for j in range(cols):
+                                o = i * dh * padded_w + j * dw
+                                total = 0.0
+                                for oh in range(out_h):
+                                    row = padded[o + oh * padded_w : o + oh * padded_w + out_w]
+                                    g = grad_plane[oh]
+                                    part = 0.0
+                                    for q in range(out_w):
+                                        part += g[q] * row[q]
+                                    total += part
+                                sums[a + sh * i, b + sw * j] += total
             for r in range(filter_h):
                 for s in range(filter_w):
                     grad_w[k, c, r, s] = sums[r, s]
@@ -457,8 +467,8 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     grad_x = np.empty_like(x)
     grad_w = np.empty_like(w)
     grad_b = np.empty(geom.out_channels, dtype=x.dtype)
+    n, c, h, width = geom.input_shape
     if _flat(geom):
-        n, c, h, width = geom.input_shape
         reach_h = (geom.filter_height - 1) * geom.dilation_h
         reach_w = (geom.filter_width - 1) * geom.dilation_w
         workspace = _flat_workspace("direct.flat", n * c, h, width, geom, x.dtype)
@@ -467,17 +477,19 @@ def backward(grad_y, x, w, geom: ConvGeometry):
             1, 1, geom.dilation_h, geom.dilation_w, geom.groups, True, workspace,
             _taps_workspace(workspace, geom, x.dtype),
         )  # fmt: skip
+    else:
+        grad_input_kernel(grad_y, w, grad_x, *_args(geom))
+    if _flat_forward(geom):  # the same phases as the forward pass
         _, k, oh, ow = geom.output_shape
         workspace = _flat_workspace(
             "direct.flat_grad_w", k * c // geom.groups, oh, ow, geom, x.dtype
         )
         flat_grad_weight_kernel(
-            grad_y, x, grad_w, geom.pad_top, geom.pad_left, geom.dilation_h, geom.dilation_w,
-            geom.groups, workspace,
+            grad_y, x, grad_w, geom.pad_top, geom.pad_left, geom.stride_h, geom.stride_w,
+            geom.dilation_h, geom.dilation_w, geom.groups, workspace,
             take("direct.flat_sums", (workspace.shape[0], *geom.weight_shape[2:]), np.float64),
         )  # fmt: skip
     else:
-        grad_input_kernel(grad_y, w, grad_x, *_args(geom))
         grad_weight_kernel(grad_y, x, grad_w, *_args(geom))
     grad_bias_kernel(grad_y, grad_b)
     return grad_x, grad_w, grad_b
