@@ -1,0 +1,683 @@
+"""Convolutions over Dask arrays: :func:`conv2d` and :func:`conv2d_backward`, block by block.
+
+The functions take the arguments of :func:`numbaconv.conv2d` and
+:func:`numbaconv.conv2d_backward`, with ``x`` (and ``grad_y``) a ``dask.array.Array``, and
+return Dask arrays: nothing runs until they are computed, on whatever scheduler the caller uses
+(threads, processes, a ``distributed`` cluster). The weights and bias stay NumPy arrays; each
+enters the task graph once, as a key of its own, so a distributed scheduler sends it to each
+worker once rather than once per task.
+
+How the work is cut (notation of :mod:`numbaconv.geometry`; ``x`` is ``(N, C, H, W)``):
+
+* Batch: one numbaconv call per block of images. The output has ``x``'s batch chunks.
+* Channels: every call needs all of an image's channels, so a split channel axis is rechunked
+  to one chunk first (``x.rechunk({1: -1})``); the output has one channel chunk.
+* Height and width: the output is cut where the input is: output row ``oh`` belongs to the
+  input chunk that holds the centre of its (dilated) filter window, row
+  ``oh * stride - pad_top + dilation * (R - 1) // 2``. With ``padding='same'`` (and an odd
+  filter) the output then has exactly the input's chunks. Each output block reads the input
+  rows its windows cover, its own chunk and a halo from the neighbours, and runs one
+  convolution on them with the padding that falls inside the block (so padding is never
+  materialised for ``padding_mode='zeros'``). Output blocks line up with the stride by
+  construction: a block's first row is a whole output row.
+* Backward: ``grad_y``'s blocks (its batch chunks made ``x``'s) are the unit of work. Each
+  block runs one backward call on the input rows its windows cover, which gives its share of
+  ``grad_w`` and ``grad_b`` (summed over all blocks as a tree, in float64, in a fixed order)
+  and a ``grad_x`` for those input rows; ``grad_x`` blocks (``x``'s chunks) add up the shares
+  that reach them, the halos being where neighbouring shares overlap.
+* ``padding_mode`` other than ``'zeros'``: the input is padded with ``dask.array.pad`` (whose
+  values are ``np.pad``'s), convolved without padding, and the backward pass folds the
+  gradient of the padding back onto the pixels it copies, border strips only, as
+  :func:`numbaconv.functional.fold_padding` does.
+
+``kernel='auto'`` (and the default) is resolved once, on the whole array's geometry, so every
+block runs the kernel that the in-memory call would run; ``NUMBACONV_KERNEL`` is read where the
+graph is built, not on the workers.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+try:
+    import dask.array as da
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "numbaconv.dask needs Dask: pip install 'numbaconv[dask]' (dask[array] and distributed)"
+    ) from error
+
+from . import registry
+from .functional import (
+    _NUMPY_PAD_MODE,
+    _checked_mode,
+    _pads,
+    _run_backward,
+    _run_forward,
+    _source_index,
+)
+from .geometry import ConvGeometry, make_geometry, validate_conv, validate_grad_output
+
+__all__ = ["conv2d", "conv2d_backward"]
+
+#: How many partial weight (bias) gradients each node of the tree reduction adds: a node holds
+#: that many weight-sized arrays at once; 8 keeps the tree shallow (3 levels for 512 blocks).
+SPLIT_EVERY = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Cutting one spatial axis
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One block of output rows (or columns) and the input rows its filter windows cover.
+
+    Rows ``[out_start, out_stop)`` of the output read input rows ``[in_start, in_stop)`` (within
+    the input) with ``pad_lo``/``pad_hi`` rows of zero padding before/after them. When every
+    window lies in the padding, the block reads no input row: ``zeros`` is then the number of
+    rows of zeros it convolves instead (and ``in_start == in_stop``, no padding).
+    """
+
+    out_start: int
+    out_stop: int
+    in_start: int
+    in_stop: int
+    pad_lo: int
+    pad_hi: int
+    zeros: int = 0
+
+    @property
+    def in_size(self) -> int:
+        """Rows of the block's input: read from the array, or all zeros."""
+        return self.zeros or self.in_stop - self.in_start
+
+
+def _bounds(chunks) -> list[int]:
+    """Chunk sizes as boundaries: ``(3, 4, 2)`` -> ``[0, 3, 7, 9]``."""
+    return [0, *np.cumsum(chunks).tolist()]
+
+
+def _output_bounds(
+    in_bounds, filter_size: int, stride: int, pad_lo: int, dilation: int, out_size: int
+):
+    """Output boundaries along one axis for input boundaries ``in_bounds``.
+
+    Output row ``oh`` belongs to the input chunk that holds the centre of its window, input row
+    ``oh * stride - pad_lo + dilation * (filter_size - 1) // 2``; the first output row of the
+    chunk starting at input row ``b`` is the smallest ``oh`` whose centre is at ``b`` or after.
+    Chunks that no centre falls into (smaller than the stride) give no output block.
+    """
+    centre = dilation * (filter_size - 1) // 2
+    cuts = {min(max(-((centre - pad_lo - b) // stride), 0), out_size) for b in in_bounds[1:-1]}
+    return sorted(cuts | {0, out_size})
+
+
+def _spans(out_bounds, size: int, filter_size: int, stride: int, pad_lo: int, dilation: int):
+    """The :class:`_Span` of each output block ``[out_bounds[i], out_bounds[i + 1])``."""
+    spans = []
+    for start, stop in pairwise(out_bounds):
+        lo = start * stride - pad_lo  # first row of the first window, padding counted
+        hi = (stop - 1) * stride - pad_lo + dilation * (filter_size - 1) + 1
+        first, last = max(lo, 0), min(hi, size)
+        if last <= first:
+            spans.append(_Span(start, stop, 0, 0, 0, 0, zeros=hi - lo))
+        else:
+            spans.append(_Span(start, stop, first, last, first - lo, hi - last))
+    return spans
+
+
+def _pieces(chunk_bounds, start: int, stop: int):
+    """The chunks that rows ``[start, stop)`` lie in: ``[(chunk, first, stop), ...]``, local."""
+    pieces = []
+    for index, (lo, hi) in enumerate(pairwise(chunk_bounds)):
+        if lo < stop and start < hi:
+            pieces.append((index, max(start, lo) - lo, min(stop, hi) - lo))
+    return pieces
+
+
+def _block_geometry(geom: ConvGeometry, batch: int, rows: _Span, cols: _Span) -> ConvGeometry:
+    """The geometry of one block's convolution: ``geom`` restricted to ``rows`` x ``cols``.
+
+    The spans are built so that the output size formula gives back their output extents
+    (``(in + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1 == out_stop - out_start``).
+    """
+    return ConvGeometry(
+        batch,
+        geom.in_channels,
+        rows.in_size,
+        cols.in_size,
+        geom.out_channels,
+        geom.filter_height,
+        geom.filter_width,
+        geom.stride_h,
+        geom.stride_w,
+        rows.pad_lo,
+        rows.pad_hi,
+        cols.pad_lo,
+        cols.pad_hi,
+        geom.dilation_h,
+        geom.dilation_w,
+        geom.groups,
+        rows.out_stop - rows.out_start,
+        cols.out_stop - cols.out_start,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# What the tasks run
+# --------------------------------------------------------------------------------------------
+
+
+def _assemble(blocks, row_pieces, col_pieces, shape, dtype) -> np.ndarray:
+    """A block's input: the pieces of the input chunks it reads, in one array of ``shape``.
+
+    ``blocks[i][j]`` is the input chunk of row piece ``i`` and column piece ``j``. One piece
+    is returned as a view (the kernel call makes it contiguous if it must); several are copied
+    into one array; none (every window in the padding) gives zeros.
+    """
+    if not row_pieces or not col_pieces:
+        return np.zeros(shape, dtype=dtype)
+    if len(row_pieces) == 1 and len(col_pieces) == 1:
+        (_, r0, r1), (_, c0, c1) = row_pieces[0], col_pieces[0]
+        return blocks[0][0][:, :, r0:r1, c0:c1]
+    out = np.empty(shape, dtype=dtype)
+    top = 0
+    for (_, r0, r1), row in zip(row_pieces, blocks, strict=True):
+        left = 0
+        for (_, c0, c1), block in zip(col_pieces, row, strict=True):
+            out[:, :, top : top + r1 - r0, left : left + c1 - c0] = block[:, :, r0:r1, c0:c1]
+            left += c1 - c0
+        top += r1 - r0
+    return out
+
+
+def _forward_block(blocks, row_pieces, col_pieces, w, b, geom: ConvGeometry, name: str):
+    """The convolution of one output block (a task)."""
+    x = _assemble(blocks, row_pieces, col_pieces, geom.input_shape, w.dtype)
+    return _run_forward(x, w, b, geom, name)
+
+
+def _backward_block(grad_y, blocks, row_pieces, col_pieces, w, geom: ConvGeometry, name: str):
+    """``(grad_x, grad_w, grad_b)`` of one output block's convolution (a task).
+
+    ``grad_x`` covers the input rows and columns the block reads; ``grad_w`` and ``grad_b``
+    are the block's shares of the whole gradients.
+    """
+    x = _assemble(blocks, row_pieces, col_pieces, geom.input_shape, w.dtype)
+    return _run_backward(grad_y, x, w, geom, name)
+
+
+def _partial_gradient(part, index: int):
+    """Item ``index`` (1: grad_w, 2: grad_b) of a block's gradients, with a leading axis of
+    length 1, so that the shares stack into one Dask array to be summed over that axis."""
+    return part[index][np.newaxis]
+
+
+def _overlap_add(shares, slices, shape, dtype) -> np.ndarray:
+    """One ``grad_x`` chunk: the sum of the blocks' shares that reach it (a task).
+
+    ``shares[i][source]`` lands on ``out[destination]`` for ``(source, destination)`` in
+    ``slices[i]``. The first share to reach a pixel is copied there, later ones are added in the
+    order given (blocks in row-major order), so a pixel that one block reaches keeps that
+    block's bits, and the sums are the same on every run.
+    """
+    if len(shares) == 1 and slices[0][1] == (slice(0, shape[2]), slice(0, shape[3])):
+        (rows, cols), _ = slices[0]
+        return np.ascontiguousarray(shares[0][:, :, rows, cols])
+    out = np.zeros(shape, dtype=dtype)
+    reached = np.zeros(shape[2:], dtype=bool)
+    for share, ((src_rows, src_cols), (dst_rows, dst_cols)) in zip(shares, slices, strict=True):
+        target = out[:, :, dst_rows, dst_cols]
+        source = share[:, :, src_rows, src_cols]
+        seen = reached[dst_rows, dst_cols]
+        np.copyto(target, source, where=~seen)
+        np.add(target, source, out=target, where=seen)
+        reached[dst_rows, dst_cols] = True
+    return out
+
+
+def _fold_block(grad, lo_strip, hi_strip, offset, axis: int, before: int, size: int, mode: str):
+    """One chunk of the gradient folded along ``axis`` (a task; see :func:`_fold`).
+
+    ``grad`` holds rows ``[offset, offset + grad.shape[axis])`` of the input's gradient before
+    the fold; ``lo_strip``/``hi_strip`` are the gradients of the padding before/after the input
+    along ``axis``. Padded rows are added onto their source rows in increasing order, as
+    :func:`numbaconv.functional.fold_padding` adds them, so the bits are the in-memory ones.
+    """
+    start = int(np.asarray(offset).ravel()[0])
+    length = grad.shape[axis]
+    folded = grad.copy()
+    index = [slice(None)] * grad.ndim
+
+    def at(i):
+        index[axis] = i
+        return tuple(index)
+
+    padded_rows = [(i, lo_strip, i) for i in range(lo_strip.shape[axis])]
+    padded_rows += [(before + size + i, hi_strip, i) for i in range(hi_strip.shape[axis])]
+    for padded_index, strip, strip_index in padded_rows:
+        source = _source_index(padded_index, size, before, mode) - start
+        if 0 <= source < length:
+            folded[at(source)] += strip[at(strip_index)]
+    return folded
+
+
+# --------------------------------------------------------------------------------------------
+# Building the graphs
+# --------------------------------------------------------------------------------------------
+
+
+def _as_dask(array, name: str):
+    """``array`` as a Dask array with known chunk sizes."""
+    array = da.asarray(array)
+    if any(math.isnan(size) for size in array.shape):
+        raise ValueError(
+            f"{name} has unknown chunk sizes; call {name}.compute_chunk_sizes() first "
+            "(numbaconv.dask needs them to place the halos)"
+        )
+    return array
+
+
+def _stand_in(array) -> np.ndarray:
+    """A NumPy array of ``array``'s shape and dtype that holds no memory, for validation."""
+    return np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape)
+
+
+def _check_numpy(value, name: str) -> None:
+    """Weights and bias must be NumPy arrays: they are sent to every worker whole."""
+    if value is not None and not isinstance(value, np.ndarray):
+        hint = " (call .compute() on it first)" if hasattr(value, "__dask_graph__") else ""
+        raise TypeError(
+            f"{name} must be a numpy.ndarray{hint}: numbaconv.dask sends the weights and bias to "
+            f"every worker whole, got {type(value).__name__}"
+        )
+
+
+def _constants(token: str, **arrays):
+    """One graph layer holding each NumPy array once, and the key of each (None stays None)."""
+    layer, keys = {}, {}
+    for name, value in arrays.items():
+        if value is None:
+            keys[name] = None
+        else:
+            keys[name] = f"numbaconv-{name}-{token}"
+            layer[keys[name]] = value
+    return f"numbaconv-constants-{token}", layer, keys
+
+
+def _prepare(x, geom: ConvGeometry, mode: str):
+    """The array to read (padded for non-zero ``padding_mode``), its geometry, and the input
+    boundaries that decide where the output is cut (``x``'s, shifted by the padding)."""
+    x = x.rechunk({1: -1}) if x.numblocks[1] > 1 else x
+    bounds_h, bounds_w = _bounds(x.chunks[2]), _bounds(x.chunks[3])
+    if mode == "zeros" or not any(_pads(geom)):
+        return x, geom, bounds_h, bounds_w
+    top, bottom, left, right = _pads(geom)
+    x = da.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), mode=_NUMPY_PAD_MODE[mode])
+    run_geom = make_geometry(
+        x.shape,
+        geom.weight_shape,
+        stride=(geom.stride_h, geom.stride_w),
+        padding=0,
+        dilation=(geom.dilation_h, geom.dilation_w),
+        groups=geom.groups,
+    )
+    bounds_h = [0, *(top + b for b in bounds_h[1:-1]), x.shape[2]]
+    bounds_w = [0, *(left + b for b in bounds_w[1:-1]), x.shape[3]]
+    return x, run_geom, bounds_h, bounds_w
+
+
+def _axis_spans(geom: ConvGeometry, out_bounds_h, out_bounds_w):
+    """The :class:`_Span` of each output block along the height and along the width."""
+    rows = _spans(
+        out_bounds_h, geom.in_height, geom.filter_height, geom.stride_h, geom.pad_top,
+        geom.dilation_h,
+    )  # fmt: skip
+    cols = _spans(
+        out_bounds_w, geom.in_width, geom.filter_width, geom.stride_w, geom.pad_left,
+        geom.dilation_w,
+    )  # fmt: skip
+    return rows, cols
+
+
+def _reads(x, bn: int, rows: _Span, cols: _Span):
+    """The keys of the chunks of ``x`` that a block reads and the pieces it takes of them."""
+    row_pieces = [] if rows.zeros else _pieces(_bounds(x.chunks[2]), rows.in_start, rows.in_stop)
+    col_pieces = [] if cols.zeros else _pieces(_bounds(x.chunks[3]), cols.in_start, cols.in_stop)
+    if not col_pieces:
+        row_pieces = []
+    keys = [[(x.name, bn, 0, i, j) for j, _, _ in col_pieces] for i, _, _ in row_pieces]
+    return keys, row_pieces, col_pieces
+
+
+def _graph(name: str, layers: dict, dependencies: dict, *collections):
+    """A HighLevelGraph of ``collections``' layers plus ``layers`` (name -> dict)."""
+    all_layers, all_deps = {}, {}
+    for collection in collections:
+        graph = collection.__dask_graph__()
+        all_layers.update(graph.layers)
+        all_deps.update(graph.dependencies)
+    all_layers.update(layers)
+    all_deps.update(dependencies)
+    return HighLevelGraph(all_layers, all_deps)
+
+
+def conv2d(
+    x,
+    w: np.ndarray,
+    b: np.ndarray | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    kernel: str | None = None,
+):
+    """:func:`numbaconv.conv2d` of a Dask array, one numbaconv call per output block.
+
+    Parameters
+    ----------
+    x : dask.array.Array, shape (N, C, H, W), float32 or float64
+        Any chunks (known sizes); a split channel axis is rechunked to one chunk. Other arrays
+        are wrapped with ``dask.array.asarray``.
+    w : ndarray, shape (K, C // groups, R, S), same dtype as ``x``
+        A NumPy array: it enters the graph once and reaches each worker once.
+    b : ndarray, shape (K,), optional
+    stride, padding, dilation, groups, padding_mode, kernel
+        As for :func:`numbaconv.conv2d`. ``kernel='auto'`` (and the default) is resolved on the
+        whole array, so all blocks run the kernel the in-memory call runs.
+
+    Returns
+    -------
+    y : dask.array.Array, shape (N, K, OH, OW), dtype of ``x``
+        Batch chunks of ``x``, one channel chunk, height and width cut where ``x`` is (see the
+        module's docstring): with ``padding='same'`` and odd filters, ``x``'s chunks.
+    """
+    x = _as_dask(x, "x")
+    _check_numpy(w, "w")
+    _check_numpy(b, "b")
+    geom, dtype = validate_conv(
+        _stand_in(x), w, b, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    mode = _checked_mode(padding_mode, geom)
+    name = registry.resolve(kernel)
+    x, run_geom, in_bounds_h, in_bounds_w = _prepare(x, geom, mode)
+    if name == "auto":
+        name = registry.choose(run_geom, dtype, "forward")
+
+    out_bounds_h = _output_bounds(
+        in_bounds_h,
+        run_geom.filter_height,
+        run_geom.stride_h,
+        run_geom.pad_top,
+        run_geom.dilation_h,
+        run_geom.out_height,
+    )
+    out_bounds_w = _output_bounds(
+        in_bounds_w,
+        run_geom.filter_width,
+        run_geom.stride_w,
+        run_geom.pad_left,
+        run_geom.dilation_w,
+        run_geom.out_width,
+    )
+    rows, cols = _axis_spans(run_geom, out_bounds_h, out_bounds_w)
+
+    token = tokenize(x.name, w, b, run_geom, name)
+    const_name, const_layer, keys = _constants(token, weight=w, bias=b)
+    out_name = f"numbaconv-conv2d-{token}"
+    layer = {}
+    for bn, batch in enumerate(x.chunks[0]):
+        for i, row_span in enumerate(rows):
+            for j, col_span in enumerate(cols):
+                reads, row_pieces, col_pieces = _reads(x, bn, row_span, col_span)
+                block_geom = _block_geometry(run_geom, batch, row_span, col_span)
+                layer[(out_name, bn, 0, i, j)] = (
+                    _forward_block,
+                    reads,
+                    row_pieces,
+                    col_pieces,
+                    keys["weight"],
+                    keys["bias"],
+                    block_geom,
+                    name,
+                )
+    graph = _graph(
+        out_name,
+        {const_name: const_layer, out_name: layer},
+        {const_name: set(), out_name: {const_name, x.name}},
+        x,
+    )
+    chunks = (
+        x.chunks[0],
+        (run_geom.out_channels,),
+        tuple(np.diff(out_bounds_h).tolist()),
+        tuple(np.diff(out_bounds_w).tolist()),
+    )
+    return da.Array(graph, out_name, chunks, meta=np.empty((0, 0, 0, 0), dtype=dtype))
+
+
+def conv2d_backward(
+    grad_y,
+    x,
+    w: np.ndarray,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] | str = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    kernel: str | None = None,
+):
+    """:func:`numbaconv.conv2d_backward` of Dask arrays: gradients of :func:`conv2d`.
+
+    Parameters
+    ----------
+    grad_y : dask.array.Array, shape (N, K, OH, OW)
+        The gradient of the loss with respect to the output; its batch chunks are made those of
+        ``x``, its height and width blocks are the units of work (any chunks).
+    x : dask.array.Array, shape (N, C, H, W), float32 or float64
+    w : ndarray, shape (K, C // groups, R, S), same dtype as ``x``
+    stride, padding, dilation, groups, padding_mode, kernel
+        As for :func:`numbaconv.conv2d`.
+
+    Returns
+    -------
+    grad_x : dask.array.Array, shape of ``x``
+        ``x``'s chunks (one channel chunk). Each chunk adds the shares of the ``grad_y`` blocks
+        whose windows reach it.
+    grad_w : dask.array.Array, shape of ``w``
+        The blocks' shares summed as a tree (:data:`SPLIT_EVERY` at a time) in float64, then
+        cast to the dtype of ``x``.
+    grad_b : dask.array.Array, shape (K,)
+        Likewise.
+
+    Notes
+    -----
+    Compute the three together (``dask.compute(grad_x, grad_w, grad_b)``): they share one
+    backward call per block.
+    """
+    x = _as_dask(x, "x")
+    grad_y = _as_dask(grad_y, "grad_y")
+    _check_numpy(w, "w")
+    geom, dtype = validate_conv(
+        _stand_in(x), w, None, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    mode = _checked_mode(padding_mode, geom)
+    validate_grad_output(_stand_in(grad_y), geom, dtype)
+    name = registry.resolve(kernel)
+    x, run_geom, _, _ = _prepare(x, geom, mode)
+    if name == "auto":
+        name = registry.choose(run_geom, dtype, "backward")
+    grad_y = grad_y.rechunk({0: x.chunks[0], 1: -1})
+
+    rows, cols = _axis_spans(run_geom, _bounds(grad_y.chunks[2]), _bounds(grad_y.chunks[3]))
+    token = tokenize(x.name, grad_y.name, w, run_geom, name)
+    const_name, const_layer, keys = _constants(token, weight=w)
+    part_name = f"numbaconv-conv2d-backward-{token}"
+    share_names = {
+        "x": f"numbaconv-grad-x-share-{token}",
+        "w": f"numbaconv-grad-w-share-{token}",
+        "b": f"numbaconv-grad-b-share-{token}",
+    }
+    parts, shares = {}, {key: {} for key in share_names}
+    part_count = 0
+    for bn, batch in enumerate(x.chunks[0]):
+        for i, row_span in enumerate(rows):
+            for j, col_span in enumerate(cols):
+                reads, row_pieces, col_pieces = _reads(x, bn, row_span, col_span)
+                block_geom = _block_geometry(run_geom, batch, row_span, col_span)
+                part = (part_name, bn, i, j)
+                parts[part] = (
+                    _backward_block,
+                    (grad_y.name, bn, 0, i, j),
+                    reads,
+                    row_pieces,
+                    col_pieces,
+                    keys["weight"],
+                    block_geom,
+                    name,
+                )
+                shares["x"][(share_names["x"], bn, i, j)] = (operator.getitem, part, 0)
+                shares["w"][(share_names["w"], part_count, 0, 0, 0, 0)] = (
+                    _partial_gradient,
+                    part,
+                    1,
+                )
+                shares["b"][(share_names["b"], part_count, 0)] = (_partial_gradient, part, 2)
+                part_count += 1
+
+    # grad_x chunk by chunk: the shares of the blocks whose input rows and columns reach it.
+    grad_x_name = f"numbaconv-grad-x-{token}"
+    grad_x_layer = {}
+    row_bounds, col_bounds = _bounds(x.chunks[2]), _bounds(x.chunks[3])
+    for bn, batch in enumerate(x.chunks[0]):
+        for ci, (r0, r1) in enumerate(pairwise(row_bounds)):
+            for cj, (c0, c1) in enumerate(pairwise(col_bounds)):
+                share_keys, slices = [], []
+                for i, row_span in enumerate(rows):
+                    row_cut = _overlap(row_span, r0, r1)
+                    if row_cut is None:
+                        continue
+                    for j, col_span in enumerate(cols):
+                        col_cut = _overlap(col_span, c0, c1)
+                        if col_cut is None:
+                            continue
+                        share_keys.append((share_names["x"], bn, i, j))
+                        slices.append(((row_cut[0], col_cut[0]), (row_cut[1], col_cut[1])))
+                shape = (batch, run_geom.in_channels, r1 - r0, c1 - c0)
+                grad_x_layer[(grad_x_name, bn, 0, ci, cj)] = (
+                    _overlap_add,
+                    share_keys,
+                    slices,
+                    shape,
+                    np.dtype(dtype).str,
+                )
+
+    layers = {
+        const_name: const_layer,
+        part_name: parts,
+        **{share_names[key]: shares[key] for key in share_names},
+        grad_x_name: grad_x_layer,
+    }
+    dependencies = {
+        const_name: set(),
+        part_name: {const_name, x.name, grad_y.name},
+        **{share_names[key]: {part_name} for key in share_names},
+        grad_x_name: {share_names["x"]},
+    }
+    graph = _graph(part_name, layers, dependencies, x, grad_y)
+    meta = np.empty((0, 0, 0, 0), dtype=dtype)
+    grad_x = da.Array(graph, grad_x_name, x.chunks, meta=meta)
+    w_shares = da.Array(
+        graph,
+        share_names["w"],
+        ((1,) * part_count, *((size,) for size in w.shape)),
+        meta=np.empty((0,) * 5, dtype=dtype),
+    )
+    b_shares = da.Array(
+        graph,
+        share_names["b"],
+        ((1,) * part_count, (run_geom.out_channels,)),
+        meta=np.empty((0, 0), dtype=dtype),
+    )
+    grad_w = w_shares.sum(axis=0, dtype=np.float64, split_every=SPLIT_EVERY).astype(dtype)
+    grad_b = b_shares.sum(axis=0, dtype=np.float64, split_every=SPLIT_EVERY).astype(dtype)
+    if run_geom is not geom:
+        grad_x = _fold(grad_x, _pads(geom), mode)
+    return grad_x, grad_w, grad_b
+
+
+def _overlap(span: _Span, start: int, stop: int):
+    """Where a block's ``grad_x`` share meets input rows ``[start, stop)``: the slice of the
+    share and the slice of the chunk, or None if they do not meet."""
+    if span.zeros:
+        return None
+    first, last = max(span.in_start, start), min(span.in_stop, stop)
+    if last <= first:
+        return None
+    return (
+        slice(first - span.in_start, last - span.in_start),
+        slice(first - start, last - start),
+    )
+
+
+def _cut(array, axis: int, start: int, stop: int):
+    """``array[..., start:stop, ...]`` along ``axis``."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
+def _fold(grad_padded, pads, mode: str):
+    """The gradient with respect to ``x`` of ``dask.array.pad(x, pads, mode)``, given the
+    gradient with respect to the padded array (a Dask :func:`numbaconv.functional.fold_padding`).
+
+    Height first, then width, as in memory; each chunk of the result receives the border strips
+    of the gradient and adds the padded rows whose source it holds (:func:`_fold_block`).
+    """
+    top, bottom, left, right = pads
+    for axis, before, after in ((2, top, bottom), (3, left, right)):
+        if not before and not after:
+            continue
+        total = grad_padded.shape[axis]
+        size = total - before - after
+        interior = _cut(grad_padded, axis, before, before + size)
+        lo_strip = _cut(grad_padded, axis, 0, before)
+        hi_strip = _cut(grad_padded, axis, before + size, total)
+        starts = da.from_array(np.array(_bounds(interior.chunks[axis])[:-1]), chunks=1)
+        # The strips' own axis gets index "j", which is not in the output: blockwise hands each
+        # block the whole strip (one chunk along that axis, concatenated if it had more).
+        strip_index = "ncjw" if axis == 2 else "nchj"
+        grad_padded = da.blockwise(
+            _fold_block,
+            "nchw",
+            interior,
+            "nchw",
+            lo_strip,
+            strip_index,
+            hi_strip,
+            strip_index,
+            starts,
+            "h" if axis == 2 else "w",
+            axis=axis,
+            before=before,
+            size=size,
+            mode=mode,
+            concatenate=True,
+            # Only the number of blocks along "h" (or "w") must match: the offsets have one
+            # element per block of the interior, not its chunk sizes.
+            align_arrays=False,
+            dtype=interior.dtype,
+            meta=np.empty((0, 0, 0, 0), dtype=interior.dtype),
+        )
+    return grad_padded
