@@ -309,13 +309,14 @@ def fused_forward_kernel(
 @njit(cache=True, inline="always")
 def _backward_band(
     grad_y, x, w_mat, grad_x, input_gradient, acc, bias_acc, cols_ws, grad_ws, part, n, band,
-    groups, band_rows, pointwise, whole, geo,
+    images, groups, band_rows, pointwise, whole, geo,
 ):  # fmt: skip
     """One band of :func:`fused_backward_kernel`: the band's columns and ``grad_y`` rows, one
     GEMM per group for the grad-w partial (added to ``acc``), one for the gradient columns, then
     col2im into the image. A band that is the whole image uses ``grad_y[n]`` in place; a
     ``pointwise`` layer (1x1, stride 1, no padding) uses ``x[n]`` as its columns and writes its
-    gradient columns straight into ``grad_x[n]``."""
+    gradient columns straight into ``grad_x[n]``. With ``images`` > 1 (whole-image bands of
+    small maps), images ``n``, ``n + 1``, ... share the GEMMs, side by side."""
     out_h, out_w = geo[2], geo[3]
     n_filters, taps_g = w_mat.shape
     taps = taps_g * groups
@@ -323,15 +324,29 @@ def _backward_band(
     oh0 = band * band_rows
     oh1 = min(out_h, oh0 + band_rows)
     width = (oh1 - oh0) * out_w
-    cols = band_or_image_columns(x, n, oh0, oh1, cols_ws, pointwise, geo)
-    if whole:
-        grad = grad_y[n]
-    else:
+    if images > 1:
+        width = images * out_h * out_w
+        cols = cols_ws[: taps * width].reshape(taps, width)
         grad = grad_ws[: n_filters * width].reshape(n_filters, width)
-        p0 = oh0 * out_w
-        for k in range(n_filters):
-            for q in range(width):
-                grad[k, q] = grad_y[n, k, p0 + q]
+        per_image = out_h * out_w
+        for i in range(images):
+            for c in range(x.shape[1]):
+                channel_columns(x, n + i, c, 0, out_h, cols, i * per_image, geo)
+            for k in range(n_filters):
+                src = grad_y[n + i, k]
+                dst = grad[k, i * per_image : (i + 1) * per_image]
+                for q in range(per_image):
+                    dst[q] = src[q]
+    else:
+        cols = band_or_image_columns(x, n, oh0, oh1, cols_ws, pointwise, geo)
+        if whole:
+            grad = grad_y[n]
+        else:
+            grad = grad_ws[: n_filters * width].reshape(n_filters, width)
+            p0 = oh0 * out_w
+            for k in range(n_filters):
+                for q in range(width):
+                    grad[k, q] = grad_y[n, k, p0 + q]
     for k in range(n_filters):
         bias_acc[k] += row_sum(grad[k])
     if pointwise and input_gradient:
@@ -349,21 +364,23 @@ def _backward_band(
         for t in range(taps_g):
             acc[k, t] += part[k, t]
     if input_gradient and not pointwise:
-        for c in range(grad_x.shape[1]):
-            channel_col2im_add(cols, grad_x, n, c, oh0, oh1, 0, geo)
+        for i in range(images):
+            for c in range(grad_x.shape[1]):
+                channel_col2im_add(cols, grad_x, n + i, c, oh0, oh1, i * out_h * out_w, geo)
 
 
 @njit(parallel=True, cache=True)
 def fused_backward_kernel(
     grad_y, x, w_mat, grad_x, input_gradient, grad_w_lanes, grad_b_lanes, cols_ws, grad_ws,
-    part_ws, groups, band_rows, pointwise, geo, phases, phase,
+    part_ws, groups, band_rows, pointwise, geo, phases, phase, group,
 ):  # fmt: skip
     """grad-w and grad-b (per lane, in ``grad_w_lanes`` and the float64 ``grad_b_lanes``) and, if
     ``input_gradient``, grad-x in one parallel region, band by band (:func:`_backward_band`).
 
     ``phases == 0``: lane ``l`` of ``grad_w_lanes.shape[0]`` takes a fixed, contiguous run of
-    images, zeroes its sums and its images' grad-x, and does all their bands; an image belongs
-    to one lane, so its grad-x is race-free.
+    images, zeroes its sums and its images' grad-x, and does all their bands, ``group`` images
+    at a time when a band is a whole image; an image belongs to one lane, so its grad-x is
+    race-free.
 
     ``phases > 0`` (for batches smaller than the lanes): the caller zeroes the sums and grad-x
     and calls once per ``phase`` in ``range(phases)``; a call does the bands ``b`` with
@@ -390,13 +407,16 @@ def fused_backward_kernel(
                 bias_acc[k] = 0
                 for t in range(taps_g):
                     acc[k, t] = 0
-            for n in range(n_batch * lane // lanes, n_batch * (lane + 1) // lanes):
+            last = n_batch * (lane + 1) // lanes
+            for n in range(n_batch * lane // lanes, last, group):
+                images = min(group, last - n)
                 if input_gradient and not pointwise:
-                    grad_x[n] = 0
+                    grad_x[n : n + images] = 0
                 for band in range(bands):
                     _backward_band(
                         grad_y, x, w_mat, grad_x, input_gradient, acc, bias_acc, cols_ws[lane],
-                        grad_ws[lane], part, n, band, groups, band_rows, pointwise, whole, geo,
+                        grad_ws[lane], part, n, band, images, groups, band_rows, pointwise, whole,
+                        geo,
                     )  # fmt: skip
         else:
             jobs = n_batch * per_image
@@ -405,7 +425,7 @@ def fused_backward_kernel(
                 band = phase + (job - n * per_image) * phases
                 _backward_band(
                     grad_y, x, w_mat, grad_x, input_gradient, acc, bias_acc, cols_ws[lane],
-                    grad_ws[lane], part, n, band, groups, band_rows, pointwise, whole, geo,
+                    grad_ws[lane], part, n, band, 1, groups, band_rows, pointwise, whole, geo,
                 )  # fmt: skip
 
 
@@ -644,7 +664,19 @@ def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient
     if n < lanes and not pointwise:
         band_rows = min(band_rows, -(-oh // -(-lanes // n)))  # at least `lanes` jobs
         phases = _band_phases(geom, band_rows)
-    cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
+    group = 1
+    if not phases and not pointwise and band_rows >= oh and oh * ow < MIN_GEMM_COLUMNS:
+        # Small maps: images side by side in the GEMMs, as in the forward pass.
+        taps = geom.in_channels * geom.filter_height * geom.filter_width
+        per_image = (taps + k) * oh * ow * x.itemsize
+        group = min(-(-MIN_GEMM_COLUMNS // (oh * ow)), max(1, GROUP_BYTES // per_image))
+        group = int(max(1, min(group, n // lanes)))
+    if group > 1:
+        taps = geom.in_channels * geom.filter_height * geom.filter_width
+        cols = take("im2col.band_columns", (lanes, taps * group * oh * ow), x.dtype)
+        grads = take("im2col.band_gemm", (lanes, k * group * oh * ow), x.dtype)
+    else:
+        cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
     if phases:
         sums[:] = 0
         bias_sums[:] = 0
@@ -656,7 +688,7 @@ def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient
             fused_backward_kernel(
                 grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, sums, bias_sums,
                 cols, grads, partials, geom.groups, band_rows, pointwise, geometry_args(geom),
-                phases, phase,
+                phases, phase, group,
             )  # fmt: skip
     grad_w = sums[0].copy()
     grad_b = bias_sums[0].copy()
