@@ -26,9 +26,13 @@ import os
 import site
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba
+
+from ._numba_internals import openmp_vendor
 
 _THREAD_SAFE_LAYERS = ("tbb", "omp")
 _lock = threading.Lock()
@@ -110,12 +114,7 @@ def configure_threading_layer() -> None:
 
 def _openmp_is_gnu() -> bool:
     """Whether Numba's OpenMP layer runs on GNU OpenMP (the one that is not fork-safe)."""
-    try:
-        from numba.np.ufunc import omppool
-    except ImportError:
-        return False
-    # Numba's own record of the vendor it was built with; assume GNU should it ever go away.
-    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+    return openmp_vendor() == "GNU"
 
 
 def fork_safe() -> bool | None:
@@ -191,48 +190,113 @@ def kernel_guard(work: int, numba_parallel: bool = True):
         numba.set_num_threads(previous)
 
 
-def _find_scipy_openblas():
-    """SciPy's bundled OpenBLAS (what ``np.dot`` in Numba code calls), or None if not found.
+#: SciPy's bundled OpenBLAS, by wheel generation: (file name pattern, symbol prefix). SciPy 1.14
+#: and later ship scipy-openblas, ``libscipy_openblas*``, whose symbols all carry a ``scipy_``
+#: prefix; SciPy 1.10 to 1.13 bundle OpenBLAS itself (``libopenblasp-r0-*.so`` on Linux,
+#: ``libopenblas*.dylib`` on macOS) with its plain names. Either is the library that
+#: ``scipy.linalg.cython_blas`` links, so the one Numba's ``np.dot`` calls. A ``64_`` suffix
+#: (an ILP64 build) is looked for too.
+_BUNDLED_OPENBLAS = (
+    ("libscipy_openblas*", "scipy_openblas_"),
+    ("libopenblas*", "openblas_"),
+)
 
-    SciPy wheels ship it as ``libscipy_openblas*`` next to the package; its thread count is
-    process-wide state we can set. Other BLAS builds (MKL, a system OpenBLAS) are not touched, and
-    the kernels then use their BLAS-outside-Numba paths.
+
+@dataclass(frozen=True)
+class BundledOpenBLAS:
+    """SciPy's bundled OpenBLAS, found by :func:`_find_scipy_openblas`: its file and the two
+    functions that read and set its (process-wide) thread count."""
+
+    path: str
+    get: Callable[[], int]  #: ``openblas_get_num_threads``, under the library's own name
+    set: Callable[[int], None]  #: ``openblas_set_num_threads``, likewise
+    symbol: str  #: the name ``set`` was found under, e.g. ``"scipy_openblas_set_num_threads"``
+
+
+def _scipy_library_folders(scipy_root: Path) -> list[Path]:
+    """Where SciPy wheels put their bundled libraries: ``scipy.libs`` beside the package
+    (Linux, Windows), ``scipy/.dylibs`` (macOS)."""
+    return [scipy_root.parent / "scipy.libs", scipy_root / ".dylibs"]
+
+
+def _already_loaded(path: Path):
+    """The library at ``path`` if this process has already loaded it, else None.
+
+    ``RTLD_NOLOAD`` opens nothing new: a file that SciPy's BLAS module did not load is not the
+    BLAS that Numba calls, whatever its name (where the flag does not exist, it is opened).
     """
+    mode = getattr(os, "RTLD_NOLOAD", None)
+    try:
+        return ctypes.CDLL(str(path)) if mode is None else ctypes.CDLL(str(path), mode=mode)
+    except OSError:
+        return None
+
+
+def _lookup_scipy_openblas() -> tuple[BundledOpenBLAS | None, str]:
+    """SciPy's bundled OpenBLAS and a description, or None and why it cannot be used."""
     try:
         import scipy
         import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba binds to)
-    except ImportError:
-        return None
+    except ImportError as exc:
+        return None, f"SciPy's BLAS could not be imported ({exc})"
     root = Path(scipy.__file__).parent
-    candidates = [
-        *sorted((root.parent / "scipy.libs").glob("libscipy_openblas*")),
-        *sorted((root / ".dylibs").glob("libscipy_openblas*")),
-    ]
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(str(path))
-            get, set_ = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
-        except (OSError, AttributeError):
-            continue
-        get.restype, get.argtypes = ctypes.c_int, []
-        set_.restype, set_.argtypes = None, [ctypes.c_int]
-        return get, set_
-    return None
+    folders = _scipy_library_folders(root)
+    seen = []
+    for pattern, prefix in _BUNDLED_OPENBLAS:
+        for folder in folders:
+            for path in sorted(folder.glob(pattern)):
+                if prefix == "openblas_" and path.name.startswith("libscipy_openblas"):
+                    continue  # the newer generation, looked at first
+                seen.append(path.name)
+                lib = _already_loaded(path)
+                if lib is None:
+                    continue
+                for suffix in ("", "64_"):
+                    try:
+                        get = getattr(lib, f"{prefix}get_num_threads{suffix}")
+                        set_ = getattr(lib, f"{prefix}set_num_threads{suffix}")
+                    except AttributeError:
+                        continue
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    set_.restype, set_.argtypes = None, [ctypes.c_int]
+                    symbol = f"{prefix}set_num_threads{suffix}"
+                    return BundledOpenBLAS(str(path), get, set_, symbol), f"{path.name}, {symbol}"
+    where = " or ".join(str(folder) for folder in folders)
+    if seen:
+        why = f"{', '.join(seen)} in {where}: not loaded by scipy.linalg, or no thread control"
+    else:
+        why = f"no libscipy_openblas* or libopenblas* in {where}"
+    return None, f"SciPy {scipy.__version__} bundles no OpenBLAS numbaconv can use ({why})"
+
+
+def _find_scipy_openblas() -> BundledOpenBLAS | None:
+    """SciPy's bundled OpenBLAS (what ``np.dot`` in Numba code calls), or None if not found.
+
+    SciPy's PyPI wheels ship one next to the package (see :data:`_BUNDLED_OPENBLAS`); its thread
+    count is process-wide state we can set. Other BLAS builds (MKL, a system OpenBLAS, SciPy
+    built from source or by conda) are not touched, and the kernels then use their
+    BLAS-outside-Numba paths; ``numbaconv info`` says which and why.
+    """
+    return _lookup_scipy_openblas()[0]
 
 
 _UNSET = object()
 _scipy_openblas_found = _UNSET
 
 
-def _openblas():
-    """:func:`_find_scipy_openblas`, looked up at the first call that needs it: importing
+def _openblas_lookup() -> tuple[BundledOpenBLAS | None, str]:
+    """:func:`_lookup_scipy_openblas`, looked up at the first call that needs it: importing
     ``scipy.linalg`` takes about 0.1 s, which ``import numbaconv`` and the kernels that call no
     BLAS (``direct``, ``numpy``) need not pay. (Numba's ``np.dot`` imports it at its first
     call anyway.)"""
     global _scipy_openblas_found
     if _scipy_openblas_found is _UNSET:
-        _scipy_openblas_found = _find_scipy_openblas()
+        _scipy_openblas_found = _lookup_scipy_openblas()
     return _scipy_openblas_found
+
+
+def _openblas() -> BundledOpenBLAS | None:
+    return _openblas_lookup()[0]
 
 
 def __getattr__(name):
@@ -260,10 +324,14 @@ def blas_inside_kernels() -> bool:
 
 def blas_mode() -> str:
     """One line for ``numbaconv info``: where the GEMM kernels call BLAS, and why."""
+    found, description = _openblas_lookup()
     if blas_inside_kernels():
-        return "SciPy's OpenBLAS, called inside the parallel kernels (1 thread per caller)"
-    if _openblas() is None:
-        return "NumPy's, between kernels (SciPy's bundled OpenBLAS was not found)"
+        return (
+            f"SciPy's OpenBLAS ({description}), called inside the parallel kernels "
+            "(1 thread per caller)"
+        )
+    if found is None:
+        return f"NumPy's, between kernels (the slower path: {description})"
     return "NumPy's, between kernels (NUMBACONV_BLAS_INSIDE_KERNELS=0)"
 
 
@@ -277,7 +345,8 @@ def single_threaded_blas():
     other Python threads meanwhile run single-threaded: slower, never wrong.
     """
     global _blas_users, _blas_saved_threads
-    get, set_ = _openblas()
+    openblas = _openblas()
+    get, set_ = openblas.get, openblas.set
     with _blas_lock:
         if _blas_users == 0:
             _blas_saved_threads = get()

@@ -24,6 +24,8 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from ._numba_internals import cache_stats
+
 #: The GEMM kernels have two implementations (see ``NUMBACONV_BLAS_INSIDE_KERNELS`` in the
 #: README): the banded passes with BLAS inside them, and the chunked passes with BLAS between.
 _PATHS = {"banded": "1", "chunked": "0"}
@@ -129,24 +131,20 @@ def compile_all(
 
 def dispatchers() -> list:
     """Every Numba dispatcher in numbaconv's kernel modules."""
-    from numba.core.dispatcher import Dispatcher
+    from numba.extending import is_jitted
 
     from . import kernels
 
     found = []
     for module_info in pkgutil.iter_modules(kernels.__path__):
         module = importlib.import_module(f"{kernels.__name__}.{module_info.name}")
-        found.extend(value for value in vars(module).values() if isinstance(value, Dispatcher))
+        found.extend(value for value in vars(module).values() if is_jitted(value))
     return found
 
 
 def _compiled_count() -> int:
     """Signatures compiled (not loaded from the cache) in this process so far."""
-    return sum(
-        sum(dispatcher.stats.cache_misses.values())
-        for dispatcher in dispatchers()
-        if getattr(dispatcher, "stats", None) is not None
-    )
+    return sum(sum(cache_stats(dispatcher).misses.values()) for dispatcher in dispatchers())
 
 
 def cache_dirs() -> list[str]:
@@ -154,8 +152,8 @@ def cache_dirs() -> list[str]:
 
     Asks the kernels' own dispatchers (``cache=True``) where their cache lives: ``__pycache__``
     next to each kernel module, or a folder under ``NUMBA_CACHE_DIR`` when that is set, or a
-    user-wide folder when the package's folder is not writable. Should Numba's (private) cache
-    attributes change, falls back to ``numba.config.CACHE_DIR`` or the package's ``__pycache__``.
+    user-wide folder when the package's folder is not writable (:func:`cache_stats`; where no
+    dispatcher says, ``numba.config.CACHE_DIR`` or the package's ``__pycache__``).
 
     Returns
     -------
@@ -166,7 +164,7 @@ def cache_dirs() -> list[str]:
 
     folders: list[str] = []
     for dispatcher in dispatchers():
-        folder = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
+        folder = cache_stats(dispatcher).path
         if folder and folder not in folders:
             folders.append(folder)
     if folders:

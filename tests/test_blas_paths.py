@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
+import scipy
 from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
 from test_conv_grid import GRID
 from test_parallel import BY_NAME
@@ -40,8 +42,23 @@ EXTRA = [
     Cfg(3, 5, 4, 3, 2, 1, 1, padding=1, name="1x1-padded-is-not-pointwise"),
 ]
 
+SCIPY = f"SciPy {scipy.__version__} ({Path(scipy.__file__).parent})"
+
+
+def bundled_openblas_files() -> list[str]:
+    """The OpenBLAS files that SciPy's PyPI wheels put beside it: ``libscipy_openblas*`` from
+    SciPy 1.14, ``libopenblas*`` in 1.10 to 1.13. None where SciPy was built otherwise (from
+    source, conda's MKL builds): numbaconv cannot hold such a BLAS to one thread."""
+    root = Path(scipy.__file__).parent
+    folders = [root.parent / "scipy.libs", root / ".dylibs"]
+    files = [path.name for folder in folders if folder.is_dir() for path in folder.iterdir()]
+    return sorted(name for name in files if "openblas" in name)
+
+
 requires_inside = pytest.mark.skipif(
-    _threading._scipy_openblas is None, reason="SciPy's bundled OpenBLAS was not found"
+    _threading._scipy_openblas is None,
+    reason=f"{SCIPY} bundles no OpenBLAS that numbaconv can hold to one thread, so the GEMM "
+    "kernels have no banded path here (test_default_path_calls_blas_inside_kernels pins that)",
 )
 
 
@@ -142,12 +159,19 @@ def test_backward_lanes_fall_back_when_their_sums_do_not_fit(monkeypatch, blas_c
     reason="NUMBACONV_BLAS_INSIDE_KERNELS=0 chooses the fallback path explicitly",
 )
 def test_default_path_calls_blas_inside_kernels(thread_probe, blas_calls):
-    """Where SciPy's wheel bundles its OpenBLAS (CI's machines), the default path is the banded
-    one. Fails, instead of letting the requires_inside tests skip and the rest run the fallback
-    with CI green, if that library stops being found."""
-    assert _threading.blas_inside_kernels(), (
-        f"the GEMM kernels fell back to NumPy's BLAS between kernels: {_threading.blas_mode()}"
-    )
+    """Where SciPy's wheel bundles its OpenBLAS (every PyPI wheel of the SciPy releases numbaconv
+    supports, so every CI environment), the default path is the banded one. Fails, instead of
+    letting the requires_inside tests skip and the rest run the fallback with CI green, if that
+    library stops being found. Where SciPy bundles none, the documented fallback: the chunked
+    path, and ``numbaconv info`` says why."""
+    bundled = bundled_openblas_files()
+    inside = _threading.blas_inside_kernels()
+    mode = _threading.blas_mode()
+    if bundled:
+        assert inside, f"{SCIPY} bundles {bundled}, yet the GEMM kernels fell back: {mode}"
+    else:
+        assert not inside and mode.startswith("NumPy's, between kernels (the slower path: ")
+        assert "bundles no OpenBLAS" in mode, mode
     # One layer on which auto picks each of the two GEMM families.
     for cfg, family in [(BY_NAME["bands-split-images"], "im2col"), (AUTO_WINOGRAD, "winograd")]:
         x, w, b, gy = make_data(cfg, np.float32)
@@ -155,9 +179,13 @@ def test_default_path_calls_blas_inside_kernels(thread_probe, blas_calls):
         blas_calls.clear()
         run_all(cfg, x, w, b, gy, None)  # the default kernel
         names = thread_probe.region_names()
-        # Only the banded passes (fused_*), none of the chunked path's kernels.
-        assert names and all(n.startswith(f"{family}.fused_") for n in names), names
-        assert len(blas_calls) == len(thread_probe.regions)  # each one held BLAS to one thread
+        if inside:
+            # Only the banded passes (fused_*), none of the chunked path's kernels.
+            assert names and all(n.startswith(f"{family}.fused_") for n in names), names
+            assert len(blas_calls) == len(thread_probe.regions)  # each one held BLAS to one thread
+        else:
+            assert not any(n.startswith(f"{family}.fused_") for n in names), names
+            assert not blas_calls
 
 
 def test_lanes_that_fit_round_down_to_a_power_of_two(monkeypatch):
@@ -192,7 +220,7 @@ def test_backward_lanes_depend_on_the_geometry_only(restore_num_threads):
 
 @requires_inside
 def test_blas_thread_count_is_held_at_one_and_restored():
-    get, set_ = _threading._scipy_openblas
+    get, set_ = _threading._scipy_openblas.get, _threading._scipy_openblas.set
     before = get()
     try:
         set_(2)
@@ -212,7 +240,7 @@ def test_blas_thread_count_is_held_at_one_and_restored():
 @requires_inside
 def test_blas_thread_count_restored_after_concurrent_calls():
     """Python threads calling numbaconv at once: the last one out restores the setting."""
-    get, set_ = _threading._scipy_openblas
+    get, set_ = _threading._scipy_openblas.get, _threading._scipy_openblas.set
     before = get()
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 4, 12, 12))

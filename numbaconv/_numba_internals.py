@@ -1,0 +1,48 @@
+"""The two things numbaconv asks Numba that Numba's public API does not answer, in one place.
+
+Everything else goes through documented API: ``numba.threading_layer()`` (which raises
+``ValueError`` until a parallel kernel has run), ``numba.get_num_threads``/``set_num_threads``,
+``numba.config.THREADING_LAYER``/``NUMBA_NUM_THREADS``/``CACHE_DIR`` and
+``numba.extending.is_jitted``. What is left:
+
+- :func:`openmp_vendor`: which OpenMP runtime Numba's ``omp`` threading layer was built with (GNU
+  OpenMP is not fork-safe). Only the private ``numba.np.ufunc.omppool.openmp_vendor`` says so;
+  ``numba -s`` reads the same attribute.
+- :func:`cache_stats`: where a ``cache=True`` dispatcher caches and how many of its signatures
+  were compiled or loaded in this process. The ``Dispatcher.stats`` property says so (no
+  underscore, but not in Numba's reference documentation; Numba's own cache tests read it); it
+  replaces the private ``dispatcher._cache._cache_path`` numbaconv read before.
+
+``tests/test_numba_internals.py`` checks both against the installed Numba, so a release that
+renames or drops one fails the suite loudly instead of sending numbaconv down a fallback.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+
+def openmp_vendor() -> str | None:
+    """The OpenMP runtime of Numba's ``omp`` layer (``"GNU"``, ``"Intel"``, ``"MS"``, ...), or None
+    when this Numba has no OpenMP layer (its extension cannot be imported here)."""
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return None
+    # Should the attribute ever go away, assume the runtime that is not fork-safe.
+    return getattr(omppool, "openmp_vendor", "GNU")
+
+
+class CacheStats(NamedTuple):
+    """What a dispatcher knows of its on-disk cache."""
+
+    path: str | None  #: the folder of its cache files; None for a dispatcher without ``cache=True``
+    hits: Counter  #: signature -> times loaded from the cache in this process
+    misses: Counter  #: signature -> times compiled in this process
+
+
+def cache_stats(dispatcher) -> CacheStats:
+    """The cache folder and the cache hits and misses of a Numba dispatcher."""
+    stats = dispatcher.stats
+    return CacheStats(stats.cache_path, stats.cache_hits, stats.cache_misses)

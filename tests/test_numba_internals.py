@@ -1,0 +1,95 @@
+"""The Numba behaviour numbaconv relies on beyond Numba's reference documentation.
+
+``numbaconv._numba_internals`` is the one place that reads what Numba has no public API for;
+these tests check each of those reads, and the documented behaviour numbaconv builds on, against
+the installed Numba, so a Numba release that changes them fails here, by name, instead of
+sending numbaconv down a silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+
+from numbaconv import _numba_internals, _threading, cache
+
+IN_FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numba
+
+    try:
+        numba.threading_layer()
+        before = "no ValueError"
+    except ValueError:
+        before = "ValueError"
+    sys.path.insert(0, sys.argv[1])
+    import cached_module
+    from numbaconv._numba_internals import cache_stats
+
+    assert cached_module.twice(21) == 42
+    path, hits, misses = cache_stats(cached_module.twice)
+    print(json.dumps([before, path, sum(hits.values()), sum(misses.values())]))
+    """
+)
+
+
+def _fresh_process(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run(
+        [sys.executable, "-c", IN_FRESH_PROCESS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_threading_layer_raises_until_a_parallel_kernel_ran(tmp_path):
+    """Documented: ``numba.threading_layer()`` raises ValueError before any layer is chosen;
+    numbaconv reads that as 'not started yet' (and picks the layer only then)."""
+    (tmp_path / "cached_module.py").write_text(
+        "from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n"
+    )
+    assert _fresh_process(tmp_path)[0] == "ValueError"
+
+
+def test_cache_stats_report_the_cache_folder_misses_and_hits(tmp_path):
+    """``Dispatcher.stats``: the cache folder (under NUMBA_CACHE_DIR when set), one miss in the
+    process that compiled, one hit in the next one."""
+    (tmp_path / "cached_module.py").write_text(
+        "from numba import njit\n\n@njit(cache=True)\ndef twice(x):\n    return 2 * x\n"
+    )
+    _, path, hits, misses = _fresh_process(tmp_path)
+    assert path.startswith(str(tmp_path / "cache")) and (hits, misses) == (0, 1)
+    _, path_again, hits, misses = _fresh_process(tmp_path)
+    assert path_again == path and (hits, misses) == (1, 0)
+
+
+def test_cache_stats_of_numbaconvs_kernels():
+    kernels = cache.dispatchers()
+    assert len(kernels) >= 10  # every kernel module's @njit functions, found by is_jitted
+    for dispatcher in kernels:
+        stats = _numba_internals.cache_stats(dispatcher)
+        assert stats.path and os.path.isabs(stats.path), dispatcher  # all are cache=True
+        assert isinstance(stats.hits, Counter) and isinstance(stats.misses, Counter)
+    paths = [_numba_internals.cache_stats(dispatcher).path for dispatcher in kernels]
+    assert cache.cache_dirs() == list(dict.fromkeys(paths))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checked where it matters: Linux")
+def test_openmp_vendor_is_readable():
+    """Numba's Linux wheels build the ``omp`` layer on GNU OpenMP, the one that is not
+    fork-safe; numbaconv reads that from ``numba.np.ufunc.omppool.openmp_vendor``."""
+    from numba.np.ufunc import omppool
+
+    assert omppool.openmp_vendor == _numba_internals.openmp_vendor() == "GNU"
+    assert _threading._openmp_is_gnu()
