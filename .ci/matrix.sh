@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The version matrix (issue 16), which .ci/run runs after the main job: the test suite on every
+# other supported Python, each in a fresh virtual environment with the newest releases pip finds
+# for it, and once more on the oldest releases that pyproject.toml admits (.ci/oldest.txt).
+#
+#   .ci/matrix.sh                        every environment: py3.10 py3.12 py3.13 oldest
+#   .ci/matrix.sh oldest py3.13          some of them
+#   MATRIX_PYTEST_ARGS="tests/test_cli.py -x" .ci/matrix.sh oldest    a subset of the tests
+#
+# Each environment lives in .venv-matrix/NAME (made afresh on every run; git ignores .venv*/),
+# with its own NUMBA_CACHE_DIR in it, so every environment compiles every kernel from cold and
+# none loads another's cache. It installs numbaconv (editable) with what the tests import: the
+# "test" extra of pyproject.toml less asv, virtualenv and ruff, which only the main job's lint
+# and benchmark smoke run use (a test that needs one of them fails here; it is not skipped).
+# The log ends with a table: the versions each environment got, its threading layer and BLAS
+# path (`numbaconv info`), pytest's summary and the minutes it took. The exit status is 1 if
+# any environment failed, after all of them have run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+envs=("$@")
+[[ ${#envs[@]} -gt 0 ]] || envs=(py3.10 py3.12 py3.13 oldest)
+# The oldest supported Python: the only one with wheels of all the oldest releases (numpy 1.24
+# has none for 3.12 and later, scipy 1.10 none for 3.12, numba 0.59 none for 3.13).
+oldest_python=3.10
+read -ra pytest_args <<< "${MATRIX_PYTEST_ARGS:-}"
+
+# The python executable of version $1 (e.g. 3.10): pyenv's, else one on PATH that runs.
+interpreter() {
+    local prefix
+    if command -v pyenv > /dev/null && prefix=$(pyenv prefix "$1" 2> /dev/null) \
+        && [[ -x $prefix/bin/python$1 ]]; then
+        echo "$prefix/bin/python$1"
+    elif "python$1" -c "" 2> /dev/null; then
+        command -v "python$1"
+    else
+        return 1
+    fi
+}
+
+# pyproject's "test" extra as pip arguments: -e .[other extras it names] and its own
+# requirements, less the tools only the main job runs.
+mapfile -t test_requirements < <(python3 - << 'EOF'
+import re
+import tomllib
+
+with open("pyproject.toml", "rb") as fh:
+    requirements = tomllib.load(fh)["project"]["optional-dependencies"]["test"]
+main_job_only = {"asv", "virtualenv", "ruff", "bench"}
+extras, other = [], []
+for requirement in requirements:
+    name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+    if name == "numbaconv":
+        names = re.search(r"\[(.*)\]", requirement).group(1).split(",")
+        extras += [n.strip() for n in names if n.strip() not in main_job_only]
+    elif name not in main_job_only:
+        other.append(requirement)
+print("-e", f".[{','.join(extras)}]" if extras else ".", *other, sep="\n")
+EOF
+)
+if [[ ${#test_requirements[@]} -lt 2 ]]; then
+    echo "matrix: could not read the test extra from pyproject.toml (python3 with tomllib needed)"
+    exit 2
+fi
+
+# Check that the oldest environment got exactly the releases of .ci/oldest.txt.
+check_oldest='
+import importlib.metadata, sys
+wrong = []
+for line in open(".ci/oldest.txt"):
+    line = line.split("#")[0].strip()
+    if line:
+        name, wanted = line.split("==")
+        got = importlib.metadata.version(name)
+        if got != wanted:
+            wrong.append(f"{name} {got} (wanted {wanted})")
+sys.exit(f"oldest environment: {wrong}" if wrong else 0)
+'
+versions='
+import importlib.metadata, platform
+def v(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+print(platform.python_version(), *(v(n) for n in ("numpy", "numba", "scipy", "tbb")))
+'
+
+# One environment, in a subshell: create it, install, `numbaconv info`, the tests.
+run_env() {
+    local name=$1 version constraints=() python dir
+    case $name in
+        oldest) version=$oldest_python constraints=(-c .ci/oldest.txt) ;;
+        py3.*) version=${name#py} ;;
+        *) echo "matrix: unknown environment '$name'" && return 2 ;;
+    esac
+    if ! python=$(interpreter "$version"); then
+        echo "matrix: this machine has no Python $version (pyenv prefix $version, python$version)"
+        return 3
+    fi
+    dir=.venv-matrix/$name
+    rm -rf "$dir"
+    (
+        set -ex
+        "$python" -m venv "$dir"
+        # shellcheck disable=SC1091
+        source "$dir/bin/activate"
+        export NUMBA_CACHE_DIR=$PWD/$dir/numba-cache
+        python -m pip install --quiet --upgrade pip
+        pip install "${constraints[@]}" "${test_requirements[@]}"
+        pip check
+        [[ $name != oldest ]] || python -c "$check_oldest"
+        python -c "$versions" > "$dir/versions.txt"
+        numbaconv info | tee "$dir/info.txt"
+        python -m pytest -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$dir/pytest.log"
+    )
+}
+
+start=$SECONDS
+declare -A status minutes
+failed=0
+for name in "${envs[@]}"; do
+    echo "=== matrix: $name ==="
+    began=$SECONDS
+    run_env "$name"
+    status[$name]=$?
+    minutes[$name]=$(((SECONDS - began + 30) / 60))
+    [[ ${status[$name]} -eq 0 ]] || failed=1
+done
+
+echo
+echo "=== matrix summary ($(((SECONDS - start + 30) / 60)) min) ==="
+printf '%-8s %-8s %-7s %-7s %-7s %-9s %-5s %-4s %s\n' \
+    env python numpy numba scipy tbb layer min "pytest (or the step that failed)"
+for name in "${envs[@]}"; do
+    dir=.venv-matrix/$name
+    read -r py np nb sp tbb < "$dir/versions.txt" 2> /dev/null || py=- np=- nb=- sp=- tbb=-
+    layer=$(sed -n 's/^threading layer: *\([a-z]*\).*/\1/p' "$dir/info.txt" 2> /dev/null)
+    result=$(grep -E '^=* ?[0-9]+ (passed|failed|error).* in [0-9.]+s' "$dir/pytest.log" 2> /dev/null \
+        | tail -1 | tr -d '=')
+    [[ ${status[$name]} -eq 0 ]] || result="FAILED (exit ${status[$name]}):${result:- set-up}"
+    printf '%-8s %-8s %-7s %-7s %-7s %-9s %-5s %-4s %s\n' \
+        "$name" "$py" "$np" "$nb" "$sp" "$tbb" "${layer:--}" "${minutes[$name]}" "$result"
+    sed -n 's/^blas: */         blas: /p' "$dir/info.txt" 2> /dev/null
+done
+exit $failed
