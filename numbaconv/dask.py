@@ -66,7 +66,7 @@ from .geometry import ConvGeometry, make_geometry, validate_conv, validate_grad_
 
 __all__ = ["conv2d", "conv2d_backward"]
 
-#: How many partial weight (bias) gradients each node of the tree reduction adds: a node holds
+#: How many blocks' weight and bias gradients each node of the tree reduction adds: a node holds
 #: that many weight-sized arrays at once; 8 keeps the tree shallow (3 levels for 512 blocks).
 SPLIT_EVERY = 8
 
@@ -215,10 +215,44 @@ def _backward_block(grad_y, blocks, row_pieces, col_pieces, w, geom: ConvGeometr
     return _run_backward(grad_y, x, w, geom, name)
 
 
-def _partial_gradient(part, index: int):
-    """Item ``index`` (1: grad_w, 2: grad_b) of a block's gradients, with a leading axis of
-    length 1, so that the shares stack into one Dask array to be summed over that axis."""
-    return part[index][np.newaxis]
+def _weight_and_bias_shares(part):
+    """``(grad_w, grad_b)`` of one block's ``(grad_x, grad_w, grad_b)`` (a task)."""
+    return part[1], part[2]
+
+
+def _add_shares(shares):
+    """The sum of ``(grad_w, grad_b)`` pairs, in float64, in the order given (a task)."""
+    grad_w = shares[0][0].astype(np.float64)
+    grad_b = shares[0][1].astype(np.float64)
+    for share_w, share_b in shares[1:]:
+        grad_w += share_w
+        grad_b += share_b
+    return grad_w, grad_b
+
+
+def _take_gradient(total, index: int, dtype):
+    """Item ``index`` of the tree's root, cast to the input's dtype (a task)."""
+    return total[index].astype(dtype)
+
+
+def _sum_tree(leaves, name: str, split_every: int):
+    """Tasks that add up the ``(grad_w, grad_b)`` shares ``leaves`` (keys) as a tree.
+
+    Each node adds up to ``split_every`` keys of the level below, in their order; the shape of
+    the tree depends only on the number of leaves, so the sums round the same way on every
+    run, whichever worker computes which node. Returns ``(layer, root key)``.
+    """
+    layer, nodes, level = {}, list(leaves), 0
+    while True:
+        groups = [nodes[i : i + split_every] for i in range(0, len(nodes), split_every)]
+        nodes = []
+        for index, group in enumerate(groups):
+            key = (name, level, index)
+            layer[key] = (_add_shares, group)
+            nodes.append(key)
+        if len(nodes) == 1:
+            return layer, nodes[0]
+        level += 1
 
 
 def _overlap_add(shares, slices, shape, dtype) -> np.ndarray:
@@ -526,11 +560,9 @@ def conv2d_backward(
     part_name = f"numbaconv-conv2d-backward-{token}"
     share_names = {
         "x": f"numbaconv-grad-x-share-{token}",
-        "w": f"numbaconv-grad-w-share-{token}",
-        "b": f"numbaconv-grad-b-share-{token}",
+        "wb": f"numbaconv-grad-wb-share-{token}",
     }
     parts, shares = {}, {key: {} for key in share_names}
-    part_count = 0
     for bn, batch in enumerate(x.chunks[0]):
         for i, row_span in enumerate(rows):
             for j, col_span in enumerate(cols):
@@ -547,14 +579,10 @@ def conv2d_backward(
                     block_geom,
                     name,
                 )
+                # Separate keys for the two kinds of share, so that a worker that needs one
+                # fetches only that, never the other along with it.
                 shares["x"][(share_names["x"], bn, i, j)] = (operator.getitem, part, 0)
-                shares["w"][(share_names["w"], part_count, 0, 0, 0, 0)] = (
-                    _partial_gradient,
-                    part,
-                    1,
-                )
-                shares["b"][(share_names["b"], part_count, 0)] = (_partial_gradient, part, 2)
-                part_count += 1
+                shares["wb"][(share_names["wb"], bn, i, j)] = (_weight_and_bias_shares, part)
 
     # grad_x chunk by chunk: the shares of the blocks whose input rows and columns reach it.
     grad_x_name = f"numbaconv-grad-x-{token}"
@@ -583,35 +611,40 @@ def conv2d_backward(
                     np.dtype(dtype).str,
                 )
 
+    # grad_w and grad_b: one tree over the blocks' shares, then the root cast to the dtype.
+    tree_name = f"numbaconv-grad-wb-sum-{token}"
+    tree_layer, root = _sum_tree(list(shares["wb"]), tree_name, SPLIT_EVERY)
+    grad_w_name, grad_b_name = f"numbaconv-grad-w-{token}", f"numbaconv-grad-b-{token}"
+    dtype_str = np.dtype(dtype).str
     layers = {
         const_name: const_layer,
         part_name: parts,
         **{share_names[key]: shares[key] for key in share_names},
         grad_x_name: grad_x_layer,
+        tree_name: tree_layer,
+        grad_w_name: {(grad_w_name, 0, 0, 0, 0): (_take_gradient, root, 0, dtype_str)},
+        grad_b_name: {(grad_b_name, 0): (_take_gradient, root, 1, dtype_str)},
     }
     dependencies = {
         const_name: set(),
         part_name: {const_name, x.name, grad_y.name},
         **{share_names[key]: {part_name} for key in share_names},
         grad_x_name: {share_names["x"]},
+        tree_name: {share_names["wb"]},
+        grad_w_name: {tree_name},
+        grad_b_name: {tree_name},
     }
     graph = _graph(part_name, layers, dependencies, x, grad_y)
-    meta = np.empty((0, 0, 0, 0), dtype=dtype)
-    grad_x = da.Array(graph, grad_x_name, x.chunks, meta=meta)
-    w_shares = da.Array(
+    grad_x = da.Array(graph, grad_x_name, x.chunks, meta=np.empty((0,) * 4, dtype=dtype))
+    grad_w = da.Array(
         graph,
-        share_names["w"],
-        ((1,) * part_count, *((size,) for size in w.shape)),
-        meta=np.empty((0,) * 5, dtype=dtype),
+        grad_w_name,
+        tuple((size,) for size in w.shape),
+        meta=np.empty((0,) * 4, dtype=dtype),
     )
-    b_shares = da.Array(
-        graph,
-        share_names["b"],
-        ((1,) * part_count, (run_geom.out_channels,)),
-        meta=np.empty((0, 0), dtype=dtype),
+    grad_b = da.Array(
+        graph, grad_b_name, ((run_geom.out_channels,),), meta=np.empty((0,), dtype=dtype)
     )
-    grad_w = w_shares.sum(axis=0, dtype=np.float64, split_every=SPLIT_EVERY).astype(dtype)
-    grad_b = b_shares.sum(axis=0, dtype=np.float64, split_every=SPLIT_EVERY).astype(dtype)
     if run_geom is not geom:
         grad_x = _fold(grad_x, _pads(geom), mode)
     return grad_x, grad_w, grad_b
