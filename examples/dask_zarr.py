@@ -75,7 +75,19 @@ def filter_bank() -> np.ndarray:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory, MiB (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory, MiB (run on each worker).
+
+    Linux: ``VmHWM``, the high-water mark of this process's own memory. Not ``ru_maxrss``: a
+    spawned worker starts with its parent's (the nanny runs in the process that started the
+    cluster, which may hold large arrays), since Linux keeps ``ru_maxrss`` across ``exec``.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
