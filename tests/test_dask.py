@@ -187,12 +187,13 @@ def test_batch_chunks_same_forward_bits(kernel, batch_chunks, dtype):
         assert_same_bits(grads[0], expected_grads[0], "direct grad_x, batch chunks")
 
 
-def test_one_block_same_bits(dtype):
+@pytest.mark.parametrize("kernel", nc.KERNELS)
+def test_one_block_same_bits(kernel, dtype):
     """A single block is exactly the in-memory call, all three gradients included."""
     x, w, b = make(SHAPE, 3, 3, {}, dtype)
-    got, expected, _ = check_forward(x, w, b, -1, dict(padding=1), dtype)
+    got, expected, _ = check_forward(x, w, b, -1, dict(padding=1), dtype, kernel=kernel)
     assert_same_bits(got, expected, "forward, one block")
-    grads, expected_grads = check_backward(x, w, -1, dict(padding=1), dtype)
+    grads, expected_grads = check_backward(x, w, -1, dict(padding=1), dtype, kernel=kernel)
     for name, g, e in zip(("grad_x", "grad_w", "grad_b"), grads, expected_grads, strict=True):
         assert_same_bits(g, e, f"{name}, one block")
 
