@@ -20,8 +20,8 @@ cd "$(dirname "$0")/.."
 
 envs=("$@")
 [[ ${#envs[@]} -gt 0 ]] || envs=(py3.10 py3.12 py3.13 oldest)
-# The oldest supported Python: the only one with wheels of all the oldest releases (numpy 1.24
-# has none for 3.12 and later, scipy 1.10 none for 3.12, numba 0.59 none for 3.13).
+# The oldest supported Python (requires-python); it has wheels of all the oldest releases, as
+# 3.11 has (numpy 1.24 and scipy 1.10 have none for 3.12, numba 0.59 none for 3.13).
 oldest_python=3.10
 read -ra pytest_args <<< "${MATRIX_PYTEST_ARGS:-}"
 
