@@ -5,8 +5,9 @@ For each case (a layer and a chunk layout) it times, forward (``conv2d``) and ba
 
 * ``in memory``: ``numbaconv.conv2d`` on the NumPy arrays in this process (Numba's threads: all
   cores), the baseline;
-* ``threads``: ``numbaconv.dask`` on Dask's threaded scheduler in this process (the result
-  concatenated into one NumPy array, as ``.compute()`` does);
+* ``threads``: ``numbaconv.dask`` on Dask's threaded scheduler in this process, the result
+  concatenated into one NumPy array (``.compute()``); ``threads, blocks``: the same, the result
+  left in its blocks (``dask.persist``);
 * ``N workers``: a ``distributed.LocalCluster`` of N worker processes, one task thread each and
   Numba's threads shared out among them (cores // N each), with the input already on the workers
   (``persist``) and the result left there: the computation alone, data movement between workers
@@ -43,7 +44,8 @@ import numpy as np
 
 #: name -> (input shape, weight shape, conv2d options, chunks of the input).
 CASES = {
-    # resnet3x3's layer (numbaconv.shapes) with 64 images: batch chunks of 16 and of 8 images.
+    # resnet3x3's layer (numbaconv.shapes) with 64 images: batch chunks of 32, 16 and 8 images.
+    "resnet-b32": ((64, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (32, -1, -1, -1)),
     "resnet-b16": ((64, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (16, -1, -1, -1)),
     "resnet-b8": ((64, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (8, -1, -1, -1)),
     # One large image, 64 channels, in 4 and 16 tiles: the halos cross chunk boundaries.
@@ -177,6 +179,15 @@ def time_session(case: str, dtype: str, workers: int, repeat: int, timeout: floa
         ("in memory", "backward"): (partial(nc.conv2d_backward, grad_y, x, w, **options), None),
         ("threads", "forward"): (lambda: forward().compute(scheduler="threads"), None),
         ("threads", "backward"): (lambda: dask.compute(*backward(), scheduler="threads"), None),
+        # The same, leaving the result in blocks: .compute() above also concatenates them.
+        ("threads, blocks", "forward"): (
+            lambda: dask.persist(forward(), scheduler="threads"),
+            None,
+        ),
+        ("threads, blocks", "backward"): (
+            lambda: dask.persist(*backward(), scheduler="threads"),
+            None,
+        ),
     }
 
     numba_threads = max(1, (os.cpu_count() or 1) // workers)
