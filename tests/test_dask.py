@@ -257,6 +257,18 @@ def test_importing_numbaconv_does_not_import_dask():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_missing_dask_names_the_extra():
+    code = (
+        "import sys; sys.modules['dask'] = None\n"
+        "try:\n    import numbaconv.dask\n"
+        "except ImportError as error:\n    print(error)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "numbaconv.dask needs Dask: pip install 'numbaconv[dask]'" in done.stdout
+
+
 def test_lazy_until_computed():
     """Building the graphs runs no numbaconv call (an input that fails would fail here)."""
 
