@@ -67,7 +67,7 @@ def check_forward(x, w, b, chunks, options, dtype, kernel=None):
     scale = nc.conv2d(
         np.abs(x).astype(np.float64),
         np.abs(w).astype(np.float64),
-        np.abs(b).astype(np.float64),
+        None if b is None else np.abs(b).astype(np.float64),
         **options,
     )
     lazy = ncd.conv2d(da.from_array(x, chunks=chunks), w, b, kernel=kernel, **options)
@@ -185,6 +185,16 @@ def test_batch_chunks_same_forward_bits(kernel, batch_chunks, dtype):
     if kernel == "direct":
         grads, expected_grads = check_backward(x, w, chunks, options, dtype, kernel=kernel)
         assert_same_bits(grads[0], expected_grads[0], "direct grad_x, batch chunks")
+
+
+def test_im2col_small_maps_batch_chunks_same_bits(dtype):
+    """On small maps im2col's forward pass puts several images' columns in one GEMM; each output
+    is still its own dot product, so chunks along the batch keep the bits."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((17, 64, 7, 7)).astype(dtype)
+    w = rng.standard_normal((64, 64, 3, 3)).astype(dtype)
+    got, expected, _ = check_forward(x, w, None, (3, -1, -1, -1), dict(padding=1), dtype, "im2col")
+    assert_same_bits(got, expected, "im2col forward, small maps, batch chunks")
 
 
 @pytest.mark.parametrize("kernel", nc.KERNELS)
