@@ -176,22 +176,31 @@ def _block_geometry(geom: ConvGeometry, batch: int, rows: _Span, cols: _Span) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _assemble(blocks, row_pieces, col_pieces, shape, dtype, border=(0, 0, 0, 0)) -> np.ndarray:
-    """A block's input: the pieces of the input chunks it reads, in one array of ``shape``.
+def _cut_block(array, r0: int, r1: int, c0: int, c1: int):
+    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of a 4-D block (a task; a view).
 
-    ``blocks[i][j]`` is the input chunk of row piece ``i`` and column piece ``j``. One piece
-    is returned as a view (the kernel call makes it contiguous if it must); several are copied
-    into one array; none (every window in the padding) gives zeros. ``border`` (top, bottom,
-    left, right) adds rows and columns of zeros around the result.
+    A block's halo is cut from its neighbour's chunk by a task of its own, which the scheduler
+    runs where that chunk is: only the halo then travels to the block's worker, not the chunk.
+    """
+    return array[:, :, r0:r1, c0:c1]
+
+
+def _assemble(pieces, shape, dtype, border=(0, 0, 0, 0)) -> np.ndarray:
+    """A block's input: ``pieces``, a grid of the input pieces it reads, in one array.
+
+    ``pieces[i][j]`` is the ``i``-th piece down and ``j``-th across (cut from the input chunks
+    by :func:`_cut_block` tasks where they are not whole chunks). One piece is returned as it is
+    (the kernel call makes it contiguous if it must); several are copied into one array of
+    ``shape``; none (every window in the padding) gives zeros. ``border`` (top, bottom, left,
+    right) adds rows and columns of zeros around the result.
     """
     top, bottom, left, right = border
     n, c, height, width = shape
     padded_shape = (n, c, height + top + bottom, width + left + right)
-    if not row_pieces or not col_pieces:
+    if not pieces:
         return np.zeros(padded_shape, dtype=dtype)
-    if len(row_pieces) == 1 and len(col_pieces) == 1 and not any(border):
-        (_, r0, r1), (_, c0, c1) = row_pieces[0], col_pieces[0]
-        return blocks[0][0][:, :, r0:r1, c0:c1]
+    if len(pieces) == 1 and len(pieces[0]) == 1 and not any(border):
+        return pieces[0][0]
     out = np.empty(padded_shape, dtype=dtype)
     if any(border):  # only the border is zeroed: the pieces fill the rest
         out[:, :, :top] = 0
@@ -199,36 +208,36 @@ def _assemble(blocks, row_pieces, col_pieces, shape, dtype, border=(0, 0, 0, 0))
         out[:, :, :, :left] = 0
         out[:, :, :, left + width :] = 0
     row = top
-    for (_, r0, r1), row_blocks in zip(row_pieces, blocks, strict=True):
+    for row_pieces in pieces:
         col = left
-        for (_, c0, c1), block in zip(col_pieces, row_blocks, strict=True):
-            out[:, :, row : row + r1 - r0, col : col + c1 - c0] = block[:, :, r0:r1, c0:c1]
-            col += c1 - c0
-        row += r1 - r0
+        for piece in row_pieces:
+            out[:, :, row : row + piece.shape[2], col : col + piece.shape[3]] = piece
+            col += piece.shape[3]
+        row += row_pieces[0].shape[2]
     return out
 
 
-def _forward_block(blocks, row_pieces, col_pieces, w, b, geom: ConvGeometry, name: str):
+def _forward_block(pieces, w, b, geom: ConvGeometry, name: str):
     """The convolution of one output block (a task)."""
-    x = _assemble(blocks, row_pieces, col_pieces, geom.input_shape, w.dtype)
+    x = _assemble(pieces, geom.input_shape, w.dtype)
     return _run_forward(x, w, b, geom, name)
 
 
-def _backward_block(grad_y, blocks, row_pieces, col_pieces, w, geom: ConvGeometry, name: str):
+def _backward_block(grad_y, pieces, w, geom: ConvGeometry, name: str):
     """``(grad_x, grad_w, grad_b)`` of one output block's convolution (a task).
 
     ``grad_x`` covers the input rows and columns the block reads; ``grad_w`` and ``grad_b``
     are the block's shares of the whole gradients.
     """
     if name != "winograd":
-        x = _assemble(blocks, row_pieces, col_pieces, geom.input_shape, w.dtype)
+        x = _assemble(pieces, geom.input_shape, w.dtype)
         return _run_backward(grad_y, x, w, geom, name)
     # Winograd's backward pass needs the same padding on both sides of an axis (else it runs
     # im2col: 4 tiles of a 64-channel 448x448 image took 1.7x the in-memory time, against 1.3x
     # this way); a block at the image's edge has padding on one side only, so the difference
     # is made rows (columns) of real zeros around the block's input.
     border, padded_geom = _symmetric_padding(geom)
-    x = _assemble(blocks, row_pieces, col_pieces, geom.input_shape, w.dtype, border)
+    x = _assemble(pieces, geom.input_shape, w.dtype, border)
     grad_x, grad_w, grad_b = _run_backward(grad_y, x, w, padded_geom, name)
     top, _, left, _ = border
     return grad_x[:, :, top : top + geom.in_height, left : left + geom.in_width], grad_w, grad_b
@@ -293,37 +302,34 @@ def _sum_tree(leaves, name: str, split_every: int):
         level += 1
 
 
-def _overlap_add(shares, slices, shape, dtype) -> np.ndarray:
+def _overlap_add(shares, destinations, shape, dtype) -> np.ndarray:
     """One ``grad_x`` chunk: the sum of the blocks' shares that reach it (a task).
 
-    ``shares[i][source]`` lands on ``out[destination]`` for ``(source, destination)`` in
-    ``slices[i]``. The first share to reach a pixel is copied there, later ones are added in the
-    order given (blocks in row-major order), so a pixel that one block reaches keeps that
+    ``shares[i]`` (the part of a block's share that lands in this chunk, cut by a :func:`_cut_block`
+    task where it is not the whole share) lands on ``out[destinations[i]]``, a pair of row and
+    column slices. The first share to reach a pixel is copied there, later ones are added in
+    the order given (blocks in row-major order), so a pixel that one block reaches keeps that
     block's bits, and the sums are the same on every run. The chunk is cut into the rectangles
     that the shares' edges make, so every step is a plain copy or add of a slab (a per-pixel
     mask over the whole chunk made the backward pass of 4 tiles of 64x224x224 about 30% slower).
     """
     if not shares:  # no window reads these pixels
         return np.zeros(shape, dtype=dtype)
-    (rows, cols), (dst_rows, dst_cols) = slices[0]
-    if len(shares) == 1 and (dst_rows, dst_cols) == (slice(0, shape[2]), slice(0, shape[3])):
-        return np.ascontiguousarray(shares[0][:, :, rows, cols])
-    row_cuts = sorted({0, shape[2], *(c for _, (r, _) in slices for c in (r.start, r.stop))})
-    col_cuts = sorted({0, shape[3], *(c for _, (_, k) in slices for c in (k.start, k.stop))})
+    if len(shares) == 1 and destinations[0] == (slice(0, shape[2]), slice(0, shape[3])):
+        return np.ascontiguousarray(shares[0])
+    row_cuts = sorted({0, shape[2], *(c for r, _ in destinations for c in (r.start, r.stop))})
+    col_cuts = sorted({0, shape[3], *(c for _, k in destinations for c in (k.start, k.stop))})
     out = np.empty(shape, dtype=dtype)
     for top, bottom in pairwise(row_cuts):
         for left, right in pairwise(col_cuts):
             target = out[:, :, top:bottom, left:right]
             reached = False
-            for share, ((src_rows, src_cols), (dst_rows, dst_cols)) in zip(
-                shares, slices, strict=True
-            ):
+            for share, (dst_rows, dst_cols) in zip(shares, destinations, strict=True):
                 if not (dst_rows.start <= top and bottom <= dst_rows.stop):
                     continue
                 if not (dst_cols.start <= left and right <= dst_cols.stop):
                     continue
-                r0 = src_rows.start + top - dst_rows.start
-                c0 = src_cols.start + left - dst_cols.start
+                r0, c0 = top - dst_rows.start, left - dst_cols.start
                 source = share[:, :, r0 : r0 + bottom - top, c0 : c0 + right - left]
                 if reached:
                     target += source
@@ -439,14 +445,28 @@ def _axis_spans(geom: ConvGeometry, out_bounds_h, out_bounds_w):
     return rows, cols
 
 
-def _reads(x, bn: int, rows: _Span, cols: _Span):
-    """The keys of the chunks of ``x`` that a block reads and the pieces it takes of them."""
-    row_pieces = [] if rows.zeros else _pieces(_bounds(x.chunks[2]), rows.in_start, rows.in_stop)
-    col_pieces = [] if cols.zeros else _pieces(_bounds(x.chunks[3]), cols.in_start, cols.in_stop)
-    if not col_pieces:
-        row_pieces = []
-    keys = [[(x.name, bn, 0, i, j) for j, _, _ in col_pieces] for i, _, _ in row_pieces]
-    return keys, row_pieces, col_pieces
+def _reads(x, bn: int, rows: _Span, cols: _Span, cuts: dict, cut_name: str):
+    """The keys of the input pieces a block reads, as a grid (rows of pieces, top to bottom).
+
+    Whole chunks are read by their own keys; parts of chunks (halos, or a chunk the block reads
+    only partly) by the keys of :func:`_cut_block` tasks, added to ``cuts`` (blocks that read
+    the same part share its task).
+    """
+    if rows.zeros or cols.zeros:
+        return []
+    row_pieces = _pieces(_bounds(x.chunks[2]), rows.in_start, rows.in_stop)
+    col_pieces = _pieces(_bounds(x.chunks[3]), cols.in_start, cols.in_stop)
+    grid = []
+    for i, r0, r1 in row_pieces:
+        grid.append([])
+        for j, c0, c1 in col_pieces:
+            key = (x.name, bn, 0, i, j)
+            if (r0, r1, c0, c1) != (0, x.chunks[2][i], 0, x.chunks[3][j]):
+                cut = (cut_name, bn, i, j, r0, r1, c0, c1)
+                cuts[cut] = (_cut_block, key, r0, r1, c0, c1)
+                key = cut
+            grid[-1].append(key)
+    return grid
 
 
 def _graph(name: str, layers: dict, dependencies: dict, *collections):
@@ -526,26 +546,23 @@ def conv2d(
     token = tokenize(x.name, w, b, run_geom, name)
     const_name, const_layer, keys = _constants(token, weight=w, bias=b)
     out_name = f"numbaconv-conv2d-{token}"
-    layer = {}
+    cut_name = f"numbaconv-input-cut-{token}"
+    layer, cuts = {}, {}
     for bn, batch in enumerate(x.chunks[0]):
         for i, row_span in enumerate(rows):
             for j, col_span in enumerate(cols):
-                reads, row_pieces, col_pieces = _reads(x, bn, row_span, col_span)
-                block_geom = _block_geometry(run_geom, batch, row_span, col_span)
                 layer[(out_name, bn, 0, i, j)] = (
                     _forward_block,
-                    reads,
-                    row_pieces,
-                    col_pieces,
+                    _reads(x, bn, row_span, col_span, cuts, cut_name),
                     keys["weight"],
                     keys["bias"],
-                    block_geom,
+                    _block_geometry(run_geom, batch, row_span, col_span),
                     name,
                 )
     graph = _graph(
         out_name,
-        {const_name: const_layer, out_name: layer},
-        {const_name: set(), out_name: {const_name, x.name}},
+        {const_name: const_layer, cut_name: cuts, out_name: layer},
+        {const_name: set(), cut_name: {x.name}, out_name: {const_name, cut_name, x.name}},
         x,
     )
     chunks = (
@@ -619,21 +636,18 @@ def conv2d_backward(
         "x": f"numbaconv-grad-x-share-{token}",
         "wb": f"numbaconv-grad-wb-share-{token}",
     }
-    parts, shares = {}, {key: {} for key in share_names}
+    cut_name = f"numbaconv-input-cut-{token}"
+    parts, shares, cuts = {}, {key: {} for key in share_names}, {}
     for bn, batch in enumerate(x.chunks[0]):
         for i, row_span in enumerate(rows):
             for j, col_span in enumerate(cols):
-                reads, row_pieces, col_pieces = _reads(x, bn, row_span, col_span)
-                block_geom = _block_geometry(run_geom, batch, row_span, col_span)
                 part = (part_name, bn, i, j)
                 parts[part] = (
                     _backward_block,
                     (grad_y.name, bn, 0, i, j),
-                    reads,
-                    row_pieces,
-                    col_pieces,
+                    _reads(x, bn, row_span, col_span, cuts, cut_name),
                     keys["weight"],
-                    block_geom,
+                    _block_geometry(run_geom, batch, row_span, col_span),
                     name,
                 )
                 # Separate keys for the two kinds of share, so that a worker that needs one
@@ -643,7 +657,8 @@ def conv2d_backward(
 
     # grad_x chunk by chunk: the shares of the blocks whose input rows and columns reach it.
     grad_x_name = f"numbaconv-grad-x-{token}"
-    grad_x_layer = {}
+    share_cut_name = f"numbaconv-grad-x-share-cut-{token}"
+    grad_x_layer, share_cuts = {}, {}
     row_bounds, col_bounds = _bounds(x.chunks[2]), _bounds(x.chunks[3])
     for bn, batch in enumerate(x.chunks[0]):
         for ci, (r0, r1) in enumerate(pairwise(row_bounds)):
@@ -657,8 +672,16 @@ def conv2d_backward(
                         col_cut = _overlap(col_span, c0, c1)
                         if col_cut is None:
                             continue
-                        share_keys.append((share_names["x"], bn, i, j))
-                        slices.append(((row_cut[0], col_cut[0]), (row_cut[1], col_cut[1])))
+                        share = (share_names["x"], bn, i, j)
+                        (src_rows, dst_rows), (src_cols, dst_cols) = row_cut, col_cut
+                        whole = (0, row_span.in_stop - row_span.in_start)
+                        whole += (0, col_span.in_stop - col_span.in_start)
+                        cut = (src_rows.start, src_rows.stop, src_cols.start, src_cols.stop)
+                        if cut != whole:  # only the part that lands here travels
+                            share_cuts[(share_cut_name, bn, i, j, *cut)] = (_cut_block, share, *cut)
+                            share = (share_cut_name, bn, i, j, *cut)
+                        share_keys.append(share)
+                        slices.append((dst_rows, dst_cols))
                 shape = (batch, run_geom.in_channels, r1 - r0, c1 - c0)
                 grad_x_layer[(grad_x_name, bn, 0, ci, cj)] = (
                     _overlap_add,
@@ -677,6 +700,8 @@ def conv2d_backward(
         const_name: const_layer,
         part_name: parts,
         **{share_names[key]: shares[key] for key in share_names},
+        cut_name: cuts,
+        share_cut_name: share_cuts,
         grad_x_name: grad_x_layer,
         tree_name: tree_layer,
         grad_w_name: {(grad_w_name, 0, 0, 0, 0): (_take_gradient, root, 0, dtype_str)},
@@ -684,9 +709,11 @@ def conv2d_backward(
     }
     dependencies = {
         const_name: set(),
-        part_name: {const_name, x.name, grad_y.name},
+        part_name: {const_name, cut_name, x.name, grad_y.name},
         **{share_names[key]: {part_name} for key in share_names},
-        grad_x_name: {share_names["x"]},
+        cut_name: {x.name},
+        share_cut_name: {share_names["x"]},
+        grad_x_name: {share_names["x"], share_cut_name},
         tree_name: {share_names["wb"]},
         grad_w_name: {tree_name},
         grad_b_name: {tree_name},
@@ -721,7 +748,7 @@ def _overlap(span: _Span, start: int, stop: int):
     )
 
 
-def _cut(array, axis: int, start: int, stop: int):
+def _cut_axis(array, axis: int, start: int, stop: int):
     """``array[..., start:stop, ...]`` along ``axis``."""
     index = [slice(None)] * array.ndim
     index[axis] = slice(start, stop)
@@ -741,9 +768,9 @@ def _fold(grad_padded, pads, mode: str):
             continue
         total = grad_padded.shape[axis]
         size = total - before - after
-        interior = _cut(grad_padded, axis, before, before + size)
-        lo_strip = _cut(grad_padded, axis, 0, before)
-        hi_strip = _cut(grad_padded, axis, before + size, total)
+        interior = _cut_axis(grad_padded, axis, before, before + size)
+        lo_strip = _cut_axis(grad_padded, axis, 0, before)
+        hi_strip = _cut_axis(grad_padded, axis, before + size, total)
         starts = da.from_array(np.array(_bounds(interior.chunks[axis])[:-1]), chunks=1)
         # The strips' own axis gets index "j", which is not in the output: blockwise hands each
         # block the whole strip (one chunk along that axis, concatenated if it had more).
