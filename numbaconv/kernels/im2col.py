@@ -534,13 +534,17 @@ def _band_rows(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: in
     return int(max(1, min(geom.out_height, rows)))
 
 
-def _band_workspace(geom: ConvGeometry, dtype, lanes: int, band_rows: int, pointwise: bool):
+def _band_workspace(
+    geom: ConvGeometry, dtype, lanes: int, band_rows: int, pointwise: bool, group: int = 1
+):  # fmt: skip
     """Per lane: a band's columns (none for a pointwise layer, which reads the image itself) and
-    a band's GEMM result (none when a band is the whole image: the GEMM writes the output)."""
+    a band's GEMM result (none when a band is one whole image: the GEMM writes the output);
+    with ``group`` > 1 (whole images side by side, :func:`small_map_group`), both for the
+    group's images."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
-    width = band_rows * geom.out_width
+    width = band_rows * geom.out_width * group
     cols = take("im2col.band_columns", (lanes, 0 if pointwise else taps * width), dtype)
-    whole = band_rows >= geom.out_height
+    whole = band_rows >= geom.out_height and group == 1
     out = take("im2col.band_gemm", (lanes, 0 if whole else geom.out_channels * width), dtype)
     return cols, out
 
@@ -597,23 +601,29 @@ MIN_GEMM_COLUMNS = 196
 GROUP_BYTES = 4 * 2**20
 
 
+def small_map_group(geom: ConvGeometry, itemsize: int, band_rows: int, jobs_per_image: int) -> int:
+    """Images per GEMM: 1, unless a band is a whole image whose GEMMs would get fewer than
+    :data:`MIN_GEMM_COLUMNS` columns; then enough images for that, within :data:`GROUP_BYTES`
+    and at most ``jobs_per_image`` images (so that enough jobs remain)."""
+    oh, ow = geom.out_height, geom.out_width
+    if is_pointwise(geom) or band_rows < oh or oh * ow >= MIN_GEMM_COLUMNS:
+        return 1
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    per_image = (taps + geom.out_channels) * oh * ow * itemsize
+    group = min(-(-MIN_GEMM_COLUMNS // (oh * ow)), GROUP_BYTES // per_image, jobs_per_image)
+    return int(max(1, group))
+
+
 def forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
     """``(band_rows, group)`` of :func:`fused_forward_kernel`: a function of the geometry only
     (see :data:`PLAN_LANES`). ``group`` > 1 only when a band is a whole image whose GEMMs would
     get fewer than :data:`MIN_GEMM_COLUMNS` columns, and only as far as the batch still gives at
     least 4 jobs."""
-    n, k, oh, ow = geom.output_shape
     if is_pointwise(geom):
-        return oh, 1
+        return geom.out_height, 1
     band_rows = _band_rows(geom, itemsize, PLAN_LANES, 0)
-    if band_rows < oh or oh * ow >= MIN_GEMM_COLUMNS:
-        return band_rows, 1
-    taps = geom.in_channels * geom.filter_height * geom.filter_width
-    per_image = (taps + geom.out_channels) * oh * ow * itemsize
-    group = min(-(-MIN_GEMM_COLUMNS // (oh * ow)), max(1, GROUP_BYTES // per_image))
-    # Never so large that fewer jobs than lanes remain (2-4 cores must stay busy).
-    group = min(group, max(1, n // 4))
-    return band_rows, int(max(1, group))
+    # At least 4 jobs remain, so that 2-4 cores stay busy.
+    return band_rows, small_map_group(geom, itemsize, band_rows, geom.batch // 4)
 
 
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
@@ -626,12 +636,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     band_rows, group = forward_plan(geom, x.itemsize)
     jobs = -(-n // group) * -(-oh // band_rows)
     lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
-    if group > 1:
-        taps = geom.in_channels * geom.filter_height * geom.filter_width
-        cols = take("im2col.band_columns", (lanes, taps * group * oh * ow), x.dtype)
-        out = take("im2col.band_gemm", (lanes, k * group * oh * ow), x.dtype)
-    else:
-        cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
+    cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise, group)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     w_mat = w.reshape(k, -1)
@@ -664,19 +669,9 @@ def _fused_backward(grad_y, x, w, geom: ConvGeometry, lanes: int, input_gradient
     if n < lanes and not pointwise:
         band_rows = min(band_rows, -(-oh // -(-lanes // n)))  # at least `lanes` jobs
         phases = _band_phases(geom, band_rows)
-    group = 1
-    if not phases and not pointwise and band_rows >= oh and oh * ow < MIN_GEMM_COLUMNS:
-        # Small maps: images side by side in the GEMMs, as in the forward pass.
-        taps = geom.in_channels * geom.filter_height * geom.filter_width
-        per_image = (taps + k) * oh * ow * x.itemsize
-        group = min(-(-MIN_GEMM_COLUMNS // (oh * ow)), max(1, GROUP_BYTES // per_image))
-        group = int(max(1, min(group, n // lanes)))
-    if group > 1:
-        taps = geom.in_channels * geom.filter_height * geom.filter_width
-        cols = take("im2col.band_columns", (lanes, taps * group * oh * ow), x.dtype)
-        grads = take("im2col.band_gemm", (lanes, k * group * oh * ow), x.dtype)
-    else:
-        cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise)
+    # Small maps: a lane's images side by side in the GEMMs, as in the forward pass.
+    group = 1 if phases else small_map_group(geom, x.itemsize, band_rows, n // lanes)
+    cols, grads = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise, group)
     if phases:
         sums[:] = 0
         bias_sums[:] = 0
