@@ -1,9 +1,13 @@
 """The ``numbaconv`` command line: ``demo``, ``bench``, ``compile`` and ``info``.
 
 - ``numbaconv demo`` trains a small CNN on scikit-learn's digits (:mod:`numbaconv.demo`);
-- ``numbaconv bench`` times ``conv2d`` and ``conv2d_backward`` of every kernel on layer shapes;
+- ``numbaconv bench`` times forward and backward of every kernel on layer shapes, through the
+  timing harness :mod:`numbaconv.bench`;
 - ``numbaconv compile`` fills Numba's on-disk cache with every kernel (:mod:`numbaconv.cache`);
-- ``numbaconv info`` reports versions, threading, the Numba cache, the CPU and the default kernel.
+- ``numbaconv info`` reports versions, threading, the Numba cache, the CPU and the default kernel
+  (:mod:`numbaconv.info`).
+
+This module parses arguments and prints; the work is done by the modules named above.
 
 Bad arguments print one line, ``numbaconv: error: ...``, and exit with status 2. The optional
 packages (scikit-learn, tqdm, matplotlib) are imported only by the subcommands that use them.
@@ -12,27 +16,21 @@ packages (scikit-learn, tqdm, matplotlib) are imported only by the subcommands t
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
-import platform
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
-from . import __version__, cache, registry
+from . import __version__, bench, cache, info, registry
 from . import demo as demo_module
-from .functional import conv2d, conv2d_backward
-from .geometry import ConvGeometry, make_geometry
+from .bench import BenchResult
+from .geometry import make_geometry
 from .shapes import ALL_SHAPES, LAYER_SHAPES, LayerShape
 
 PROG = "numbaconv"
 DEMO_HINT = 'the demo needs {}: pip install "numbaconv[demo]"'
-#: The kernel every other kernel's speed is compared with in ``bench``.
-BASELINE_KERNEL = "numpy"
 #: Default ``bench --repeat``: with the numpy kernel's few hundred ms on the big shapes, a full
 #: default run (8 shapes x every kernel, one warm-up plus 3 timed rounds) stays within 1-2 minutes.
 DEFAULT_REPEAT = 3
@@ -129,20 +127,16 @@ def parse_shape(text: str) -> LayerShape:
     if shape.batch < 1:
         raise argparse.ArgumentTypeError(f"the batch N must be >= 1, got {text!r}")
     try:
-        _geometry(shape)
+        make_geometry(shape.input_shape, shape.weight_shape, **shape.options)
     except (ValueError, TypeError) as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return shape
 
 
-def _geometry(shape: LayerShape) -> ConvGeometry:
-    return make_geometry(shape.input_shape, shape.weight_shape, **shape.options)
-
-
-def _shape_text(shape: LayerShape) -> str:
+def _shape_text(shape) -> str:
     """The layer's name when it is a benchmark layer, else its numbers."""
     for name, known in ALL_SHAPES.items():
-        if known == shape:
+        if type(known) is type(shape) and known == shape:
             return name
     fields = list(shape)
     while len(fields) > 9 and fields[-1] == 1:  # dilation and groups at their defaults
@@ -191,13 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Train on the first N training images only: for quick checks and tests.
     demo.add_argument("--limit", type=_positive_int, help=argparse.SUPPRESS)
 
-    bench = commands.add_parser(
+    bench_command = commands.add_parser(
         "bench",
-        help="time conv2d forward and backward of each kernel",
-        description="Time conv2d and conv2d_backward of each kernel (warm-up first, median of "
-        "--repeat runs, kernels interleaved) and print a table.",
+        help="time forward and backward of each kernel on benchmark layers",
+        description="Time each kernel's forward pass and backward pass (all three gradients) on "
+        "layers (conv2d; the zoo's transposed and 1-D layers with their own ops): warm-up first, "
+        "median of --repeat runs, kernels one after the other; print a table.",
     )
-    bench.add_argument(
+    bench_command.add_argument(
         "--shape",
         type=parse_shape,
         action="append",
@@ -205,27 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="a layer shape or a layer's name (e.g. resnet3x3, dw3x3_112); repeatable "
         "(default: the suite's eight layer shapes)",
     )
-    bench.add_argument(
+    bench_command.add_argument(
         "--zoo",
         action="store_true",
         help="all benchmark layers: the suite's eight and the model zoo (numbaconv.shapes)",
     )
-    bench.add_argument(
+    bench_command.add_argument(
         "--kernels",
         type=_kernel_list,
         metavar="A,B",
         help=f"comma-separated kernels (default: all of {', '.join(registry.KERNELS)})",
     )
-    bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    bench.add_argument(
+    bench_command.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    bench_command.add_argument(
         "--threads",
         type=_positive_int,
         help="Numba threads (numba.set_num_threads; BLAS keeps its own setting)",
     )
-    bench.add_argument(
+    bench_command.add_argument(
         "--repeat", type=_positive_int, default=DEFAULT_REPEAT, help="timed runs (default: 3)"
     )
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench_command.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     compile_ = commands.add_parser(
         "compile",
@@ -331,24 +326,6 @@ def run_demo(args: argparse.Namespace) -> int:
 # bench
 
 
-@dataclass
-class BenchResult:
-    """The figures of one (shape, kernel) pair; times are medians in milliseconds."""
-
-    shape: str
-    dims: list  #: N, C, H, W, K, R, S, stride, pad, dilation, groups
-    kernel: str
-    forward_ms: float
-    backward_ms: float
-    forward_gflops: float  #: geom.flops / forward time
-    backward_gflops: float  #: 2 * geom.flops / backward time (grad-x and grad-w)
-    forward_speedup: float | None = None  #: over the numpy kernel; None when it was not timed
-    backward_speedup: float | None = None
-    #: The kernels ``auto`` runs forward and backward, when the registry can say (``choose``).
-    auto_forward: str | None = None
-    auto_backward: str | None = None
-
-
 def _progress(total: int):
     """A tqdm bar on stderr, or a stand-in that does nothing when tqdm is not installed."""
     try:
@@ -370,112 +347,6 @@ class _NoProgress:
 
     def __exit__(self, *exc):
         return False
-
-
-def _timed(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
-def auto_picks(geom: ConvGeometry, dtype) -> tuple[str | None, str | None]:
-    """The kernels that ``'auto'`` runs forward and backward for this geometry and dtype.
-
-    Uses ``registry.choose(geom, dtype[, direction])`` when the registry has it (a registry whose
-    ``choose`` takes no direction gets the same answer for both).
-
-    Returns
-    -------
-    forward, backward : str or None
-        None when the registry has no ``choose``.
-    """
-    choose = getattr(registry, "choose", None)
-    if choose is None:
-        return None, None
-    dtype = np.dtype(dtype)
-    if "direction" not in inspect.signature(choose).parameters:
-        pick = choose(geom, dtype)
-        return pick, pick
-    return choose(geom, dtype, direction="forward"), choose(geom, dtype, direction="backward")
-
-
-#: Untimed calls per kernel and pass before ``numbaconv bench`` times them (see bench_shape).
-WARMUP_SECONDS = 0.2
-
-
-def bench_shape(
-    name: str, shape: LayerShape, kernels: list[str], dtype, repeat: int, progress
-) -> list[BenchResult]:
-    """Time forward and backward of ``kernels`` on one layer shape.
-
-    Per kernel and pass: untimed calls for :data:`WARMUP_SECONDS` (at least one: compilation or
-    cache loading is never timed), then ``repeat`` timed calls back to back; the medians are
-    reported. Kernels are timed one after the other, not interleaved call by call: after the
-    ``numpy`` kernel's multi-threaded GEMMs, OpenBLAS's threads spin for about 0.1 s and slowed
-    whichever kernel came next by up to 2x; the warm-up absorbs that.
-
-    Parameters
-    ----------
-    name : str
-        Label of the shape in the results.
-    shape : LayerShape
-    kernels : list of str
-    dtype : numpy dtype
-    repeat : int
-    progress : tqdm-like
-        Advanced once per kernel per round (warm-up included).
-
-    Returns
-    -------
-    list of BenchResult
-        One per kernel, in the order of ``kernels``.
-    """
-    geom = _geometry(shape)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(geom.input_shape).astype(dtype)
-    w = rng.standard_normal(geom.weight_shape).astype(dtype)
-    b = rng.standard_normal(geom.out_channels).astype(dtype)
-    grad_y = rng.standard_normal(geom.output_shape).astype(dtype)
-    options = shape.options
-
-    def forward(kernel):
-        return lambda: conv2d(x, w, b, kernel=kernel, **options)
-
-    def backward(kernel):
-        return lambda: conv2d_backward(grad_y, x, w, kernel=kernel, **options)
-
-    times = {kernel: ([], []) for kernel in kernels}
-    for kernel in kernels:
-        progress.set_postfix_str(f"{name} {kernel}")
-        for which, call in enumerate((forward(kernel), backward(kernel))):
-            started = time.perf_counter()
-            call()
-            while time.perf_counter() - started < WARMUP_SECONDS:
-                call()
-            times[kernel][which].extend(_timed(call) for _ in range(repeat))
-        progress.update(repeat + 1)
-
-    auto_forward, auto_backward = auto_picks(geom, dtype)
-    medians = {k: (statistics.median(f), statistics.median(b)) for k, (f, b) in times.items()}
-    baseline = medians.get(BASELINE_KERNEL)
-    results = []
-    for kernel, (forward_s, backward_s) in medians.items():
-        results.append(
-            BenchResult(
-                shape=name,
-                dims=list(shape),
-                kernel=kernel,
-                forward_ms=forward_s * 1e3,
-                backward_ms=backward_s * 1e3,
-                forward_gflops=geom.flops / forward_s / 1e9,
-                backward_gflops=2 * geom.flops / backward_s / 1e9,
-                forward_speedup=None if baseline is None else baseline[0] / forward_s,
-                backward_speedup=None if baseline is None else baseline[1] / backward_s,
-                auto_forward=auto_forward,
-                auto_backward=auto_backward,
-            )
-        )
-    return results
 
 
 def _milliseconds(value: float) -> str:
@@ -564,9 +435,12 @@ def run_bench(args: argparse.Namespace) -> int:
     results = []
     with _progress(len(shapes) * len(kernels) * (args.repeat + 1)) as progress:
         for name, shape in shapes.items():
-            results += bench_shape(name, shape, kernels, dtype, args.repeat, progress)
+            results += bench.bench_layer(name, shape, kernels, dtype, args.repeat, progress)
     print(format_table(results))
-    print("GFLOP/s: forward 2*N*K*OH*OW*C*R*S flops, backward twice that (grad-x and grad-w)")
+    print(
+        "GFLOP/s: forward 2*N*K*OH*OW*C*R*S flops (transposed: 2*N*C_in*H*W*C_out*R*S), "
+        "backward twice that (grad-x and grad-w)"
+    )
 
     if args.json is not None:
         report = {
@@ -575,9 +449,9 @@ def run_bench(args: argparse.Namespace) -> int:
             "numpy": np.__version__,
             "dtype": dtype.name,
             "threads": numba.get_num_threads(),
-            "threading_layer": _threading_layer(),
+            "threading_layer": info.threading_layer(),
             "repeat": args.repeat,
-            "cpu": cpu_model(),
+            "cpu": info.cpu_model(),
             "results": [asdict(r) for r in results],
         }
         with open(args.json, "w") as fh:
@@ -591,135 +465,9 @@ def run_bench(args: argparse.Namespace) -> int:
 # info
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if not line.strip():
-                    if fields:
-                        break
-                    continue
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo``, else ``platform.processor()``.
-
-    Returns
-    -------
-    str
-        For example ``"Intel(R) Xeon(R) Processor"``; ``"unknown"`` when nothing says.
-    """
-    info = _cpuinfo()
-    return info.get("model name") or info.get("Model") or platform.processor() or "unknown"
-
-
-#: Widest first: the SIMD extension that /proc/cpuinfo (or LLVM) names, and its register width.
-_SIMD = (
-    ("avx512f", "AVX-512", 512),
-    ("avx2", "AVX2", 256),
-    ("avx", "AVX", 256),
-    ("sse2", "SSE2", 128),
-    ("asimd", "NEON", 128),
-    ("neon", "NEON", 128),
-)
-
-
-def simd_width() -> tuple[str, int | None]:
-    """The widest SIMD extension of this CPU and its width in bits.
-
-    Reads the ``flags`` (x86) or ``Features`` (Arm) of ``/proc/cpuinfo``; elsewhere asks LLVM
-    (through llvmlite, which Numba uses) for the host's features.
-
-    Returns
-    -------
-    name : str
-        For example ``"AVX-512"``; ``"unknown"`` when none is recognised.
-    bits : int or None
-    """
-    info = _cpuinfo()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
-    if not flags:
-        try:
-            from llvmlite import binding
-
-            flags = {name for name, on in binding.get_host_cpu_features().items() if on}
-        except Exception:  # llvmlite's host query is best effort on exotic platforms
-            flags = set()
-    for flag, name, bits in _SIMD:
-        if flag in flags:
-            return name, bits
-    return "unknown", None
-
-
-def _threading_layer() -> str | None:
-    from ._threading import active_threading_layer
-
-    return active_threading_layer()
-
-
-def _initialise_threading() -> None:
-    """Run one tiny convolution with Numba kernels, so that the threading layer is chosen."""
-    x = np.ones((1, 1, 4, 4), dtype=np.float32)
-    w = np.ones((1, 1, 3, 3), dtype=np.float32)
-    try:
-        candidates = [registry.default_kernel()[0], *registry.KERNELS]
-    except ValueError:
-        candidates = list(registry.KERNELS)
-    for kernel in candidates:  # the numpy kernel, say, starts no Numba threads
-        if _threading_layer() is not None:
-            return
-        conv2d(x, w, kernel=kernel)
-
-
-def info_lines() -> list[tuple[str, str]]:
-    """The ``numbaconv info`` report as (field, value) pairs.
-
-    Returns
-    -------
-    list of (str, str)
-    """
-    import numba
-    import scipy
-
-    from ._threading import blas_mode, threading_summary
-
-    _initialise_threading()
-    try:
-        name, origin = registry.default_kernel()
-        default = f"{name} ({origin})"
-    except ValueError as exc:
-        default = f"invalid: {exc}"
-    simd_name, bits = simd_width()
-    return [
-        ("numbaconv", f"{__version__} ({os.path.dirname(os.path.abspath(__file__))})"),
-        ("python", platform.python_version()),
-        ("numba", numba.__version__),
-        ("numpy", np.__version__),
-        ("scipy", scipy.__version__),
-        ("threading layer", threading_summary()),
-        (
-            "threads",
-            f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",
-        ),
-        ("blas", blas_mode()),
-        ("numba cache", ", ".join(cache.cache_dirs())),
-        ("cpu", cpu_model()),
-        ("simd", f"{simd_name}, {bits} bits" if bits else simd_name),
-        ("kernels", ", ".join(registry.KERNELS)),
-        ("default kernel", default),
-    ]
-
-
 def run_info() -> int:
-    """``numbaconv info``: print the report."""
-    lines = info_lines()
+    """``numbaconv info``: print the report (:func:`numbaconv.info.info_lines`)."""
+    lines = info.info_lines()
     width = max(len(field) for field, _ in lines)
     for field, value in lines:
         print(f"{field + ':':<{width + 1}} {value}")

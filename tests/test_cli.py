@@ -16,7 +16,7 @@ import numba
 import pytest
 
 import numbaconv
-from numbaconv import _threading, cli, registry
+from numbaconv import _threading, bench, cli, info, registry
 from numbaconv.shapes import ALL_SHAPES, LAYER_SHAPES
 
 EPOCH_LINE = re.compile(
@@ -196,11 +196,11 @@ def test_bench_without_numpy_has_no_speedup(capsys):
 def test_bench_defaults_to_the_suite_shapes_and_all_kernels(monkeypatch):
     seen = []
 
-    def fake_bench_shape(name, shape, kernels, dtype, repeat, progress):
+    def fake_bench_layer(name, shape, kernels, dtype, repeat, progress):
         seen.append((name, shape, tuple(kernels), dtype.name, repeat))
         return []
 
-    monkeypatch.setattr(cli, "bench_shape", fake_bench_shape)
+    monkeypatch.setattr(bench, "bench_layer", fake_bench_layer)
     assert cli.main(["bench"]) == 0
     assert seen == [
         (name, shape, registry.KERNELS, "float32", cli.DEFAULT_REPEAT)
@@ -209,11 +209,13 @@ def test_bench_defaults_to_the_suite_shapes_and_all_kernels(monkeypatch):
 
 
 def test_auto_column_follows_the_registry(monkeypatch):
-    geom = cli._geometry(cli.parse_shape(TINY))
+    shape = cli.parse_shape(TINY)
     monkeypatch.delattr(registry, "choose", raising=False)
-    assert cli.auto_picks(geom, "float32") == (None, None)
+    assert bench.auto_picks(shape, "float32") == (None, None)
     monkeypatch.setattr(registry, "choose", lambda geom, dtype: "direct", raising=False)
-    assert cli.auto_picks(geom, "float32") == ("direct", "direct")
+    assert bench.auto_picks(shape, "float32") == ("direct", "direct")
+    # The other ops' forward pass is another pass of a convolution: auto decides inside it.
+    assert bench.auto_picks(ALL_SHAPES["unet_up2x2"], "float32") == (None, None)
     result = cli.BenchResult(TINY, [2, 3, 6, 6, 4, 3, 3, 1, 1], "im2col", 1.5, 3.0, 1, 2)
     assert "auto picks" not in cli.format_table([result])
     result.auto_forward, result.auto_backward = "winograd", "im2col"
@@ -261,12 +263,12 @@ def test_info_reports_the_environment_default(capsys, monkeypatch):
 
 
 def test_simd_width_from_cpu_flags(monkeypatch):
-    monkeypatch.setattr(cli, "_cpuinfo", lambda: {"flags": "fpu sse2 avx avx2 fma"})
-    assert cli.simd_width() == ("AVX2", 256)
-    monkeypatch.setattr(cli, "_cpuinfo", lambda: {"flags": "sse2 avx2 avx512f avx512bw"})
-    assert cli.simd_width() == ("AVX-512", 512)
-    monkeypatch.setattr(cli, "_cpuinfo", lambda: {"Features": "fp asimd evtstrm"})
-    assert cli.simd_width() == ("NEON", 128)
+    monkeypatch.setattr(info, "_cpuinfo", lambda: {"flags": "fpu sse2 avx avx2 fma"})
+    assert info.simd_width() == ("AVX2", 256)
+    monkeypatch.setattr(info, "_cpuinfo", lambda: {"flags": "sse2 avx2 avx512f avx512bw"})
+    assert info.simd_width() == ("AVX-512", 512)
+    monkeypatch.setattr(info, "_cpuinfo", lambda: {"Features": "fp asimd evtstrm"})
+    assert info.simd_width() == ("NEON", 128)
 
 
 def test_python_dash_m_info_in_a_fresh_process():
