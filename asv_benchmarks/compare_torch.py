@@ -1,7 +1,8 @@
 """Compare numbaconv with PyTorch's CPU conv2d and with the ``numpy`` teaching kernel.
 
-For each layer shape of the suite (``--zoo``: and of the model zoo, ``numbaconv.shapes``): forward
-and backward (grad input + grad weight + grad bias, PyTorch's ``aten.convolution_backward``) times,
+For each layer shape of the suite (``--zoo``: and of the model zoo, ``numbaconv.shapes``, whose
+transposed and 1-D layers run ``conv_transpose2d`` and ``conv1d``): forward and backward (grad
+input + grad weight + grad bias, PyTorch's ``aten.convolution_backward``) times,
 measured interleaved (one call of each contender per round, rounds repeated), medians, the ratios
 PyTorch/numbaconv and numpy/numbaconv, and their geometric means. PyTorch is a development-only
 dependency of this script (``pip install torch``).
@@ -14,7 +15,9 @@ untimed calls for ``--warm-ms`` (by then the other process's threads have stoppe
 this one's thread pools and the cores' clocks are awake), then ``--burst`` timed calls back to
 back, as in a training loop; a turn counts as the median of those, the table holds the median of
 the turns. (Idle gaps instead of the warm-up made every library look slower after them, numbaconv
-most: its OpenMP workers sleep between calls.) The workers time the calls themselves.
+most: its OpenMP workers sleep between calls.) The workers time the calls themselves, with
+numbaconv's timing harness (``numbaconv/bench.py``, loaded by path: the PyTorch worker never
+imports numbaconv), which also builds both sides' seeded data and calls.
 
 Run with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset, on a quiet machine:
 
@@ -24,12 +27,12 @@ Run with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset, on a quiet machin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -40,93 +43,43 @@ HERE = Path(__file__).resolve()
 # ------------------------------------------------------------------------------------------
 
 
-def _shapes_module():
-    """``numbaconv.shapes`` without importing numbaconv (which would choose its threading layer
-    and set its OpenMP defaults in this process)."""
-    import importlib.util
-
-    path = HERE.parent.parent / "numbaconv" / "shapes.py"
-    spec = importlib.util.spec_from_file_location("_numbaconv_shapes", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # NamedTuple needs its module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-def _shapes():
-    """Every benchmark layer, by name (the suite's eight and the zoo)."""
-    return _shapes_module().ALL_SHAPES
+def _harness():
+    """numbaconv's timing harness (``numbaconv/bench.py``) loaded by path, without importing
+    numbaconv (which would choose its threading layer and set its OpenMP defaults in this
+    process, and so in the PyTorch worker)."""
+    name = "_numbaconv_bench"
+    if name not in sys.modules:
+        path = HERE.parent.parent / "numbaconv" / "bench.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and NamedTuples look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def _data(shape, dtype):
-    import numpy as np
-
-    n, k = shape.batch, shape.out_channels
-    pad_h, pad_w = shape.pad_pair
-    d = shape.dilation
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape.input_shape).astype(dtype)
-    fan_in = math.prod(shape.weight_shape[1:])
-    weight = (rng.standard_normal(shape.weight_shape) / math.sqrt(fan_in)).astype(dtype)
-    bias = rng.standard_normal(k).astype(dtype)
-    # torch.nn.Conv2d's output size (numbaconv's geometry is not imported by the torch worker).
-    out_h = (shape.height + 2 * pad_h - d * (shape.filter_height - 1) - 1) // shape.stride + 1
-    out_w = (shape.width + 2 * pad_w - d * (shape.filter_width - 1) - 1) // shape.stride + 1
-    grad_y = rng.standard_normal((n, k, out_h, out_w)).astype(dtype)
-    return x, weight, bias, grad_y
-
-
-def _torch_calls(shape, dtype, threads):
-    import torch
-
-    torch.set_num_threads(threads)
-    tx, tw, tb, tgy = (torch.from_numpy(a) for a in _data(shape, dtype))
-    stride, dilation = [shape.stride] * 2, [shape.dilation] * 2
-    padding = list(shape.pad_pair)
-
-    def forward():
-        with torch.no_grad():
-            torch.nn.functional.conv2d(tx, tw, tb, **shape.options)
-
-    def backward():
-        torch.ops.aten.convolution_backward(
-            tgy, tx, tw, [shape.out_channels], stride, padding, dilation, False, [0, 0],
-            shape.groups, [True] * 3,
-        )  # fmt: skip
-
-    return {"torch": (forward, backward)}
-
-
-def _numbaconv_calls(shape, dtype, threads, kernels):
+def _calls(library, kernels, shape, dtype, threads):
+    """name -> (forward, backward) of each contender in this worker, on the harness's data."""
+    harness = _harness()
+    if library == "torch":
+        data = harness.make_data(shape, dtype, output_shape=harness.torch_output_shape)
+        return {"torch": harness.torch_calls(data, threads)}
     import numba
 
-    import numbaconv as nc
-
     numba.set_num_threads(threads)
-    options = shape.options
-    x, weight, bias, grad_y = _data(shape, dtype)
-    calls = {}
-    for name in kernels:
-        calls[name] = (
-            lambda name=name: nc.conv2d(x, weight, bias, kernel=name, **options),
-            lambda name=name: nc.conv2d_backward(grad_y, x, weight, kernel=name, **options),
-        )
-    return calls
+    data = harness.make_data(shape, dtype)
+    return {name: harness.numbaconv_calls(name, data) for name in kernels}
 
 
 def worker(library: str, kernels: list[str], threads: int) -> None:
     """Serve ``setup SHAPE DTYPE`` (answers ``ok``) and ``run NAME PASS COUNT WARM_MS`` (untimed
     calls for WARM_MS, then COUNT timed ones back to back; answers their median in seconds)."""
-    shapes = _shapes()
+    harness = _harness()
     calls = {}
     for line in sys.stdin:
         words = line.split()
         if words[0] == "setup":
-            shape = shapes[words[1]]
-            if library == "torch":
-                calls = _torch_calls(shape, words[2], threads)
-            else:
-                calls = _numbaconv_calls(shape, words[2], threads, kernels)
+            shape = harness.shapes.ALL_SHAPES[words[1]]
+            calls = _calls(library, kernels, shape, words[2], threads)
             for forward, backward in calls.values():  # warm-up: compilation, caches
                 forward()
                 backward()
@@ -134,17 +87,8 @@ def worker(library: str, kernels: list[str], threads: int) -> None:
         elif words[0] == "run":
             fn = calls[words[1]][0 if words[2] == "fwd" else 1]
             count, warm_seconds = int(words[3]), float(words[4]) / 1e3
-            start = time.perf_counter()
-            while True:  # untimed: wakes thread pools and clock speed up after the other's turn
-                fn()
-                if time.perf_counter() - start >= warm_seconds:
-                    break
-            seconds = []
-            for _ in range(count):
-                start = time.perf_counter()
-                fn()
-                seconds.append(time.perf_counter() - start)
-            print(statistics.median(seconds), flush=True)
+            # Untimed calls first: they wake thread pools and clock speed after the other's turn.
+            print(harness.time_turn(fn, count, warm_seconds), flush=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,7 +153,7 @@ def main(argv=None):
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if os.environ.get(var):
             print(f"warning: {var}={os.environ[var]} is set; results are not representative")
-    shapes_module = _shapes_module()
+    shapes_module = _harness().shapes
     if args.shapes:
         shape_names = args.shapes.split(",")
     elif args.zoo:

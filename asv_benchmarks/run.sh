@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# numbaconv's benchmark workflow, spelled out on top of asv (asv stays the engine: every command
-# below is one asv call, printed before it runs). Run from anywhere:
+# numbaconv's benchmark workflow, spelled out on top of asv (asv stays the engine: every asv call
+# below is printed before it runs). Run from anywhere:
 #
 #   asv_benchmarks/run.sh smoke            asv check + a quick dry run of the reduced preset in
 #                                          the current environment (what CI runs; saves nothing)
@@ -9,12 +9,22 @@
 #                                          installed), saved under HEAD's commit hash
 #   asv_benchmarks/run.sh history [ARGS]   every commit of main since the suite was added, each
 #                                          built into asv's virtualenv; commits with results
-#                                          already are skipped
+#                                          already are skipped. Without --bench: the default
+#                                          selection (HISTORY_BENCH below). Ends with the
+#                                          seconds per commit
 #   asv_benchmarks/run.sh compare A B [ARGS]
-#                                          asv continuous: run commits A and B, list the
-#                                          benchmarks that changed by more than 10 %
-#   asv_benchmarks/run.sh publish          the dashboard, in .asv/html
-#   asv_benchmarks/run.sh preview [ARGS]   serve it (http://127.0.0.1:8080 by default)
+#                                          asv continuous: run commits A and B, list only the
+#                                          benchmarks whose change asv finds significant (its
+#                                          statistics on the samples) and larger than 5 %
+#   asv_benchmarks/run.sh compare --saved A B [ARGS]
+#                                          the same comparison of results already saved
+#   asv_benchmarks/run.sh publish [--local-assets] [ARGS]
+#                                          the dashboard, in .asv/html; --local-assets: its
+#                                          scripts and styles fetched with npm into the html
+#                                          folder, so that it loads without internet access
+#   asv_benchmarks/run.sh preview [ARGS]   serve it on http://127.0.0.1:8080 only
+#   asv_benchmarks/run.sh check-page       open the published page in headless Chromium and
+#                                          check that its charts drew (check_page.py)
 #
 # ARGS go to asv as they are, e.g. --bench REGEX. With NUMBACONV_BENCH_QUICK=1 (the reduced
 # preset) results are filed under the machine name "<machine>-quick", apart from full-size ones.
@@ -31,6 +41,27 @@ machine=${ASV_MACHINE:-$("$python" -c 'import platform; print(platform.node())')
 if [[ -n "${NUMBACONV_BENCH_QUICK:-}" && "${NUMBACONV_BENCH_QUICK}" != 0 ]]; then
     machine="$machine-quick"
 fi
+
+# The default selection of `history`: what the dashboard follows from commit to commit. The
+# kernels users run (auto, and the im2col and winograd families it picks from) forward and
+# backward on the resnet3x3 and pointwise layers in float32, and the teaching ConvLayer's
+# training step. A second run of one commit lands within 5 % of the first on every benchmark of
+# this selection (README, "Benchmarks"; the sampling settings are in benchmarks/common.py).
+HISTORY_BENCH="conv2d\.(Forward|Backward)\.time_\w+\('(auto|im2col|winograd)', '(resnet3x3|pointwise)', 'float32'\)|layer\.ConvLayerTrainStep\.time_train_step\('(auto|im2col|numpy)', 'float32'\)"
+
+has_bench() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            -b | --bench | --bench=*) return 0 ;;
+        esac
+    done
+    return 1
+}
+
+result_files() {
+    find ".asv/results/$machine" -name '*.json' ! -name machine.json 2>/dev/null | sort
+}
 
 asv() {
     echo "+ asv $*" >&2
@@ -69,7 +100,8 @@ case "$command" in
         if [[ -n "$(git status --porcelain --untracked-files=no -- ..)" ]]; then
             echo "warning: uncommitted changes; they are measured but filed under HEAD" >&2
         fi
-        asv run --python=same --machine "$machine" --set-commit-hash "$(git rev-parse HEAD)" "$@"
+        asv run --python=same --machine "$machine" --record-samples \
+            --set-commit-hash "$(git rev-parse HEAD)" "$@"
         ;;
     history)
         ensure_machine
@@ -83,23 +115,73 @@ case "$command" in
         else
             range=main
         fi
-        asv run --machine "$machine" --skip-existing-commits "$range" "$@"
+        if ! has_bench "$@"; then
+            set -- --bench "$HISTORY_BENCH" "$@"
+            echo "history: the default selection (HISTORY_BENCH in $0)" >&2
+        fi
+        before=$(result_files)
+        started=$SECONDS
+        asv run --machine "$machine" --record-samples --skip-existing-commits "$range" "$@"
+        seconds=$((SECONDS - started))
+        measured=$(comm -13 <(echo "$before") <(result_files) | grep -c . || true)
+        if [[ $measured -gt 0 ]]; then
+            echo "history: $measured commit(s) measured in $seconds s," \
+                "$((seconds / measured)) s per commit" >&2
+        else
+            echo "history: no new commit measured ($seconds s)" >&2
+        fi
         ;;
     compare)
+        # Significant: asv's statistical test on the recorded samples says the two commits
+        # differ, and by more than 5 %. (--quick records one sample: nothing is significant.)
+        saved=0
+        if [[ "${1:-}" == --saved ]]; then
+            saved=1
+            shift
+        fi
         if [[ $# -lt 2 ]]; then
-            echo "usage: $0 compare BASE_COMMIT CONTENDER_COMMIT [asv options]" >&2
+            echo "usage: $0 compare [--saved] BASE_COMMIT CONTENDER_COMMIT [asv options]" >&2
             exit 2
         fi
         ensure_machine
         base=$1 contender=$2
         shift 2
-        asv continuous --machine "$machine" --factor 1.1 "$base" "$contender" "$@"
+        report=(--factor 1.05 --only-changed --split --sort ratio)
+        if [[ $saved == 1 ]]; then
+            asv compare --machine "$machine" "${report[@]}" "$base" "$contender" "$@"
+        else
+            asv continuous --machine "$machine" --record-samples --interleave-rounds \
+                "${report[@]}" "$base" "$contender" "$@"
+        fi
         ;;
     publish)
+        local_assets=0
+        if [[ "${1:-}" == --local-assets ]]; then
+            local_assets=1
+            shift
+        fi
         asv publish "$@"
+        if [[ $local_assets == 1 ]]; then
+            echo "+ $python local_assets.py" >&2
+            "$python" local_assets.py
+        fi
         ;;
     preview)
-        asv preview "$@"
+        # asv preview listens on every interface; the dashboard is for this machine only.
+        port=8080
+        if [[ "${1:-}" == --port || "${1:-}" == -p ]]; then
+            port=$2
+            shift 2
+        fi
+        html=$("$python" -c 'import json, re, sys; text = open("asv.conf.json").read()
+text = re.sub(r"^\s*//.*$", "", text, flags=re.M); print(json.loads(text)["html_dir"])')
+        echo "+ $python -m http.server --bind 127.0.0.1 --directory $html $port" >&2
+        echo "serving http://127.0.0.1:$port/" >&2
+        exec "$python" -m http.server --bind 127.0.0.1 --directory "$html" "$port"
+        ;;
+    check-page)
+        echo "+ $python check_page.py $*" >&2
+        exec "$python" check_page.py "$@"
         ;;
     *)
         sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2

@@ -1,4 +1,11 @@
-"""What the benchmark modules share: the parameter grid, seeded data, each kernel's calls, checks.
+"""What the benchmark modules share: the parameter grid, the timing settings, the cases' data and
+calls (from numbaconv's timing harness), the checks, and compiling only what a benchmark runs.
+
+The data and calls come from numbaconv's timing harness, ``numbaconv/bench.py`` of this checkout,
+loaded by path: asv runs this checkout's suite against the numbaconv installed from each commit
+of the history, so every commit is measured on the same data with the same calls (an operation a
+commit doesn't have is skipped). ``numbaconv bench`` and ``compare_torch.py`` use the same
+harness; asv keeps its own timer (the settings in :class:`Timed`).
 
 The parameter grid is hard-coded, not read from the package: asv keys a dashboard series on the
 parameter values, so they must be the same at every commit. A combination that a commit cannot
@@ -14,11 +21,14 @@ machine name).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import math
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
 
 import numpy as np
 
@@ -43,7 +53,8 @@ SUITE_SHAPE_NAMES = (
     "stem7x7",
 )
 #: The model zoo's layers (``numbaconv.shapes.ZOO_SHAPES``), measured for ``auto`` and ``torch``
-#: only: every kernel on 24 layers would take hours per commit on 2 cores.
+#: only: every kernel on 27 layers would take hours per commit on 2 cores. The last three run
+#: ``conv_transpose2d`` (U-Net decoder, DCGAN) and ``conv1d`` (audio): their shape types say so.
 ZOO_SHAPE_NAMES = (
     "resnet_shortcut",
     "resnet_3x3_14",
@@ -61,12 +72,18 @@ ZOO_SHAPE_NAMES = (
     "inception_1x7",
     "inception_7x1",
     "unet_large",
+    "unet_up2x2",
+    "dcgan_up4x4",
+    "audio_conv1d",
 )
 ZOO_KERNEL_NAMES = ("auto", "torch")
 SHAPE_NAMES = SUITE_SHAPE_NAMES + ZOO_SHAPE_NAMES
 DTYPE_NAMES = ("float32", "float64")
 
 QUICK = os.environ.get("NUMBACONV_BENCH_QUICK", "0") not in ("", "0")
+#: The reduced preset, for CI's smoke run (every benchmark once, nothing saved): sized so that the
+#: whole suite's dry run stays within minutes, not to measure. Its calls take microseconds, where
+#: thread wake-ups dominate; the dashboard's series run at full size (run.sh history).
 QUICK_MAX_BATCH = 2
 QUICK_MAX_SIZE = 16
 
@@ -87,19 +104,50 @@ CHECK_BATCH = 2
 TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
-class ConvData(NamedTuple):
-    """One layer's seeded inputs: x (N, C, H, W), w (K, C // groups, R, S), b (K,), grad_y
-    (N, K, OH, OW), and conv2d's keyword options (stride, padding, dilation, groups)."""
+def _load_harness():
+    """``numbaconv/bench.py`` of this checkout, loaded by path (see the module's docstring)."""
+    name = "_numbaconv_bench"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "numbaconv" / "bench.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and NamedTuples look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
-    x: np.ndarray
-    w: np.ndarray
-    b: np.ndarray
-    grad_y: np.ndarray
-    options: dict
 
-    def head(self, count: int) -> ConvData:
-        """The same layer on the first ``count`` images."""
-        return self._replace(x=self.x[:count], grad_y=self.grad_y[:count])
+harness = _load_harness()
+
+
+class Timed:
+    """asv's sampling settings for the ``time_*`` benchmarks, chosen so that a second run of one
+    commit lands within 5 % of the first on the default ``run.sh history`` selection (README,
+    "Benchmarks", has the spread measured with them).
+
+    - ``sample_time`` 0.05 s (asv's default 0.01): a sample is at least 50 ms of calls, so that a
+      100 us call (the ConvLayer step) is averaged over hundreds of calls, not over the few that
+      a thread wake-up or a page fault can double;
+    - ``warmup_time`` 0.5 s of untimed calls in each process (asv's default 0.1 s): numbaconv's
+      OpenMP or TBB workers, OpenBLAS's threads and the cores' clocks are awake before the first
+      sample, as they are in a training loop;
+    - ``rounds`` 3 (default 2) processes per benchmark, interleaved with the other benchmarks' by
+      asv, so that one slow moment of the machine lands in one process of many;
+    - ``repeat`` (4, 10, 10.0): 4 to 10 samples per process, at most 10 s of them; the result is
+      the median of all samples, and asv's confidence interval over them is what ``asv compare``
+      (``run.sh compare``) tests a change against;
+    - ``min_run_count`` 2 (asv's default): the warm-up aside, every process times at least two
+      calls.
+
+    ``timeout``: a benchmark's first setup compiles its own kernel (tens of seconds for ``auto``,
+    which may run any family).
+    """
+
+    sample_time = 0.05
+    warmup_time = 0.5
+    rounds = 3
+    repeat = (4, 10, 10.0)
+    min_run_count = 2
+    timeout = 300
 
 
 def require_kernel(kernel: str) -> None:
@@ -111,60 +159,25 @@ def require_kernel(kernel: str) -> None:
         raise NotImplementedError(f"kernel {kernel!r} is not in numbaconv.KERNELS at this commit")
 
 
-def shrink(shape, max_batch: int, max_size: int):
-    """``shape`` with at most ``max_batch`` images of at most ``max_size`` pixels a side."""
-    return shape._replace(
-        batch=min(shape.batch, max_batch),
-        height=min(shape.height, max_size),
-        width=min(shape.width, max_size),
-    )
-
-
 def layer_shape(name: str):
-    """The ``LayerShape`` called ``name`` at the commit under test (reduced in quick mode)."""
-    try:
-        from numbaconv import shapes
-    except ImportError as error:
-        raise NotImplementedError("numbaconv.shapes does not exist at this commit") from error
-    known = getattr(shapes, "ALL_SHAPES", shapes.LAYER_SHAPES)
-    if name not in known:
-        raise NotImplementedError(f"layer shape {name!r} is not in numbaconv.shapes at this commit")
-    shape = known[name]
-    return shrink(shape, QUICK_MAX_BATCH, QUICK_MAX_SIZE) if QUICK else shape
+    """The layer called ``name`` (``numbaconv/shapes.py`` of this checkout; reduced in quick
+    mode)."""
+    shape = harness.shapes.ALL_SHAPES[name]
+    return harness.reduced(shape, QUICK_MAX_BATCH, QUICK_MAX_SIZE) if QUICK else shape
 
 
-def make_data(shape, dtype, seed: int = 0) -> ConvData:
-    """Seeded standard-normal data for ``shape``; weights scaled so that outputs are O(1)."""
-    dtype = np.dtype(dtype)
-    rng = np.random.default_rng(seed)
-    # Older commits' LayerShape has no dilation or groups (nor the properties that use them).
-    groups = getattr(shape, "groups", 1)
-    options = dict(
-        stride=shape.stride,
-        padding=shape.pad,
-        dilation=getattr(shape, "dilation", 1),
-        groups=groups,
-    )
-    c, k, r, s = shape.in_channels, shape.out_channels, shape.filter_height, shape.filter_width
-    x = rng.standard_normal((shape.batch, c, shape.height, shape.width), dtype=dtype)
-    fan_in = c // groups * r * s
-    weight = (rng.standard_normal((k, c // groups, r, s)) / math.sqrt(fan_in)).astype(dtype)
-    bias = rng.standard_normal(k, dtype=dtype)
-    # numbaconv computes the output shape of an empty batch without running a kernel, so the
-    # output-size formula stays in one place (numbaconv.geometry).
-    out_shape = numbaconv.conv2d(x[:0], weight, **options).shape
-    grad_y = rng.standard_normal((shape.batch, *out_shape[1:]), dtype=dtype)
-    return ConvData(x, weight, bias, grad_y, options)
-
-
-def prepare(kernel: str, shape_name: str, dtype_name: str) -> ConvData:
-    """The data of one benchmark case, or ``NotImplementedError`` when the case is skipped."""
+def prepare(kernel: str, shape_name: str, dtype_name: str):
+    """The data of one benchmark case (a ``LayerData``), or ``NotImplementedError`` when the case
+    is skipped."""
     require_kernel(kernel)
     if shape_name in ZOO_SHAPE_NAMES and kernel not in ZOO_KERNEL_NAMES:
         raise NotImplementedError(f"the zoo layers run {' and '.join(ZOO_KERNEL_NAMES)} only")
     if not QUICK and (kernel, shape_name, dtype_name) in TOO_SLOW:
         raise NotImplementedError(f"{kernel} on {shape_name} in {dtype_name}: seconds per call")
-    return make_data(layer_shape(shape_name), dtype_name)
+    shape = layer_shape(shape_name)
+    if shape.op != "conv2d" and not hasattr(numbaconv, f"{shape.op}_backward"):
+        raise NotImplementedError(f"numbaconv.{shape.op} does not exist at this commit")
+    return harness.make_data(shape, dtype_name)
 
 
 def _torch():
@@ -184,60 +197,18 @@ def _torch():
     return torch
 
 
-def forward_call(kernel: str, data: ConvData) -> Callable[[], np.ndarray]:
-    """A no-argument function computing ``conv2d(x, w, b)`` with ``kernel``."""
-    x, w, b, _, options = data
+def forward_call(kernel: str, data) -> Callable:
+    """A no-argument function computing the layer's op forward with ``kernel`` (or PyTorch)."""
     if kernel == "torch":
-        torch = _torch()
-        tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
-
-        def torch_forward():
-            with torch.no_grad():
-                return torch.nn.functional.conv2d(tx, tw, tb, **options)
-
-        return torch_forward
-
-    def forward():
-        return numbaconv.conv2d(x, w, b, kernel=kernel, **options)
-
-    return forward
+        _torch()
+    return harness.calls(kernel, data, THREADS)[0]
 
 
-def backward_call(kernel: str, data: ConvData) -> Callable[[], tuple]:
+def backward_call(kernel: str, data) -> Callable:
     """A no-argument function computing ``(grad_x, grad_w, grad_b)`` with ``kernel``."""
-    x, w, _, grad_y, options = data
     if kernel == "torch":
-        torch = _torch()
-        tx, tw, tgy = (torch.from_numpy(a) for a in (x, w, grad_y))
-        convolution_backward = torch.ops.aten.convolution_backward
-        bias_sizes = [w.shape[0]]
-
-        def torch_backward():
-            # The three gradients at once, no autograd graph: what conv2d_backward computes.
-            return convolution_backward(
-                tgy,
-                tx,
-                tw,
-                bias_sizes,
-                _pair(options["stride"]),
-                _pair(options["padding"]),
-                _pair(options["dilation"]),
-                False,
-                [0, 0],
-                options["groups"],
-                [True, True, True],
-            )
-
-        return torch_backward
-
-    def backward():
-        return numbaconv.conv2d_backward(grad_y, x, w, kernel=kernel, **options)
-
-    return backward
-
-
-def _pair(value) -> list[int]:
-    return list(value) if isinstance(value, tuple | list) else [value, value]
+        _torch()
+    return harness.calls(kernel, data, THREADS)[1]
 
 
 def _as_numpy(result) -> np.ndarray:
@@ -252,53 +223,71 @@ def assert_close(actual, expected, dtype_name: str, what: str) -> None:
     np.testing.assert_allclose(_as_numpy(actual), expected, rtol=0, atol=tolerance, err_msg=what)
 
 
-def check_forward(kernel: str, data: ConvData, y, dtype_name: str) -> None:
+def check_forward(kernel: str, data, y, dtype_name: str) -> None:
     """Compare the first images of ``y`` (the full call's result) with the ``numpy`` kernel's."""
     if kernel == "numpy":
         return
     head = data.head(CHECK_BATCH)
-    expected = forward_call("numpy", head)()
+    expected = harness.numbaconv_calls("numpy", head)[0]()
     assert_close(_as_numpy(y)[:CHECK_BATCH], expected, dtype_name, f"{kernel} forward")
 
 
-def check_backward(kernel: str, data: ConvData, dtype_name: str) -> None:
+def check_backward(kernel: str, data, dtype_name: str) -> None:
     """Compare ``kernel``'s three gradients with the ``numpy`` kernel's on the first images."""
     if kernel == "numpy":
         return
     head = data.head(CHECK_BATCH)
     actual = backward_call(kernel, head)()
-    expected = backward_call("numpy", head)()
+    expected = harness.numbaconv_calls("numpy", head)[1]()
     for name, got, want in zip(("grad_x", "grad_w", "grad_b"), actual, expected, strict=True):
         assert_close(got, want, dtype_name, f"{kernel} {name}")
 
 
-def warm_numba_cache() -> None:
-    """Run every kernel of the commit under test once per layer shape and dtype, on tiny data.
+def _installed_numbaconv_key() -> str:
+    """Names this install of numbaconv: its files' paths, sizes and modification times, which is
+    also what Numba's cache checks before it reuses a compiled function."""
+    digest = hashlib.sha256()
+    folder = Path(numbaconv.__file__).parent
+    for path in sorted(folder.rglob("*.py")):
+        stat = path.stat()
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
-    Numba compiles on first call and keeps the machine code on disk (``cache=True``). Doing this
-    once, in asv's ``setup_cache`` process, means no measured process compiles: ``peakmem_*``
-    doesn't count LLVM's memory and ``timeraw_*`` times a cache load.
+
+_COMPILE_SCRIPT = """
+import sys
+sys.path.insert(0, {benchmark_root!r})
+from benchmarks import common
+data = common.prepare({kernel!r}, {shape!r}, {dtype!r})
+common.forward_call({kernel!r}, data)()
+common.backward_call({kernel!r}, data)()
+"""
+
+
+def compile_apart(kernel: str, shape_name: str, dtype_name: str) -> None:
+    """Compile what one case runs into Numba's on-disk cache, in a process of its own, once per
+    install of numbaconv.
+
+    For the ``peakmem_*`` benchmarks: asv's peak memory is the benchmark process's, setup
+    included, and compiling there would count LLVM's memory. The process runs the case itself
+    (its kernel, dtype, op and code paths, nothing else); a stamp file per case and install skips
+    it in asv's later processes. (Until issue 14 one ``setup_cache`` compiled every kernel, layer
+    and dtype of the suite before anything was timed, whatever ``--bench`` selected: about 70 s
+    per commit.) The ``time_*`` benchmarks compile in their own setup instead: asv never times
+    setup.
     """
-    for shape_name in SHAPE_NAMES:
-        try:
-            shape = layer_shape(shape_name)
-        except NotImplementedError:
-            continue
-        kernels = ["auto"] if shape_name in ZOO_SHAPE_NAMES else numbaconv.KERNELS
-        for dtype_name in DTYPE_NAMES:
-            data = make_data(shrink(shape, 1, QUICK_MAX_SIZE), dtype_name)
-            for kernel in kernels:
-                forward_call(kernel, data)()
-                backward_call(kernel, data)()
-
-
-class WarmCache:
-    """Base of every benchmark class: one ``setup_cache`` (one key, so asv runs it once per
-    commit and environment) that warms Numba's on-disk cache before anything is measured."""
-
-    timeout = 300
-
-    def setup_cache(self):
-        warm_numba_cache()
-
-    setup_cache.timeout = 1200
+    if kernel in ("numpy", "torch"):
+        return  # nothing to compile
+    stamps = Path(tempfile.gettempdir()) / "numbaconv-asv-compiled" / _installed_numbaconv_key()
+    stamp = stamps / f"{kernel}-{shape_name}-{dtype_name}-{'quick' if QUICK else 'full'}"
+    if stamp.exists():
+        return
+    script = _COMPILE_SCRIPT.format(
+        benchmark_root=str(Path(__file__).resolve().parents[1]),
+        kernel=kernel,
+        shape=shape_name,
+        dtype=dtype_name,
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    stamps.mkdir(parents=True, exist_ok=True)
+    stamp.touch()
