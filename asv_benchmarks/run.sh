@@ -29,7 +29,8 @@
 # ARGS go to asv as they are, e.g. --bench REGEX. With NUMBACONV_BENCH_QUICK=1 (the reduced
 # preset) results are filed under the machine name "<machine>-quick", apart from full-size ones.
 # ASV_MACHINE overrides the machine name (default: the host name); PYTHON the interpreter whose
-# asv runs (default: python).
+# asv runs (default: python); HISTORY_RANGE the commits of `history` (a git range such as
+# HEAD^! for the last commit alone; default: every commit of main since the suite was added).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -60,7 +61,10 @@ has_bench() {
 }
 
 result_files() {
-    find ".asv/results/$machine" -name '*.json' ! -name machine.json 2>/dev/null | sort
+    # One file per commit and environment measured on this machine (none before the first).
+    if [[ -d ".asv/results/$machine" ]]; then
+        find ".asv/results/$machine" -name '*.json' ! -name machine.json | sort
+    fi
 }
 
 asv() {
@@ -110,7 +114,9 @@ case "$command" in
             echo "error: no commit of main has asv_benchmarks/asv.conf.json yet" >&2
             exit 1
         fi
-        if git rev-parse --quiet --verify "$first^" >/dev/null; then
+        if [[ -n "${HISTORY_RANGE:-}" ]]; then
+            range=$HISTORY_RANGE
+        elif git rev-parse --quiet --verify "$first^" >/dev/null; then
             range="$first^..main"
         else
             range=main

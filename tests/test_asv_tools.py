@@ -8,6 +8,7 @@ Chromium; it runs by hand (README, "Benchmarks"), not here.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -78,13 +79,27 @@ def test_cached_tarball_is_used_without_npm(tmp_path):
     assert local_assets.fetch("flot-orderbars@1.0.0", tmp_path, npm="no-such-npm") == tarball
 
 
-def test_the_asv_suite_takes_its_data_and_calls_from_the_harness(monkeypatch):
-    # The suite's common module, as asv imports it (benchmarks/ on sys.path).
+@pytest.fixture
+def asv_common(monkeypatch):
+    """The suite's common module, as asv imports it (benchmarks/ on sys.path), in quick mode."""
     monkeypatch.syspath_prepend(str(ASV_BENCHMARKS))
     monkeypatch.setenv("NUMBACONV_BENCH_QUICK", "1")
     for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
         monkeypatch.delitem(sys.modules, name)
-    from benchmarks import common
+    saved = os.environ.copy()  # the suite's __init__ sets thread counts for its processes
+    try:
+        from benchmarks import common
+
+        yield common
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+            del sys.modules[name]
+
+
+def test_the_asv_suite_takes_its_data_and_calls_from_the_harness(asv_common):
+    common = asv_common
 
     from numbaconv import bench, shapes
 
@@ -96,3 +111,21 @@ def test_the_asv_suite_takes_its_data_and_calls_from_the_harness(monkeypatch):
         common.prepare("im2col", "dcgan_up4x4", "float32")
     forward = common.forward_call("auto", data)
     assert forward().shape == (2, 64, 256)
+
+
+def test_peakmem_cases_compile_apart_once_per_case_and_install(asv_common, monkeypatch, tmp_path):
+    runs = []
+    monkeypatch.setattr(asv_common.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(asv_common.subprocess, "run", lambda argv, check: runs.append(argv[2]))
+    for _ in range(2):
+        asv_common.compile_apart("im2col", "digits", "float32")
+        asv_common.compile_apart("numpy", "digits", "float32")  # nothing to compile
+        asv_common.compile_apart("torch", "digits", "float32")
+    asv_common.compile_apart("im2col", "digits", "float64")
+    assert len(runs) == 2
+    # The process runs the case itself: its kernel, layer and dtype, nothing else.
+    assert "common.prepare('im2col', 'digits', 'float32')" in runs[0]
+    assert "common.prepare('im2col', 'digits', 'float64')" in runs[1]
+    (install,) = (tmp_path / "numbaconv-asv-compiled").iterdir()
+    stamps = sorted(path.name for path in install.iterdir())
+    assert stamps == ["im2col-digits-float32-quick", "im2col-digits-float64-quick"]
