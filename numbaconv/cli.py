@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_shape,
         action="append",
         metavar=SHAPE_FORMAT,
-        help="a layer shape or a layer's name (e.g. resnet3x3, dw3x3_112); repeatable "
-        "(default: the suite's eight layer shapes)",
+        help="a conv2d layer shape or a layer's name (e.g. resnet3x3, dw3x3_112, unet_up2x2); "
+        "repeatable (default: the suite's eight layer shapes)",
     )
     bench_command.add_argument(
         "--zoo",
@@ -384,8 +384,12 @@ def format_table(results: list[BenchResult]) -> str:
         if with_speedup:
             row += [f"{r.forward_speedup:.2f}x", f"{r.backward_speedup:.2f}x"]
         if with_auto:
-            picks = r.auto_forward if r.auto_forward == r.auto_backward else None
-            picks = picks or f"{r.auto_forward}/{r.auto_backward}"
+            if r.auto_forward is None:  # a transposed or 1-D layer: auto decides inside its op
+                picks = "-"
+            elif r.auto_forward == r.auto_backward:
+                picks = r.auto_forward
+            else:
+                picks = f"{r.auto_forward}/{r.auto_backward}"
             row += [picks if first else ""]
         rows.append(row)
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]

@@ -222,6 +222,28 @@ def test_auto_column_follows_the_registry(monkeypatch):
     table = cli.format_table([result])
     assert "auto picks (fwd/bwd)" in table
     assert table.splitlines()[2].split()[-1] == "winograd/im2col"
+    # A transposed layer beside it: auto's pick is decided inside conv_transpose2d.
+    other = cli.BenchResult("unet_up2x2", [], "im2col", 1.5, 3.0, 1, 2, op="conv_transpose2d")
+    assert cli.format_table([result, other]).splitlines()[3].split()[-1] == "-"
+
+
+def test_bench_runs_the_zoos_transposed_and_1d_layers(capsys, monkeypatch):
+    # At full size they take seconds with the numpy kernel: the same layers, 1 image, smaller.
+    small = {
+        "unet_up2x2": ALL_SHAPES["unet_up2x2"]._replace(batch=1, height=6, width=6),
+        "audio_conv1d": ALL_SHAPES["audio_conv1d"]._replace(batch=1, length=50),
+    }
+    monkeypatch.setitem(cli.ALL_SHAPES, "unet_up2x2", small["unet_up2x2"])
+    monkeypatch.setitem(cli.ALL_SHAPES, "audio_conv1d", small["audio_conv1d"])
+    argv = ["bench", "--shape", "unet_up2x2", "--shape", "audio_conv1d", "--kernels", "numpy"]
+    status, out, _ = run(capsys, *argv, "--repeat", "1")
+    assert status == 0
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["unet_up2x2"], ["audio_conv1d"])
+    ]
+    assert [row[:2] for row in rows] == [["unet_up2x2", "numpy"], ["audio_conv1d", "numpy"]]
 
 
 # ------------------------------------------------------------------------------------------------
