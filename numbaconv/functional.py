@@ -81,13 +81,22 @@ def _run_backward(grad_y, x, w, geom: ConvGeometry, name: str):
 def _run_input_gradient(grad_y, w, geom: ConvGeometry, name: str) -> np.ndarray:
     """The input gradient alone of the convolution described by ``geom``.
 
-    No kernel family has an input-gradient-only entry point yet, so this runs the full backward
-    pass with an all-zero input and drops its weight and bias gradients: about twice the work
-    (and an extra input-sized buffer) of the input gradient alone. The zeros keep the wasted
-    weight gradient finite whatever ``grad_y`` holds.
+    Families that can compute it alone say so with an ``input_gradient(grad_y, w, geom)``
+    function (``im2col``, ``winograd`` and ``direct`` have one); for the others this runs the
+    full backward pass with an all-zero input and drops its weight and bias gradients (about
+    twice the work; the zeros keep the wasted weight gradient finite whatever ``grad_y``
+    holds). ``'auto'`` is resolved first, with the registry's own choice for a backward pass.
     """
-    dummy_input = np.zeros(geom.input_shape, dtype=grad_y.dtype)
-    return _run_backward(grad_y, dummy_input, w, geom, name)[0]
+    if geom.batch == 0:
+        return np.zeros(geom.input_shape, dtype=grad_y.dtype)
+    concrete = registry.choose(geom, grad_y.dtype, "backward") if name == "auto" else name
+    alone = getattr(registry.implementation(concrete), "input_gradient", None)
+    if alone is None:
+        dummy_input = np.zeros(geom.input_shape, dtype=grad_y.dtype)
+        return _run_backward(grad_y, dummy_input, w, geom, name)[0]
+    grad_y, w = _for_kernel(grad_y), _for_kernel(w)
+    with kernel_guard(geom.flops, numba_parallel=name != "numpy"):
+        return alone(grad_y, w, geom)
 
 
 def _run_weight_gradient(grad_y, x, w, geom: ConvGeometry, name: str) -> np.ndarray:
@@ -359,8 +368,9 @@ def conv_transpose2d(
 
     Notes
     -----
-    No kernel computes the input gradient alone yet, so this runs a whole backward pass and
-    discards its weight and bias gradients: about twice the arithmetic of the result.
+    ``im2col``, ``winograd`` and ``direct`` compute it as the input gradient alone (no columns
+    of an input, no weight gradient); ``numpy`` runs a whole backward pass and discards its
+    weight and bias gradients, about twice the arithmetic of the result.
     """
     geom, _ = validate_conv_transpose(
         x,

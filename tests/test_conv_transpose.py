@@ -201,6 +201,34 @@ def test_is_the_adjoint_of_conv2d(kernel):
     assert float(np.sum(y * x)) == pytest.approx(float(np.sum(z * t)), rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TCfg(4, 8, 6, 6, 8, 3, 3, stride=2, padding=1, output_padding=1),
+        TCfg(3, 16, 9, 7, 16, 3, 3, padding=1),  # winograd applies
+        TCfg(2, 6, 5, 5, 6, 1, 1),  # pointwise
+        TCfg(1, 4, 8, 8, 4, 3, 3, groups=4),  # depthwise: direct's plane kernel
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_forward_is_the_input_gradient_alone(request, cfg, kernel, dtype, parallel):
+    """The forward pass runs the kernels' input-gradient-only entry where they have one: the
+    same bits as the input gradient of a whole conv2d backward pass, NaN and Inf included."""
+    if parallel:
+        request.getfixturevalue("force_parallel")
+    x, w, _, _ = make_data(cfg, dtype, 3)
+    x[0, 0, 1, 1] = np.nan
+    x[-1, -1, -1, -1] = np.inf
+    options = {k: v for k, v in cfg.kwargs.items() if k != "output_padding"}
+    with np.errstate(invalid="ignore"):  # the numpy kernel's NumPy warns of the NaN
+        y = nc.conv_transpose2d(x, w, kernel=kernel, **cfg.kwargs)
+        # conv_transpose2d(x, w) is conv2d's input gradient for grad_y = x.
+        grad_x, _, _ = nc.conv2d_backward(x, np.zeros(y.shape, dtype), w, kernel=kernel, **options)
+    np.testing.assert_array_equal(y, grad_x)
+    assert np.isnan(y).any() and not np.isnan(y).all()
+
+
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------

@@ -463,22 +463,30 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     return y
 
 
-def backward(grad_y, x, w, geom: ConvGeometry):
-    grad_x = np.empty_like(x)
-    grad_w = np.empty_like(w)
-    grad_b = np.empty(geom.out_channels, dtype=x.dtype)
+def input_gradient(grad_y, w, geom: ConvGeometry):
+    """grad-x alone (a transposed convolution's forward pass)."""
+    grad_x = np.empty(geom.input_shape, dtype=w.dtype)
     n, c, h, width = geom.input_shape
     if _flat(geom):
         reach_h = (geom.filter_height - 1) * geom.dilation_h
         reach_w = (geom.filter_width - 1) * geom.dilation_w
-        workspace = _flat_workspace("direct.flat", n * c, h, width, geom, x.dtype)
+        workspace = _flat_workspace("direct.flat", n * c, h, width, geom, w.dtype)
+        no_bias = np.empty(geom.out_channels, dtype=w.dtype)  # has_bias is False: never read
         flat_kernel(
-            grad_y, w, grad_b, False, grad_x, reach_h - geom.pad_top, reach_w - geom.pad_left,
+            grad_y, w, no_bias, False, grad_x, reach_h - geom.pad_top, reach_w - geom.pad_left,
             1, 1, geom.dilation_h, geom.dilation_w, geom.groups, True, workspace,
-            _taps_workspace(workspace, geom, x.dtype),
+            _taps_workspace(workspace, geom, w.dtype),
         )  # fmt: skip
     else:
         grad_input_kernel(grad_y, w, grad_x, *_args(geom))
+    return grad_x
+
+
+def backward(grad_y, x, w, geom: ConvGeometry):
+    grad_x = input_gradient(grad_y, w, geom)
+    grad_w = np.empty_like(w)
+    grad_b = np.empty(geom.out_channels, dtype=x.dtype)
+    c = geom.input_shape[1]
     if _flat_forward(geom):  # the same phases as the forward pass
         _, k, oh, ow = geom.output_shape
         workspace = _flat_workspace(

@@ -38,6 +38,7 @@ from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry, make_geometry
 from . import im2col
+from .microkernel import gemm_nn, own_gemm_pays
 
 #: Upper bound, in bytes, for the per-chunk workspace (padded and transformed input + GEMM
 #: results); as in :mod:`numbaconv.kernels.im2col`, large enough to keep the fork/joins (3 Numba
@@ -369,11 +370,12 @@ def fused_winograd_kernel(
                 first = (n - n0) * per_image
                 input_transform_band(x, n, th0, th1, v, first, count, rows, tiles_w, pad_t, pad_l)
             for e in range(36):
-                np.dot(
-                    u[e],
-                    v[e, : n_chan * count].reshape(n_chan, count),
-                    m[e, : n_filters * count].reshape(n_filters, count),
-                )
+                v_e = v[e, : n_chan * count].reshape(n_chan, count)
+                m_e = m[e, : n_filters * count].reshape(n_filters, count)
+                if own_gemm_pays(n_filters, n_chan):
+                    gemm_nn(u[e], v_e, m_e, False)
+                else:
+                    np.dot(u[e], v_e, m_e)
             for n in range(n0, n1):
                 tile0 = (n - n0) * per_image
                 for k in range(n_filters):
@@ -697,6 +699,18 @@ def _input_gradient_geometry(geom: ConvGeometry) -> ConvGeometry | None:
         (geom.in_channels, geom.out_channels, 3, 3),
         padding=(pads[0], pads[2]),
     )
+
+
+def input_gradient(grad_y, w, geom: ConvGeometry):
+    """grad-x alone (a transposed convolution's forward pass): Winograd on the flipped filters,
+    or ``im2col``'s where Winograd does not apply or met a NaN, an Inf or an overflow."""
+    transposed = _input_gradient_geometry(geom) if supports(geom) else None
+    if transposed is not None and supports(transposed) and _all_finite(w):
+        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        grad_x = _winograd_conv(grad_y, flipped, None, transposed)
+        if grad_x is not None:
+            return grad_x
+    return im2col.input_gradient(grad_y, w, geom)
 
 
 def backward(grad_y, x, w, geom: ConvGeometry):

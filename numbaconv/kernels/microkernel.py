@@ -1,0 +1,365 @@
+"""numbaconv's own GEMM: explicit-SIMD register tiles in LLVM IR, and the loops that drive them.
+
+Why not BLAS: single-threaded OpenBLAS ran convolution-sized products at 75-150 GFLOP/s per core,
+its rounding follows its version and the machine, holding it to one thread is process-wide
+state, and importing it costs start-up time. Why not plain Numba loops: LLVM spills a register
+tile written as scalars (13-18 GFLOP/s, ``../shared/research/simd_gemm_prototype.py``). So the
+innermost loop is written here as LLVM vector IR through :func:`numba.extending.intrinsic`:
+accumulators are ``<lanes x float>`` values carried as loop phis, which LLVM keeps in registers,
+and every multiply-add is one ``llvm.fma``.
+
+The tile, :func:`tile_nn`: ``C[i, j] (+)= sum_k A[i, k] * B[k, j]`` on an ``MR x (NV * lanes)``
+block of C, A read by broadcasts at any strides (so ``A`` may be a transposed view), B rows
+contiguous. :func:`gemm_nn` cuts any product into such tiles (blocks of ``K``, panels of ``B``
+packed when reused, ragged edges through a zero-padded panel and plain loops) and is called from
+inside the kernels' parallel regions, one call per lane: it is serial and allocates only a panel
+and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays` says so to the kernels.
+
+Tile shapes follow the host's vector width: :data:`VECTOR_BITS` comes from the CPU features in
+Numba's own code-generation target (``codegen.magic_tuple()``). Other CPUs get the 128-bit
+shapes, whose IR LLVM legalises for whatever vectors the target has.
+
+The cache-key caveat: an intrinsic's IR is generated from Python values (here the tile shapes),
+and Numba's cache key for a ``cache=True`` function holds its signature, its bytecode and the
+target's ``magic_tuple()`` (triple, CPU name, CPU features), not such values. A cache written
+with other tile shapes would be loaded without complaint. This module makes that impossible by
+deriving the tile shapes from nothing but that magic tuple (no environment variable, no
+setting, no timing): two processes with the same cache key generate the same IR. Changing the
+tables below is a source change, which (like any change to a helper in another module: Numba
+tracks no dependencies between files) needs the callers' caches cleared by removing their
+``__pycache__`` folders (``numbaconv info`` says where they are).
+
+Rounding: each output element of a full row block is a fixed sequence of FMAs in ``k`` order,
+each block of :data:`K_BLOCK` summed apart and then added to the stored value; the last M % MR
+rows are plain multiply-adds in ``k`` order. Which rows are which depends on M alone, never on N
+or on which columns are computed together, so results repeat bit for bit across calls and
+threads, whatever the band widths, and on every machine that picks the same tile shapes (the
+same vector width).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic
+
+
+def _target_features() -> str:
+    """The CPU features Numba compiles for (``NUMBA_CPU_FEATURES`` or the host's), exactly as
+    they enter Numba's cache key."""
+    return cpu_target.target_context.codegen().magic_tuple()[2]
+
+
+def vector_bits_for(features: str) -> int:
+    """The vector width the tiles are shaped for, from an LLVM feature string."""
+    enabled = {flag[1:] for flag in features.split(",") if flag.startswith("+")}
+    if "avx512f" in enabled:
+        return 512
+    if {"avx2", "fma"} <= enabled:
+        return 256
+    return 128
+
+
+VECTOR_BITS = vector_bits_for(_target_features())
+
+#: Register tiles per vector width: (MR rows, NV vectors per row) of :func:`tile_nn`, for
+#: float32 and float64 alike (a vector holds half as many float64). AVX-512 has 32 vector
+#: registers: 8 x 2 keeps 16 accumulators, 2 B vectors and a broadcast in registers. The tile
+#: alone on L1-resident panels ran at 208 GFLOP/s (8x2), 221 (12x2), 212 (14x2), 196 (6x4) and
+#: 157 (4x4) against a 238 FMA peak; on whole products 12x2 and 6x4 were not better than 8x2
+#: beyond the noise of a shared machine, so 8x2, the prototype's best, stays. AVX2 and 128-bit
+#: targets have 16 registers: 6 x 2 (12 accumulators), the shape BLIS uses on Haswell.
+NN_TILES = {512: (8, 2), 256: (6, 2), 128: (6, 2)}
+
+#: Rows of K per pass of :func:`gemm_nn`: a (K_BLOCK x NV*lanes) panel of B stays in L1 (16 KiB
+#: in float32 on AVX-512) while every MR-row block of A runs over it. 128 was the prototype's best
+#: on K = 576 against 64 and 256; here 256 was within the noise of 128 on most products and
+#: slower on 256x256x256 (181 against 197 GFLOP/s).
+K_BLOCK = 128
+
+#: Row blocks of ``a`` from which :func:`gemm_nn` packs each panel of ``b`` rather than reading
+#: it in place: the copy paid for itself from about 4 (16 x 64 @ 64 x 784, two row blocks, ran
+#: 0.6x as fast packed; 256 x 256 @ 256 x 256 gained 5-15 %).
+PACK_MIN_ROW_BLOCKS = 4
+
+#: :func:`own_gemm_pays`' bounds, from single-threaded float32 products at convolution sizes
+#: (M x K @ K x N, this module against OpenBLAS 0.3.x's sgemm, 2026-11-27, AVX-512): with fewer
+#: than 32 rows or M*K under 1536 the tile's fixed costs (C loads and stores, an edge panel)
+#: outweigh its K loop, and OpenBLAS's small-matrix kernels won (8x9x784: 0.6x, 32x32x784:
+#: 0.75x, 4x576x784: 0.8x); above both it won (32x75x1024: 1.4x, 64x27x3136: 1.3x,
+#: 64x576x448: 1.3x, 256x256x256: 1.05x) or drew (128x576x784), except on the deepest layers'
+#: products, which lost up to 12 % (512x4608x196: 149 against 167-171 GFLOP/s).
+OWN_GEMM_MIN_ROWS = 32
+OWN_GEMM_MIN_PRODUCT = 1536
+
+
+def nn_tile(dtype) -> tuple[int, int]:
+    """``(MR, NR)``: rows and columns of :func:`tile_nn`'s tile for a NumPy dtype."""
+    mr, nv = NN_TILES[VECTOR_BITS]
+    return mr, nv * VECTOR_BITS // (8 * np.dtype(dtype).itemsize)
+
+
+def _float_ir(dtype):
+    if dtype == types.float32:
+        return ir.FloatType(), "f32", 4
+    if dtype == types.float64:
+        return ir.DoubleType(), "f64", 8
+    raise TypeError(f"microkernel tiles take float32 or float64 arrays, not {dtype}")
+
+
+def _data_pointer(context, builder, array_type, array):
+    return context.make_array(array_type)(context, builder, array).data
+
+
+def _as_i64(context, builder, values, value_types):
+    return [
+        context.cast(builder, v, t, types.int64) for v, t in zip(values, value_types, strict=True)
+    ]
+
+
+def _fma(builder, vector_type, suffix):
+    fn_type = ir.FunctionType(vector_type, [vector_type] * 3)
+    return cgutils.get_or_insert_function(builder.module, fn_type, f"llvm.fma.{suffix}")
+
+
+def _store_tile(builder, pointers, values, accumulate, align):
+    """Store ``values`` at ``pointers``, adding what is there when ``accumulate`` (an i1)."""
+    with builder.if_else(accumulate) as (add, overwrite):
+        with add:
+            for ptr, value in zip(pointers, values, strict=True):
+                old = builder.load(ptr, align=align)
+                builder.store(builder.fadd(old, value), ptr, align=align)
+        with overwrite:
+            for ptr, value in zip(pointers, values, strict=True):
+                builder.store(value, ptr, align=align)
+
+
+@intrinsic
+def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate):
+    """``C[c_off + i*c_row + j] (+)= sum_{k < depth} A[a_off + i*a_row + k*a_col] *
+    B[b_off + k*b_row + j]`` for ``i < MR``, ``j < NR`` (:func:`nn_tile`), in flat element
+    offsets into the arrays' data. Adds to C when ``accumulate``, else overwrites it. No bounds
+    checks: the caller keeps every offset inside its array. ``depth`` may be 0 (C gets zeros or
+    stays)."""
+    if not (a.dtype == b.dtype == c.dtype):
+        return None
+    sig = types.void(a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        elem, suffix, align = _float_ir(tys[0].dtype)
+        rows, nv = NN_TILES[VECTOR_BITS]
+        lanes = VECTOR_BITS // (8 * align)
+        vec = ir.VectorType(elem, lanes)
+        vec_ptr = vec.as_pointer()
+        i64 = ir.IntType(64)
+        a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_ = args
+        a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_ = _as_i64(
+            context,
+            builder,
+            (a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_),
+            (tys[1], tys[2], tys[3], tys[5], tys[6], tys[8], tys[9], tys[10]),
+        )
+        pa = builder.gep(_data_pointer(context, builder, tys[0], a_), [a_off_])
+        pb = builder.gep(_data_pointer(context, builder, tys[4], b_), [b_off_])
+        pc = builder.gep(_data_pointer(context, builder, tys[7], c_), [c_off_])
+        fma = _fma(builder, vec, f"v{lanes}{suffix}")
+        zero = ir.Constant(vec, [0.0] * lanes)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        a_rows = [builder.gep(pa, [builder.mul(a_row_, ir.Constant(i64, i))]) for i in range(rows)]
+
+        entry = builder.block
+        loop = builder.append_basic_block("tile_nn.loop")
+        done = builder.append_basic_block("tile_nn.done")
+        builder.cbranch(builder.icmp_signed(">", depth_, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64, "k")
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        accs = [[builder.phi(vec) for _ in range(nv)] for _ in range(rows)]
+        for row in accs:
+            for phi in row:
+                phi.add_incoming(zero, entry)
+        b_k = builder.gep(pb, [builder.mul(k, b_row_)])
+        b_vecs = [
+            builder.load(
+                builder.bitcast(builder.gep(b_k, [ir.Constant(i64, lanes * v)]), vec_ptr),
+                align=align,
+            )
+            for v in range(nv)
+        ]
+        a_k = builder.mul(k, a_col_)
+        updated = []
+        for i in range(rows):
+            a_value = builder.load(builder.gep(a_rows[i], [a_k]), align=align)
+            splat = builder.shuffle_vector(
+                builder.insert_element(undef, a_value, ir.Constant(i64, 0)), undef, splat_mask
+            )
+            updated.append([builder.call(fma, [splat, b_vecs[v], accs[i][v]]) for v in range(nv)])
+        k_next = builder.add(k, ir.Constant(i64, 1))
+        loop_end = builder.block
+        k.add_incoming(k_next, loop_end)
+        for i in range(rows):
+            for v in range(nv):
+                accs[i][v].add_incoming(updated[i][v], loop_end)
+        builder.cbranch(builder.icmp_signed("<", k_next, depth_), loop, done)
+
+        builder.position_at_end(done)
+        values = []  # the phis first: LLVM wants them at the top of the block
+        for i in range(rows):
+            for v in range(nv):
+                result = builder.phi(vec)
+                result.add_incoming(zero, entry)
+                result.add_incoming(updated[i][v], loop_end)
+                values.append(result)
+        pointers = []
+        for i in range(rows):
+            c_i = builder.gep(pc, [builder.mul(c_row_, ir.Constant(i64, i))])
+            for v in range(nv):
+                pointers.append(
+                    builder.bitcast(builder.gep(c_i, [ir.Constant(i64, lanes * v)]), vec_ptr)
+                )
+        accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
+        _store_tile(builder, pointers, values, accumulate_, align)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# The tile shapes as plain globals, which Numba freezes into the compiled drivers.
+NN_ROWS, NN_VECTORS = NN_TILES[VECTOR_BITS]
+VECTOR_BYTES = VECTOR_BITS // 8
+
+
+@njit(cache=True, inline="always")
+def own_gemm_pays(rows, depth):
+    """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` left operand (any width)."""
+    return rows >= OWN_GEMM_MIN_ROWS and rows * depth >= OWN_GEMM_MIN_PRODUCT
+
+
+@njit(cache=True, inline="always")
+def _merge(c, i0, j0, tile, rows, cols, accumulate):
+    """``c[i0:i0+rows, j0:j0+cols] (+)= tile[:rows, :cols]``."""
+    for i in range(rows):
+        dst = c[i0 + i, j0 : j0 + cols]
+        src = tile[i]
+        if accumulate:
+            for j in range(cols):
+                dst[j] += src[j]
+        else:
+            for j in range(cols):
+                dst[j] = src[j]
+
+
+@njit(cache=True, inline="always")
+def _edge_rows(a, i0, i1, k0, kb, b, b_k0, b_j0, c, j0, cols, accumulate):
+    """``c[i0:i1, j0:j0+cols] (+)= a[i0:i1, k0:k0+kb] @ b[b_k0:b_k0+kb, b_j0:b_j0+cols]`` as
+    plain loops (LLVM vectorises the inner one along the row): the rows left below the last full
+    tile, fewer than MR, where a tile would compute up to MR - 1 rows of padding."""
+    for i in range(i0, i1):
+        c_row = c[i, j0 : j0 + cols]
+        if not accumulate:
+            c_row[:] = 0
+        for k in range(kb):
+            a_value = a[i, k0 + k]
+            b_row = b[b_k0 + k, b_j0 : b_j0 + cols]
+            for j in range(cols):
+                c_row[j] += a_value * b_row[j]
+
+
+@njit(cache=True)
+def gemm_nn(a, b, c, accumulate):
+    """``c (+)= a @ b`` with :func:`tile_nn`: ``a`` (M, K) and ``b`` (K, N) at any strides (a
+    transposed view is fine), ``c`` (M, N) with unit stride along its rows. Adds to ``c`` when
+    ``accumulate``, else overwrites it.
+
+    K is cut into blocks of :data:`K_BLOCK`, each added to ``c`` in turn. Per block, each panel of
+    NR columns of ``b`` is read in place when its rows are contiguous, else copied into a
+    contiguous panel (a transposed ``b``, and the last, ragged panel, zero-padded), and every
+    MR-row block of ``a`` runs over it; a ragged last panel goes through a small tile merged into
+    ``c``, and the last M % MR rows through :func:`_edge_rows`. Serial: call it from inside a
+    parallel region, one call per lane."""
+    m, depth = a.shape
+    n = b.shape[1]
+    item = c.itemsize
+    if b.shape[0] != depth or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("gemm_nn: shapes do not match")
+    if m == 0 or n == 0:
+        return
+    if depth == 0:
+        if not accumulate:
+            c[:] = 0
+        return
+    # (Checked after the empty cases: NumPy gives empty arrays zero strides.)
+    if n > 1 and c.strides[1] != item:
+        raise ValueError("gemm_nn: c needs unit stride along its rows")
+    mr = NN_ROWS
+    nr = NN_VECTORS * VECTOR_BYTES // item
+    a_row, a_col = a.strides[0] // item, a.strides[1] // item
+    b_row, c_row = b.strides[0] // item, c.strides[0] // item
+    # b's panels are read in place unless PACK_MIN_ROW_BLOCKS row blocks reuse them: a packed,
+    # contiguous panel avoids cache-set conflicts between b's rows (power-of-two row lengths)
+    # and a TLB entry per row (long rows), and costs one copy of b.
+    in_place = (n == 1 or b.strides[1] == item) and m // NN_ROWS < PACK_MIN_ROW_BLOCKS
+    m_full = m // mr
+    panels = (n + nr - 1) // nr
+    n_rest = n - (panels - 1) * nr
+    kb_max = min(K_BLOCK, depth)
+    packed = not in_place or n_rest < nr
+    b_pack = np.empty((kb_max if packed else 0, nr), c.dtype)
+    tile = np.empty((mr if n_rest < nr else 0, nr), c.dtype)
+    # K blocks outermost, then panels, then row blocks: a packed or in-place B panel is reused
+    # by every row block while it is in L1. (Panels outermost, keeping c's column in cache,
+    # re-read all of a per panel: 256^3 ran at 143 GFLOP/s instead of 196.)
+    for k0 in range(0, depth, K_BLOCK):
+        kb = min(K_BLOCK, depth - k0)
+        acc = accumulate or k0 > 0
+        for jb in range(panels):
+            j0 = jb * nr
+            cols = min(nr, n - j0)
+            if in_place and cols == nr:
+                for ib in range(m_full):
+                    tile_nn(
+                        a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                        b, k0 * b_row + j0, b_row,
+                        c, ib * mr * c_row + j0, c_row, kb, acc,
+                    )  # fmt: skip
+                _edge_rows(a, m_full * mr, m, k0, kb, b, k0, j0, c, j0, cols, acc)
+                continue
+            # (Loops over 0-based slices: Numba's negative-index checks on b[k, j] keep LLVM
+            # from vectorising the copy.)
+            if b.strides[1] == item:  # rows copied, a ragged last panel zero-padded
+                for k in range(kb):
+                    src = b[k0 + k, j0 : j0 + cols]
+                    dst = b_pack[k]
+                    for j in range(cols):
+                        dst[j] = src[j]
+                    for j in range(cols, nr):
+                        dst[j] = 0
+            else:  # a transposed b: read along its columns, which are contiguous
+                for j in range(cols):
+                    src = b[k0 : k0 + kb, j0 + j]
+                    dst = b_pack[:kb, j]
+                    for k in range(kb):
+                        dst[k] = src[k]
+                for k in range(kb):
+                    dst = b_pack[k]
+                    for j in range(cols, nr):
+                        dst[j] = 0
+            for ib in range(m_full):
+                if cols == nr:
+                    tile_nn(
+                        a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                        b_pack, 0, nr, c, ib * mr * c_row + j0, c_row, kb, acc,
+                    )  # fmt: skip
+                else:
+                    tile_nn(
+                        a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                        b_pack, 0, nr, tile, 0, nr, kb, False,
+                    )  # fmt: skip
+                    _merge(c, ib * mr, j0, tile, mr, cols, acc)
+            _edge_rows(a, m_full * mr, m, k0, kb, b_pack, 0, 0, c, j0, cols, acc)

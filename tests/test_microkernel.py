@@ -1,0 +1,219 @@
+"""numbaconv's own GEMM (``numbaconv.kernels.microkernel``) against NumPy in float64.
+
+Sizes straddle every blocking boundary: the tile's rows (MR) and columns (NR), the K block, the
+ragged last panel, the rows left below the last full tile; operands in place, transposed,
+strided; overwrite and accumulate; both dtypes; and the tiles of the other vector widths,
+compiled in subprocesses for other CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+from numbaconv.kernels import microkernel as mk
+
+MR, NR32 = mk.nn_tile(np.float32)
+KB = mk.K_BLOCK
+SIZES = sorted(
+    {
+        (1, 1, 1),
+        (MR, KB, NR32),
+        (MR + 1, KB + 1, NR32 + 1),
+        (MR - 1, KB - 1, NR32 - 1),
+        (4 * MR, 2 * KB + 3, 3 * NR32 + 5),  # packed panels (4 row blocks)
+        (4 * MR + 3, 5, 2 * NR32),
+        (3, 300, 70),
+        (17, 2, 9),
+        (64, 75, 100),
+    }
+)
+
+
+def _tolerance(dtype, depth):
+    eps = np.finfo(dtype).eps
+    return 8 * eps * max(1, depth) ** 0.5
+
+
+def _reference(a, b):
+    return a.astype(np.float64) @ b.astype(np.float64)
+
+
+def _operands(rng, m, k, n, dtype):
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    return a, b
+
+
+def _assert_product(c, expected, a, b, depth):
+    scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64) + 1
+    err = np.abs(c.astype(np.float64) - expected) / scale
+    assert err.max(initial=0) <= _tolerance(c.dtype, depth), err.max()
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_nn_overwrites_and_accumulates(size, dtype):
+    m, k, n = size
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    a, b = _operands(rng, m, k, n, dtype)
+    expected = _reference(a, b)
+    c = np.full((m, n), np.nan, dtype)  # overwritten: the NaNs must all go
+    mk.gemm_nn(a, b, c, False)
+    _assert_product(c, expected, a, b, k)
+    start = rng.standard_normal((m, n)).astype(dtype)
+    c = start.copy()
+    mk.gemm_nn(a, b, c, True)
+    _assert_product(c - start, expected, a, b, k)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_nn_takes_transposed_and_strided_operands(size, dtype):
+    """a and b as transposed views (what im2col's grad-x and grad-w pass), c a window into a
+    wider array (rows not contiguous with each other)."""
+    m, k, n = size
+    rng = np.random.default_rng(n)
+    a, b = _operands(rng, m, k, n, dtype)
+    a_t = np.ascontiguousarray(a.T).T
+    b_t = np.ascontiguousarray(b.T).T
+    wide = np.zeros((m, n + 7), dtype)
+    c = wide[:, 3 : 3 + n]
+    mk.gemm_nn(a_t, b_t, c, False)
+    _assert_product(c, _reference(a, b), a, b, k)
+    assert not wide[:, :3].any() and not wide[:, 3 + n :].any()
+    every_other = np.repeat(b, 2, axis=0)[::2]  # rows two apart in memory
+    mk.gemm_nn(a, every_other, c, False)
+    _assert_product(c, _reference(a, b), a, b, k)
+
+
+def test_empty_and_zero_depth_products(dtype):
+    a = np.ones((3, 0), dtype)
+    b = np.ones((0, 4), dtype)
+    c = np.full((3, 4), 5, dtype)
+    mk.gemm_nn(a, b, c, True)
+    assert (c == 5).all()
+    mk.gemm_nn(a, b, c, False)
+    assert (c == 0).all()
+    mk.gemm_nn(np.ones((0, 2), dtype), np.ones((2, 4), dtype), np.ones((0, 4), dtype), False)
+
+
+def test_bits_do_not_depend_on_the_columns_computed(dtype):
+    """Each element is the same sequence of operations whatever else is computed with it: a
+    product over some of b's columns equals those columns of the full product, bit for bit (so
+    im2col's results cannot depend on how its bands cut the output)."""
+    rng = np.random.default_rng(5)
+    m, k, n = 4 * MR + 3, 2 * KB + 9, 3 * NR32 + 11
+    a, b = _operands(rng, m, k, n, dtype)
+    full = np.empty((m, n), dtype)
+    mk.gemm_nn(a, b, full, False)
+    for j0, j1 in [(0, 7), (5, NR32 + 3), (NR32, n), (n - 1, n)]:
+        part = np.empty((m, j1 - j0), dtype)
+        mk.gemm_nn(a, np.ascontiguousarray(b[:, j0:j1]), part, False)
+        np.testing.assert_array_equal(part, full[:, j0:j1])
+    again = np.empty_like(full)
+    mk.gemm_nn(a, b, again, False)
+    np.testing.assert_array_equal(again, full)
+
+
+def test_nan_and_inf_propagate(dtype):
+    rng = np.random.default_rng(2)
+    m, k, n = 2 * MR + 1, KB + 5, NR32 + 3
+    a, b = _operands(rng, m, k, n, dtype)
+    a[1, 3] = np.nan
+    b[4, n - 1] = np.inf
+    c = np.empty((m, n), dtype)
+    mk.gemm_nn(a, b, c, False)
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(c), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(c), np.isinf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(c[finite], expected[finite], rtol=1e-4, atol=1e-3)
+
+
+def test_bad_operands_are_refused():
+    a = np.ones((4, 5), np.float32)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        mk.gemm_nn(a, np.ones((6, 3), np.float32), np.ones((4, 3), np.float32), False)
+    with pytest.raises(ValueError, match="c needs unit stride"):
+        mk.gemm_nn(a, np.ones((5, 3), np.float32), np.ones((4, 6), np.float32)[:, ::2], False)
+    # Mixed dtypes never reach the tiles: the intrinsic refuses to type them.
+    with pytest.raises(numba.core.errors.TypingError):
+        mk.gemm_nn(a, np.ones((5, 3), np.float64), np.ones((4, 3), np.float32), False)
+
+
+@pytest.mark.parametrize(
+    ("features", "bits"),
+    [
+        ("+64bit,+avx,+avx2,+fma,+avx512f,+avx512bw", 512),
+        ("+avx,+avx2,+fma,-avx512f", 256),
+        ("+avx,-avx2,+fma", 128),
+        ("+sse2,+sse4.2", 128),
+        ("", 128),
+        ("+neon", 128),
+    ],
+)
+def test_vector_width_from_features(features, bits):
+    assert mk.vector_bits_for(features) == bits
+
+
+def test_tiles_follow_the_cache_key_alone():
+    """The tile shapes come from nothing but the CPU features of Numba's target, which are in
+    every cache entry's key (codegen.magic_tuple()), so a cached kernel built for other tiles is
+    never loaded."""
+    from numba.core.registry import cpu_target
+
+    features = cpu_target.target_context.codegen().magic_tuple()[2]
+    assert mk.VECTOR_BITS == mk.vector_bits_for(features)
+    assert (mk.NN_ROWS, mk.NN_VECTORS) == mk.NN_TILES[mk.VECTOR_BITS]
+    source = open(mk.__file__).read()
+    assert "os.environ" not in source and "getenv" not in source
+
+
+_OTHER_CPU = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    from numbaconv.kernels import microkernel as mk
+    rng = np.random.default_rng(0)
+    errors = {}
+    for dtype in (np.float32, np.float64):
+        for m, k, n in [(1, 1, 1), (9, 130, 33), (37, 75, 70)]:
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            c = np.empty((m, n), dtype)
+            mk.gemm_nn(a, np.ascontiguousarray(b.T).T if m > 30 else b, c, False)
+            ref = a.astype(np.float64) @ b
+            scale = np.abs(a).astype(np.float64) @ np.abs(b) + 1
+            errors[f"{np.dtype(dtype).name} {m}x{k}x{n}"] = float((np.abs(c - ref) / scale).max())
+    print(json.dumps({"bits": mk.VECTOR_BITS, "errors": errors}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "features", "bits"),
+    [("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256), ("generic", "", 128)],
+)
+def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
+    """The AVX2 tiles, and the 128-bit ones that LLVM legalises for any CPU, compiled for those
+    CPUs (in a fresh cache) and run here, which can run their instructions."""
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CACHE_DIR=str(tmp_path))
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    else:
+        env.pop("NUMBA_CPU_FEATURES", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _OTHER_CPU], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["bits"] == bits
+    for case, error in report["errors"].items():
+        limit = 1e-5 if case.startswith("float32") else 1e-13
+        assert error < limit, (case, error)
