@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import itertools
+import json
 import shutil
 import sys
 import threading
@@ -85,6 +87,27 @@ def find_chromium(explicit: str | None) -> str | None:
     return None
 
 
+def first_with_data(html: Path, names: list[str]) -> tuple[str, tuple]:
+    """The first benchmark (by name) with a measured value, and its parameter values there.
+
+    Reads the graph files that ``asv publish`` wrote (``graphs/.../NAME.json``: per commit, one
+    value per parameter combination, in the order of the product of the parameters).
+    """
+    index = json.loads((html / "index.json").read_text())
+    for name in names:
+        for path in sorted((html / "graphs").rglob(f"{name}.json")):
+            if "summary" in path.relative_to(html / "graphs").parts:
+                continue
+            for _, values in json.loads(path.read_text()):
+                values = values if isinstance(values, list) else [values]
+                for flat_index, value in enumerate(values):
+                    if value is not None:
+                        params = index["benchmarks"][name]["params"]
+                        combinations = list(itertools.product(*params)) if params else [()]
+                        return name, combinations[flat_index]
+    raise PageCheckError("no benchmark has results: run run.sh history or current first")
+
+
 def check(html: Path, chromium: str | None, screenshot: Path) -> list[str]:
     """Run the checks; the lines of a report. Raises PageCheckError on a failed check."""
     from playwright.sync_api import sync_playwright
@@ -126,13 +149,19 @@ def check(html: Path, chromium: str | None, screenshot: Path) -> list[str]:
                 raise PageCheckError("the index page lists no benchmarks")
             report.append(f"index: loaded, {len(names)} benchmarks listed, no error page")
 
-            # A benchmark with results: asv writes graphs/summary/NAME.json only for those.
-            with_data = sorted(p.stem for p in (html / "graphs" / "summary").glob("*.json"))
-            with_data = [name for name in with_data if name in names]
-            if not with_data:
-                raise PageCheckError("no benchmark has results: run.sh history or current first")
-            name = with_data[0]
-            page.goto(f"{base}index.html#{name}", timeout=TIMEOUT_S * 1000)
+            name, params = first_with_data(html, names)
+            # The graph page of that benchmark with its parameters set to a measured
+            # combination (asv's default selection, the first value of each, may have none).
+            benchmark = page.evaluate(f"() => $.asv.main_json.benchmarks[{name!r}]")
+            selection = {
+                f"p-{param_name}": [value]
+                for param_name, value in zip(benchmark["param_names"], params, strict=True)
+            }
+            address = page.evaluate(
+                "([name, params]) => $.asv.format_hash_string({location: [name], params})",
+                [name, selection],
+            )
+            page.goto(f"{base}index.html{address}", timeout=TIMEOUT_S * 1000)
             # The index's summary grid keeps its (now hidden) thumbnails: look at what is shown.
             page.wait_for_selector("#main-graph canvas.flot-base", timeout=TIMEOUT_S * 1000)
             page.wait_for_timeout(1000)  # asv loads the graph data, then flot draws
@@ -149,7 +178,8 @@ def check(html: Path, chromium: str | None, screenshot: Path) -> list[str]:
             if not pixels["drawn"]:
                 raise PageCheckError(f"the plot canvas of {name} is blank: {pixels}")
             report.append(
-                f"graph {name}: {len(points)} series, {sum(points)} points plotted, canvas "
+                f"graph {name} {', '.join(params)}: {len(points)} series, {sum(points)} points "
+                "plotted, canvas "
                 f"{pixels['width']}x{pixels['height']} with {pixels['drawn']} drawn pixels"
             )
             screenshot.parent.mkdir(parents=True, exist_ok=True)
