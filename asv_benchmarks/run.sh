@@ -22,7 +22,7 @@
 #                                          the dashboard, in .asv/html; --local-assets: its
 #                                          scripts and styles fetched with npm into the html
 #                                          folder, so that it loads without internet access
-#   asv_benchmarks/run.sh preview [ARGS]   serve it on http://127.0.0.1:8080 only
+#   asv_benchmarks/run.sh preview [--port P]  serve it on http://127.0.0.1:8080 (or P) only
 #   asv_benchmarks/run.sh check-page       open the published page in headless Chromium and
 #                                          check that its charts drew (check_page.py)
 #
@@ -190,7 +190,7 @@ text = re.sub(r"^\s*//.*$", "", text, flags=re.M); print(json.loads(text)["html_
         exec "$python" check_page.py "$@"
         ;;
     *)
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,/^set -euo/p' "$(basename "$0")" | sed '$d' | sed 's/^# \{0,1\}//' >&2
         exit 2
         ;;
 esac
