@@ -176,8 +176,12 @@ case "$command" in
         # asv preview listens on every interface; the dashboard is for this machine only.
         port=8080
         if [[ "${1:-}" == --port || "${1:-}" == -p ]]; then
-            port=$2
+            port=${2:?"--port needs a number"}
             shift 2
+        fi
+        if [[ $# -gt 0 ]]; then
+            echo "usage: $0 preview [--port PORT]" >&2
+            exit 2
         fi
         html=$("$python" -c 'import json, re, sys; text = open("asv.conf.json").read()
 text = re.sub(r"^\s*//.*$", "", text, flags=re.M); print(json.loads(text)["html_dir"])')
