@@ -242,9 +242,48 @@ def channel_col2im_add(cols, img, n, c, oh0, oh1, col0, geo):
                 )
 
 
+@njit(cache=True, inline="always")
+def _group_products(w_mat, cols, out, groups):
+    """``out[group's filters] = w_mat[group's filters] @ cols[group's taps]`` for every group, on
+    numbaconv's own GEMM where it pays, else BLAS."""
+    n_filters, taps_g = w_mat.shape
+    k_g = n_filters // groups
+    for g in range(groups):
+        filters = w_mat[g * k_g : (g + 1) * k_g]
+        taps_cols = cols[g * taps_g : (g + 1) * taps_g]
+        if own_gemm_pays(k_g, taps_g, cols.shape[1]):
+            gemm_nn(filters, taps_cols, out[g * k_g : (g + 1) * k_g], False)
+        else:
+            np.dot(filters, taps_cols, out[g * k_g : (g + 1) * k_g])
+
+
+@njit(cache=True)
+def row_segment_columns(x, n, oh, ow0, ow1, cols, geo):
+    """The columns of output row ``oh``, output columns ``ow0:ow1``, of image ``n``, all
+    channels: ``cols`` is (C*R*S, ow1 - ow0), laid out as :func:`channel_columns` lays out a
+    band."""
+    filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
+    height, width = x.shape[2], x.shape[3]
+    for c in range(x.shape[1]):
+        for r in range(filter_h):
+            ih = oh * sh - pad_t + r * dh
+            for s in range(filter_w):
+                dst = cols[(c * filter_h + r) * filter_w + s, : ow1 - ow0]
+                if ih < 0 or ih >= height:
+                    zero_row(dst)
+                    continue
+                col_offset = s * dw - pad_l
+                lo, hi = valid_range(out_w, sw, col_offset, width)
+                lo = min(max(lo, ow0), ow1)
+                hi = max(min(hi, ow1), lo)
+                zero_row(dst[: lo - ow0])
+                gather_row(dst[lo - ow0 : hi - ow0], x[n, c, ih], lo * sw + col_offset, sw)
+                zero_row(dst[hi - ow0 :])
+
+
 @njit(parallel=True, cache=True)
 def fused_forward_kernel(
-    x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, pointwise, group, geo
+    x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, pointwise, group, geo, segment
 ):  # fmt: skip
     """The whole forward pass in one parallel region: per band of output rows, the band's
     columns, one single-threaded GEMM per group and the bias, with no pass over the whole batch.
@@ -256,26 +295,44 @@ def fused_forward_kernel(
     ``cols_ws.shape[0]`` contiguous runs, one per lane, each with its own workspace rows; every
     output element comes from the same GEMM whatever the split, so the result does not depend on
     the number of lanes or threads.
+
+    ``segment`` < OW (only with one-row bands of single images, see :func:`row_segment`): a job
+    is a segment of ``segment`` output columns of a row, so that very wide rows (long 1-D
+    signals) still get columns that fit in the cache.
     """
     n_batch = x.shape[0]
     out_h, out_w = geo[2], geo[3]
     n_filters, taps_g = w_mat.shape
     taps = taps_g * groups
-    k_g = n_filters // groups
     bands = (out_h + band_rows - 1) // band_rows
     whole = bands == 1
     per_image = out_h * out_w
     blocks = (n_batch + group - 1) // group
-    jobs = blocks * bands
+    segments = (out_w + segment - 1) // segment
+    jobs = blocks * bands * segments
     lanes = cols_ws.shape[0]
     for lane in prange(lanes):
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
-            block = job // bands
+            row_job = job // segments
+            block = row_job // bands
             n = block * group
             images = min(group, n_batch - n)
-            oh0 = (job - block * bands) * band_rows
+            oh0 = (row_job - block * bands) * band_rows
             oh1 = min(out_h, oh0 + band_rows)
             width = (oh1 - oh0) * out_w
+            if segments > 1:
+                ow0 = (job - row_job * segments) * segment
+                width = min(out_w, ow0 + segment) - ow0
+                cols = cols_ws[lane, : taps * width].reshape(taps, width)
+                row_segment_columns(x, n, oh0, ow0, ow0 + width, cols, geo)
+                out = out_ws[lane, : n_filters * width].reshape(n_filters, width)
+                _group_products(w_mat, cols, out, groups)
+                p0 = oh0 * out_w + ow0
+                for k in range(n_filters):
+                    shift = bias[k]
+                    for q in range(width):
+                        y[n, k, p0 + q] = out[k, q] + shift
+                continue
             if images > 1:
                 columns = images * per_image
                 cols = cols_ws[lane, : taps * columns].reshape(taps, columns)
@@ -289,13 +346,7 @@ def fused_forward_kernel(
                     out = y[n]
                 else:
                     out = out_ws[lane, : n_filters * width].reshape(n_filters, width)
-            for g in range(groups):
-                filters = w_mat[g * k_g : (g + 1) * k_g]
-                taps_cols = cols[g * taps_g : (g + 1) * taps_g]
-                if own_gemm_pays(k_g, taps_g):
-                    gemm_nn(filters, taps_cols, out[g * k_g : (g + 1) * k_g], False)
-                else:
-                    np.dot(filters, taps_cols, out[g * k_g : (g + 1) * k_g])
+            _group_products(w_mat, cols, out, groups)
             p0 = oh0 * out_w
             for k in range(n_filters):
                 shift = bias[k]  # zeros without a bias: `else 0` would promote float32
@@ -378,7 +429,7 @@ def _backward_band(
         if weight_gradient:
             np.dot(grad[filters], cols[rows].T, part[filters])
         if input_gradient:
-            if own_gemm_pays(taps_g, k_g):
+            if own_gemm_pays(taps_g, k_g, grad.shape[1]):
                 gemm_nn(w_mat[filters].T, grad[filters], grad_cols[rows], False)
             else:
                 np.dot(w_mat[filters].T, grad[filters], grad_cols[rows])
@@ -651,6 +702,23 @@ def forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
     return band_rows, small_map_group(geom, itemsize, band_rows, geom.batch // 4)
 
 
+#: The fewest output columns :func:`row_segment` cuts a row into: narrower products would
+#: spend more on each GEMM's edges and calls than they gain in cache.
+MIN_SEGMENT = 256
+
+
+def row_segment(geom: ConvGeometry, itemsize: int, band_rows: int, group: int) -> int:
+    """Output columns per job of :func:`fused_forward_kernel`: OW (whole rows), unless a band is
+    one row of one image whose columns alone exceed :data:`BAND_BYTES` (long 1-D signals:
+    16x64x16000 with kernel 9 has 37 MB of columns per row); then segments whose columns fit
+    in it, at least :data:`MIN_SEGMENT` wide. A function of the geometry only."""
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    out_w = geom.out_width
+    if is_pointwise(geom) or band_rows > 1 or group > 1 or taps * out_w * itemsize <= BAND_BYTES:
+        return out_w
+    return int(min(out_w, max(MIN_SEGMENT, BAND_BYTES // (taps * itemsize))))
+
+
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     if not blas_inside_kernels() or geom.batch == 0:
         return _chunked_forward(x, w, b, geom)
@@ -659,16 +727,22 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     # The bands depend on the geometry only (see PLAN_LANES); the thread count only on how many
     # lanes run them.
     band_rows, group = forward_plan(geom, x.itemsize)
-    jobs = -(-n // group) * -(-oh // band_rows)
+    segment = row_segment(geom, x.itemsize, band_rows, group)
+    jobs = -(-n // group) * -(-oh // band_rows) * -(-ow // segment)
     lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
-    cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise, group)
+    if segment < ow:
+        taps = geom.in_channels * geom.filter_height * geom.filter_width
+        cols = take("im2col.band_columns", (lanes, taps * segment), x.dtype)
+        out = take("im2col.band_gemm", (lanes, k * segment), x.dtype)
+    else:
+        cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise, group)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     w_mat = w.reshape(k, -1)
     with single_threaded_blas():
         fused_forward_kernel(
             x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, pointwise,
-            group, geometry_args(geom),
+            group, geometry_args(geom), segment,
         )  # fmt: skip
     return y.reshape(n, k, oh, ow)
 

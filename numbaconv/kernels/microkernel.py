@@ -95,6 +95,12 @@ PACK_MIN_ROW_BLOCKS = 4
 OWN_GEMM_MIN_ROWS = 32
 OWN_GEMM_MIN_PRODUCT = 1536
 
+#: ... and products wider than this went to BLAS, which blocks its panels of B for the cache
+#: where :func:`gemm_nn` streams each row of B and C: 576x64 @ 64x16000 (a 1-D layer's
+#: gradient columns) ran at 77 GFLOP/s against OpenBLAS's 126, 576x64 @ 64x4000 at 152 against
+#: 147. (im2col's forward pass cuts such rows into segments, see ``im2col.row_segment``.)
+OWN_GEMM_MAX_COLUMNS = 4096
+
 
 def nn_tile(dtype) -> tuple[int, int]:
     """``(MR, NR)``: rows and columns of :func:`tile_nn`'s tile for a NumPy dtype."""
@@ -236,9 +242,13 @@ VECTOR_BYTES = VECTOR_BITS // 8
 
 
 @njit(cache=True, inline="always")
-def own_gemm_pays(rows, depth):
-    """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` left operand (any width)."""
-    return rows >= OWN_GEMM_MIN_ROWS and rows * depth >= OWN_GEMM_MIN_PRODUCT
+def own_gemm_pays(rows, depth, columns):
+    """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product."""
+    return (
+        rows >= OWN_GEMM_MIN_ROWS
+        and rows * depth >= OWN_GEMM_MIN_PRODUCT
+        and columns <= OWN_GEMM_MAX_COLUMNS
+    )
 
 
 @njit(cache=True, inline="always")
