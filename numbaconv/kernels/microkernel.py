@@ -90,8 +90,7 @@ PACK_MIN_ROW_BLOCKS = 4
 #: than 32 rows or M*K under 1536 the tile's fixed costs (C loads and stores, an edge panel)
 #: outweigh its K loop, and OpenBLAS's small-matrix kernels won (8x9x784: 0.6x, 32x32x784:
 #: 0.75x, 4x576x784: 0.8x); above both it won (32x75x1024: 1.4x, 64x27x3136: 1.3x,
-#: 64x576x448: 1.3x, 256x256x256: 1.05x) or drew (128x576x784), except on the deepest layers'
-#: products, which lost up to 12 % (512x4608x196: 149 against 167-171 GFLOP/s).
+#: 64x576x448: 1.3x, 256x256x256: 1.05x) or drew (128x576x784).
 OWN_GEMM_MIN_ROWS = 32
 OWN_GEMM_MIN_PRODUCT = 1536
 
@@ -100,6 +99,11 @@ OWN_GEMM_MIN_PRODUCT = 1536
 #: gradient columns) ran at 77 GFLOP/s against OpenBLAS's 126, 576x64 @ 64x4000 at 152 against
 #: 147. (im2col's forward pass cuts such rows into segments, see ``im2col.row_segment``.)
 OWN_GEMM_MAX_COLUMNS = 4096
+
+#: ... and so did products whose left operand exceeds this many elements (the deepest layers:
+#: 512 filters x 4608 taps, at 196 columns 0.86x OpenBLAS, at 49 0.91-0.96x), while 256 x 2304
+#: drew (0.93-1.10x over 196-784 columns) and 64 x 3136 won (1.26-1.29x at 576 columns).
+OWN_GEMM_MAX_PRODUCT = 2**20
 
 
 def nn_tile(dtype) -> tuple[int, int]:
@@ -246,7 +250,7 @@ def own_gemm_pays(rows, depth, columns):
     """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product."""
     return (
         rows >= OWN_GEMM_MIN_ROWS
-        and rows * depth >= OWN_GEMM_MIN_PRODUCT
+        and OWN_GEMM_MIN_PRODUCT <= rows * depth <= OWN_GEMM_MAX_PRODUCT
         and columns <= OWN_GEMM_MAX_COLUMNS
     )
 
