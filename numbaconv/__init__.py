@@ -11,6 +11,7 @@ from ._threading import ForkedOpenMPError, configure_threading_layer
 
 configure_threading_layer()
 
+from . import cache  # noqa: E402
 from ._workspace import free_workspace  # noqa: E402
 from .functional import (  # noqa: E402
     col2im,
@@ -26,6 +27,9 @@ from .functional import (  # noqa: E402
 )
 from .layer import ConvLayer, ConvTransposeLayer  # noqa: E402
 from .registry import KERNELS  # noqa: E402
+
+# Numba would load kernels compiled against an older version of a helper in another module.
+cache.guard_shared_helpers()
 
 __version__ = "0.1.0"
 

@@ -174,6 +174,72 @@ def cache_dirs() -> list[str]:
     return [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")]
 
 
+#: Kernel modules whose ``@njit`` functions other kernel modules' kernels call (and so carry in
+#: their compiled code): the row loops, numbaconv's own GEMM, and im2col's ``row_sum``, which
+#: Winograd calls. Numba keys a cached function on the stamp of its own source file alone, so
+#: after an edit to one of these, its callers' cache entries, compiled with the old code, would
+#: still be loaded (it happened while tuning the GEMM: measurements of stale kernels).
+#: :func:`guard_shared_helpers` makes that impossible.
+SHARED_HELPERS = ("_loops.py", "microkernel.py", "im2col.py")
+
+#: The file in each cache folder that records which versions of the shared helpers the
+#: numbaconv entries there were compiled with.
+HELPERS_STAMP = "numbaconv-shared-helpers.stamp"
+
+
+def helpers_fingerprint() -> str:
+    """Modification time and size of each shared helper's source, as Numba stamps a source."""
+    kernels_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+    parts = []
+    for name in SHARED_HELPERS:
+        info = os.stat(os.path.join(kernels_dir, name))
+        parts.append(f"{name} {info.st_mtime_ns} {info.st_size}")
+    return "\n".join(parts) + "\n"
+
+
+def _kernel_modules() -> set[str]:
+    from . import kernels
+
+    return {info.name for info in pkgutil.iter_modules(kernels.__path__)}
+
+
+def guard_shared_helpers() -> list[str]:
+    """Remove the numbaconv entries of each cache folder whose stamp (:data:`HELPERS_STAMP`)
+    names other versions of the shared helpers (:data:`SHARED_HELPERS`), then stamp the folder;
+    return the files removed. Run at import: a folder whose stamp matches (every process after
+    the first, and every install from a wheel, whose files do not change) costs a stat of three
+    files and one small read. A folder that cannot be written is left as it is."""
+    fingerprint = helpers_fingerprint()
+    modules = _kernel_modules()
+    removed: list[str] = []
+    for folder in cache_dirs():
+        stamp = os.path.join(folder, HELPERS_STAMP)
+        try:
+            with open(stamp) as handle:
+                if handle.read() == fingerprint:
+                    continue
+        except OSError:
+            pass
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            names = []
+        for name in names:
+            if name.endswith((".nbi", ".nbc")) and name.split(".", 1)[0] in modules:
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(name)
+                except OSError:
+                    pass
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(stamp, "w") as handle:
+                handle.write(fingerprint)
+        except OSError:
+            pass
+    return removed
+
+
 def print_progress(done: int, total: int, name: str, stream=None) -> None:
     """A one-line progress bar on a terminal, one line per step elsewhere (logs, CI)."""
     stream = stream or sys.stderr

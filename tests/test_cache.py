@@ -104,3 +104,53 @@ def test_second_process_compiles_nothing():
         "numbaconv.kernels.winograd.fused_winograd_kernel",
         "numbaconv.kernels.winograd.fused_weight_gradient_kernel",
     } <= loaded
+
+
+def test_an_edited_shared_helper_clears_its_callers_cache_entries(tmp_path, monkeypatch):
+    """Numba keys a cached function on its own file only; numbaconv's import guard removes the
+    kernels' entries written with other versions of the helpers they inline (and nothing else),
+    once, and stamps the folder."""
+    from numbaconv import cache
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    ours = ["im2col.fused_forward_kernel-245.py311.nbi", "winograd.x-1.py311.2.nbc"]
+    theirs = ["mypackage.f-3.py311.nbi", "notes.txt"]
+    for name in ours + theirs:
+        (folder / name).write_text("x")
+    monkeypatch.setattr(cache, "cache_dirs", lambda: [str(folder)])
+    monkeypatch.setattr(cache, "helpers_fingerprint", lambda: "version 1\n")
+
+    # A folder without a stamp (a cache from before the guard) is cleared of numbaconv's entries.
+    assert sorted(cache.guard_shared_helpers()) == sorted(ours)
+    assert sorted(os.listdir(folder)) == sorted([*theirs, cache.HELPERS_STAMP])
+    assert (folder / cache.HELPERS_STAMP).read_text() == "version 1\n"
+
+    # The same helpers: entries written since stay.
+    (folder / ours[0]).write_text("x")
+    assert cache.guard_shared_helpers() == []
+    assert (folder / ours[0]).exists()
+
+    # An edited helper: they go, once.
+    monkeypatch.setattr(cache, "helpers_fingerprint", lambda: "version 2\n")
+    assert cache.guard_shared_helpers() == [ours[0]]
+    assert cache.guard_shared_helpers() == []
+
+
+def test_helpers_fingerprint_follows_the_sources():
+    """The fingerprint names every shared helper with its size and modification time, as
+    Numba's own source stamp does, and the package's real cache folders carry it after import."""
+    from numbaconv import cache
+
+    lines = cache.helpers_fingerprint().splitlines()
+    assert [line.split()[0] for line in lines] == list(cache.SHARED_HELPERS)
+    kernels_dir = os.path.dirname(im2col.__file__)
+    for line in lines:
+        name, mtime_ns, size = line.split()
+        info = os.stat(os.path.join(kernels_dir, name))
+        assert (int(mtime_ns), int(size)) == (info.st_mtime_ns, info.st_size)
+    for folder in cache.cache_dirs():
+        stamp = os.path.join(folder, cache.HELPERS_STAMP)
+        if os.access(folder, os.W_OK):
+            with open(stamp) as handle:
+                assert handle.read() == cache.helpers_fingerprint()

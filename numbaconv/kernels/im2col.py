@@ -15,7 +15,9 @@ The GEMMs: the forward and gradient-column products run on numbaconv's own micro
 :func:`numbaconv._threading.single_threaded_blas`. The grad-w product (``grad_y @ columns.T``)
 stays on BLAS: OpenBLAS ran it at 150-200 GFLOP/s per core where the micro-kernel, packing the
 transposed columns, reached 110-150.
-1x1 stride-1 unpadded layers use the image itself as the columns.
+1x1 stride-1 unpadded layers use the image itself as the columns. A row whose columns alone exceed
+:data:`BAND_BYTES` (long 1-D signals) is cut into segments in the forward pass
+(:func:`row_segment`).
 
 Batch-chunked passes (the fallback where SciPy's OpenBLAS cannot be held to one thread, or with
 ``NUMBACONV_BLAS_INSIDE_KERNELS=0``): per chunk of images, a Numba-parallel im2col, one NumPy

@@ -105,6 +105,12 @@ OWN_GEMM_MAX_COLUMNS = 4096
 #: drew (0.93-1.10x over 196-784 columns) and 64 x 3136 won (1.26-1.29x at 576 columns).
 OWN_GEMM_MAX_PRODUCT = 2**20
 
+#: ... and products of M*K*N up to this went to BLAS too: OpenBLAS's AVX-512 builds run them
+#: with kernels that skip packing (see ``im2col.SMALL_GEMM_SIZE``), which beat the tile on
+#: Winograd's and thin bands' narrow products (64x64x196: 167 against 125 GFLOP/s, 32x75x224:
+#: 185 against 142), while just above it the tile won (64x64x392: 1.13x, 32x75x1024: 1.35x).
+OWN_GEMM_MIN_VOLUME = 1_000_000
+
 
 def nn_tile(dtype) -> tuple[int, int]:
     """``(MR, NR)``: rows and columns of :func:`tile_nn`'s tile for a NumPy dtype."""
@@ -252,6 +258,7 @@ def own_gemm_pays(rows, depth, columns):
         rows >= OWN_GEMM_MIN_ROWS
         and OWN_GEMM_MIN_PRODUCT <= rows * depth <= OWN_GEMM_MAX_PRODUCT
         and columns <= OWN_GEMM_MAX_COLUMNS
+        and rows * depth * columns > OWN_GEMM_MIN_VOLUME
     )
 
 
