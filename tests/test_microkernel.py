@@ -217,3 +217,25 @@ def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
     for case, error in report["errors"].items():
         limit = 1e-5 if case.startswith("float32") else 1e-13
         assert error < limit, (case, error)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_nn_rows_is_gemm_nn_on_the_rows_it_names(size, dtype):
+    """B's rows given as offsets into a flat array (overlapping windows, in any order): the
+    same bits as gemm_nn on the explicit matrix, and right against float64."""
+    m, k, n = size
+    rng = np.random.default_rng(m + 7 * k + 13 * n)
+    flat = rng.standard_normal(3 * n + k + 40).astype(dtype)
+    rows = rng.integers(0, flat.shape[0] - n + 1, size=k).astype(np.int64)
+    explicit = np.stack([flat[r : r + n] for r in rows]) if k else np.zeros((0, n), dtype)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    expected = np.empty((m, n), dtype)
+    mk.gemm_nn(a, explicit, expected, False)
+    c = np.full((m, n), np.nan, dtype)
+    mk.gemm_nn_rows(a, flat, rows, c, False)
+    np.testing.assert_array_equal(c, expected)
+    _assert_product(c, _reference(a, explicit), a, explicit, k)
+    start = rng.standard_normal((m, n)).astype(dtype)
+    c = start.copy()
+    mk.gemm_nn_rows(np.ascontiguousarray(a.T).T, flat, rows, c, True)
+    _assert_product(c - start, _reference(a, explicit), a, explicit, k)

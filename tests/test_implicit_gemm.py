@@ -1,0 +1,73 @@
+"""``im2col``'s forward pass by implicit GEMM (``im2col.implicit_plan``): small maps at stride 1,
+whose product numbaconv's own GEMM runs, read the taps' rows straight from zero-padded planes
+instead of building columns. Checked against the sliding-window reference, and bit for bit
+against the columns path (the same products in the same order)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import Cfg, assert_close, make_data
+from naive import conv2d_windows, padding4
+
+import numbaconv as nc
+from numbaconv.geometry import make_geometry
+from numbaconv.kernels import im2col
+
+CASES = [
+    Cfg(2, 40, 9, 11, 64, 3, 3, padding=1, name="3x3-pad1"),
+    Cfg(1, 32, 12, 12, 64, 3, 3, padding=2, dilation=2, name="dilated"),
+    Cfg(2, 64, 8, 8, 128, 3, 3, padding=1, groups=2, name="groups"),
+    Cfg(3, 48, 9, 9, 64, 7, 1, padding=(3, 0), bias=False, name="7x1"),
+    Cfg(2, 40, 10, 7, 72, 2, 3, padding="same", name="same-even"),
+]
+
+
+def _plan(cfg, dtype):
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    band_rows, group = im2col.forward_plan(geom, np.dtype(dtype).itemsize)
+    segment = im2col.row_segment(geom, np.dtype(dtype).itemsize, band_rows, group)
+    return im2col.implicit_plan(geom, band_rows, group, segment)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("cfg", CASES, ids=str)
+def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
+    if parallel:
+        request.getfixturevalue("force_parallel")
+    assert _plan(cfg, dtype).shape[0] == cfg.c * cfg.r * cfg.s, "the case misses the path"
+    x, w, b, _ = make_data(cfg, dtype, seed=8)
+    y = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
+    ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
+    assert_close(y, ref, ref_abs, dtype, f"forward [{cfg}]")
+
+
+@pytest.mark.parametrize("cfg", CASES[:3], ids=str)
+def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
+    """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
+    which may hold them too, are never in y)."""
+    x, w, b, _ = make_data(cfg, dtype, seed=9)
+    x[0, 1, 2, 3] = np.nan
+    x[-1, 0, -1, -1] = np.inf
+    implicit = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
+    monkeypatch.setattr(im2col, "IMPLICIT_MAX_WASTE", -1.0)
+    assert _plan(cfg, dtype).shape[0] == 0
+    columns = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
+    np.testing.assert_array_equal(implicit, columns)
+    assert np.isnan(implicit).any() and np.isfinite(implicit).any()
+
+
+def test_the_plan_says_no_where_it_does_not_apply():
+    def plan(x_shape, w_shape, **options):
+        geom = make_geometry(x_shape, w_shape, **options)
+        band_rows, group = im2col.forward_plan(geom, 4)
+        return im2col.implicit_plan(geom, band_rows, group, geom.out_width).shape[0]
+
+    assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1) == 360
+    assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1, stride=2) == 0  # stride
+    assert plan((2, 40, 9, 11), (16, 40, 3, 3), padding=1) == 0  # too few filters: BLAS
+    assert plan((2, 48, 9, 9), (64, 48, 1, 7), padding=(0, 3)) == 0  # 6 of 15 columns wasted
+    assert plan((2, 64, 9, 9), (64, 64, 1, 1)) == 0  # pointwise: the image is the columns
+    assert padding4 is not None
