@@ -86,14 +86,18 @@ def asv_common(monkeypatch):
     monkeypatch.setenv("NUMBACONV_BENCH_QUICK", "1")
     for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
         monkeypatch.delitem(sys.modules, name)
-    saved = os.environ.copy()  # the suite's __init__ sets thread counts for its processes
+    # The suite's __init__ sets thread counts (NUMBA_NUM_THREADS=2 among them) for its own
+    # processes. Put them back at once: Numba rereads its environment at every compilation and
+    # raises once its threads run with another count (CI's cold cache compiled in this test).
+    saved = os.environ.copy()
     try:
         from benchmarks import common
-
-        yield common
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    try:
+        yield common
+    finally:
         for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
             del sys.modules[name]
 
