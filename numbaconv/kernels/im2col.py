@@ -103,7 +103,7 @@ def im2col_kernel(x, cols, filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_
     for job in prange(n_batch * n_chan):
         n = job // n_chan
         c = job - n * n_chan
-        channel_columns(x, n, c, 0, out_h, cols, n * out_h * out_w, geo)
+        channel_columns(x, n, c, 0, out_h, 0, out_w, cols, n * out_h * out_w, geo)
 
 
 @njit(parallel=True, cache=True)
@@ -152,30 +152,35 @@ def gather_grad_kernel(grad_y, out):
 
 
 @njit(cache=True)
-def channel_columns(x, n, c, oh0, oh1, cols, col0, geo):
-    """The teaching columns of channel ``c`` of image ``n`` for output rows ``oh0:oh1``:
-    ``cols[(c*R + r)*S + s, col0 + (oh - oh0)*OW + ow]`` = the zero-padded input at
+def channel_columns(x, n, c, oh0, oh1, ow0, ow1, cols, col0, geo):
+    """The teaching columns of channel ``c`` of image ``n`` for output rows ``oh0:oh1`` and
+    output columns ``ow0:ow1`` (all of them: ``0, OW``): with ``w = ow1 - ow0``,
+    ``cols[(c*R + r)*S + s, col0 + (oh - oh0)*w + ow - ow0]`` = the zero-padded input at
     ``(n, c, oh*sh + r*dh - pad_t, ow*sw + s*dw - pad_l)``; ``geo`` is :func:`geometry_args`.
 
-    The one im2col loop nest: the full-batch :func:`im2col_kernel` and the banded passes
-    (:func:`band_columns`) both call it.
+    The one im2col loop nest: the full-batch :func:`im2col_kernel`, the banded passes
+    (:func:`band_columns`) and the row segments of :func:`fused_forward_kernel` call it.
     """
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
     height, width = x.shape[2], x.shape[3]
+    span = ow1 - ow0
     for r in range(filter_h):
         for s in range(filter_w):
             row = (c * filter_h + r) * filter_w + s
             col_offset = s * dw - pad_l
             lo, hi = valid_range(out_w, sw, col_offset, width)
+            lo = min(max(lo, ow0), ow1) - ow0  # as offsets into the span
+            hi = max(min(hi, ow1), ow0) - ow0
+            hi = max(hi, lo)
             for oh in range(oh0, oh1):
                 ih = oh * sh - pad_t + r * dh
-                base = col0 + (oh - oh0) * out_w
-                dst = cols[row, base : base + out_w]
+                base = col0 + (oh - oh0) * span
+                dst = cols[row, base : base + span]
                 if ih < 0 or ih >= height:
                     zero_row(dst)
                     continue
                 zero_row(dst[:lo])
-                gather_row(dst[lo:hi], x[n, c, ih], lo * sw + col_offset, sw)
+                gather_row(dst[lo:hi], x[n, c, ih], (ow0 + lo) * sw + col_offset, sw)
                 zero_row(dst[hi:])
 
 
@@ -184,7 +189,7 @@ def band_columns(x, n, oh0, oh1, cols, geo):
     """The columns of output rows ``oh0:oh1`` of image ``n``, all channels: ``cols`` is
     (C*R*S, (oh1 - oh0)*OW)."""
     for c in range(x.shape[1]):
-        channel_columns(x, n, c, oh0, oh1, cols, 0, geo)
+        channel_columns(x, n, c, oh0, oh1, 0, geo[3], cols, 0, geo)
 
 
 @njit(cache=True)
@@ -257,30 +262,6 @@ def _group_products(w_mat, cols, out, groups):
             gemm_nn(filters, taps_cols, out[g * k_g : (g + 1) * k_g], False)
         else:
             np.dot(filters, taps_cols, out[g * k_g : (g + 1) * k_g])
-
-
-@njit(cache=True)
-def row_segment_columns(x, n, oh, ow0, ow1, cols, geo):
-    """The columns of output row ``oh``, output columns ``ow0:ow1``, of image ``n``, all
-    channels: ``cols`` is (C*R*S, ow1 - ow0), laid out as :func:`channel_columns` lays out a
-    band."""
-    filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
-    height, width = x.shape[2], x.shape[3]
-    for c in range(x.shape[1]):
-        for r in range(filter_h):
-            ih = oh * sh - pad_t + r * dh
-            for s in range(filter_w):
-                dst = cols[(c * filter_h + r) * filter_w + s, : ow1 - ow0]
-                if ih < 0 or ih >= height:
-                    zero_row(dst)
-                    continue
-                col_offset = s * dw - pad_l
-                lo, hi = valid_range(out_w, sw, col_offset, width)
-                lo = min(max(lo, ow0), ow1)
-                hi = max(min(hi, ow1), lo)
-                zero_row(dst[: lo - ow0])
-                gather_row(dst[lo - ow0 : hi - ow0], x[n, c, ih], lo * sw + col_offset, sw)
-                zero_row(dst[hi - ow0 :])
 
 
 @njit(cache=True)
@@ -380,7 +361,8 @@ def fused_forward_kernel(
                 ow0 = (job - row_job * segments) * segment
                 width = min(out_w, ow0 + segment) - ow0
                 cols = cols_ws[lane, : taps * width].reshape(taps, width)
-                row_segment_columns(x, n, oh0, ow0, ow0 + width, cols, geo)
+                for c in range(x.shape[1]):
+                    channel_columns(x, n, c, oh0, oh0 + 1, ow0, ow0 + width, cols, 0, geo)
                 out = out_ws[lane, : n_filters * width].reshape(n_filters, width)
                 _group_products(w_mat, cols, out, groups)
                 p0 = oh0 * out_w + ow0
@@ -394,7 +376,7 @@ def fused_forward_kernel(
                 cols = cols_ws[lane, : taps * columns].reshape(taps, columns)
                 for i in range(images):
                     for c in range(x.shape[1]):
-                        channel_columns(x, n + i, c, 0, out_h, cols, i * per_image, geo)
+                        channel_columns(x, n + i, c, 0, out_h, 0, out_w, cols, i * per_image, geo)
                 out = out_ws[lane, : n_filters * columns].reshape(n_filters, columns)
             else:
                 cols = band_or_image_columns(x, n, oh0, oh1, cols_ws[lane], pointwise, geo)
@@ -450,7 +432,7 @@ def _backward_band(
         for i in range(images):
             if weight_gradient:
                 for c in range(x.shape[1]):
-                    channel_columns(x, n + i, c, 0, out_h, cols, i * per_image, geo)
+                    channel_columns(x, n + i, c, 0, out_h, 0, out_w, cols, i * per_image, geo)
             for k in range(n_filters):
                 src = grad_y[n + i, k]
                 dst = grad[k, i * per_image : (i + 1) * per_image]
