@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.machinery
+import importlib.util
 import os
 import site
 import sys
@@ -232,11 +234,51 @@ def _already_loaded(path: Path):
         return None
 
 
+_CYTHON_BLAS = "scipy.linalg.cython_blas"
+
+
+def _import_cython_blas():
+    """``scipy.linalg.cython_blas``, the module whose GEMMs Numba's ``np.dot`` calls (Numba's
+    helper library imports it by name at its first BLAS call), without ``scipy.linalg``'s
+    package ``__init__``.
+
+    That ``__init__`` imports all of ``scipy.linalg`` and SciPy's array-API layer: 85-90 ms of a
+    small layer's 0.6 s start-up here, for nothing a kernel uses. The module itself is one
+    extension module that needs only ``scipy`` (20 ms), so it is loaded from its file and put in
+    ``sys.modules`` under its own name, where both Numba's import and any later
+    ``import scipy.linalg.cython_blas`` find it. Anything unexpected (another layout, a build
+    without the file) falls back to the ordinary import.
+    """
+    if _CYTHON_BLAS in sys.modules:
+        return sys.modules[_CYTHON_BLAS]
+    try:
+        spec = importlib.util.find_spec("scipy")
+        folder = Path(spec.origin).parent / "linalg"
+        files = [
+            path
+            for path in folder.glob("cython_blas.*")
+            if path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+        ]
+        if len(files) != 1:
+            raise ImportError(f"{len(files)} candidate files for {_CYTHON_BLAS} in {folder}")
+        module_spec = importlib.util.spec_from_file_location(_CYTHON_BLAS, files[0])
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "__pyx_capi__"):
+            raise ImportError(f"{files[0]} exports no C functions")
+    except Exception:  # noqa: BLE001  (any surprise: the ordinary import decides)
+        import scipy.linalg.cython_blas as module
+
+        return module
+    sys.modules[_CYTHON_BLAS] = module
+    return module
+
+
 def _lookup_scipy_openblas() -> tuple[BundledOpenBLAS | None, str]:
     """SciPy's bundled OpenBLAS and a description, or None and why it cannot be used."""
     try:
+        _import_cython_blas()  # loads the library Numba binds to
         import scipy
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library Numba binds to)
     except ImportError as exc:
         return None, f"SciPy's BLAS could not be imported ({exc})"
     root = Path(scipy.__file__).parent
@@ -286,9 +328,8 @@ _scipy_openblas_found = _UNSET
 
 def _openblas_lookup() -> tuple[BundledOpenBLAS | None, str]:
     """:func:`_lookup_scipy_openblas`, looked up at the first call that needs it: importing
-    ``scipy.linalg`` takes about 0.1 s, which ``import numbaconv`` and the kernels that call no
-    BLAS (``direct``, ``numpy``) need not pay. (Numba's ``np.dot`` imports it at its first
-    call anyway.)"""
+    SciPy's BLAS module takes 20 ms, which ``import numbaconv`` and the kernels that call no
+    BLAS (``direct``, ``numpy``) need not pay."""
     global _scipy_openblas_found
     if _scipy_openblas_found is _UNSET:
         _scipy_openblas_found = _lookup_scipy_openblas()

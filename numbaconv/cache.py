@@ -19,8 +19,6 @@ import pkgutil
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 
 import numpy as np
 
@@ -106,6 +104,11 @@ def compile_all(
     total = 2 * len(TASKS)
     done = 0
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(TASKS)))
+    # Imported here, not at the top: 15 ms of every ``import numbaconv`` (its import is part of
+    # the start-up target) for a command run once after installing.
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     # New interpreters: the workers must compile (or load) on their own, whatever this process
     # has already run, and 'spawn' is safe with every threading layer.
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:

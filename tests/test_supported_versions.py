@@ -202,3 +202,39 @@ def test_info_without_tbb_says_forked_children_cannot_run_kernels():
         "threading layer: omp (GNU OpenMP: not fork-safe; numbaconv calls in processes forked "
         "after this one used it raise ForkedOpenMPError; `pip install tbb` where its wheels exist)"
     )
+
+
+SMALL_LAYER_THEN_SCIPY = """
+import sys
+import numpy as np
+import numbaconv as nc
+from numbaconv import _threading
+
+x = np.random.default_rng(0).standard_normal((4, 3, 9, 9)).astype(np.float32)
+w = np.random.default_rng(1).standard_normal((5, 3, 3, 3)).astype(np.float32)
+y = nc.conv2d(x, w, padding=1, kernel="im2col")
+print("blas", _threading._openblas() is not None)
+print("cython_blas", "scipy.linalg.cython_blas" in sys.modules)
+print("linalg", "scipy.linalg" in sys.modules)
+import scipy.linalg
+import scipy.linalg.cython_blas
+a = np.arange(6.0).reshape(2, 3)
+print("later", scipy.linalg.norm(a) ** 2 == (a * a).sum(), np.array_equal(y, nc.conv2d(x, w, padding=1, kernel="im2col")))
+print("capi", len(sys.modules["scipy.linalg.cython_blas"].__pyx_capi__) > 0)
+"""
+
+
+def test_first_gemm_loads_scipys_blas_module_alone():
+    """The first GEMM loads ``scipy.linalg.cython_blas`` (what Numba's ``np.dot`` calls) without
+    ``scipy.linalg``'s package ``__init__`` (85-90 ms of start-up); a later
+    ``import scipy.linalg`` and the next call both work."""
+    done = subprocess.run(
+        [sys.executable, "-c", SMALL_LAYER_THEN_SCIPY], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    if lines["blas"] == "True":  # a bundled OpenBLAS: the lookup loaded the module
+        assert lines["cython_blas"] == "True"
+        assert lines["linalg"] == "False"
+    assert lines["later"] == "True True"
+    assert lines["capi"] == "True"
