@@ -62,11 +62,22 @@ def resolve(kernel: str | None) -> str:
 #: channel: 13 ms against 1.7 ms for im2col).
 WINOGRAD_MIN_CHANNELS = 16
 
-#: ... and only if its GEMMs see at least this many tiles each
-#: (:func:`numbaconv.kernels.winograd.tiles_per_gemm`): with wide layers on small images the
-#: band budget leaves few tiles per GEMM, and BLAS runs them slowly (256 channels, 14x14:
-#: 16 tiles, 38 ms forward against 19 ms for im2col; 128 channels, 28x28: 49 tiles, 12.9 ms
-#: against 21.9).
+#: ... and only while its transformed filters (36 * K * C values, written at every call and read
+#: by every job) stay at most this many: with 512 x 512 filters (9.4 million values, 38 MB in
+#: float32) streaming them cost more than Winograd saved (float32, 2 threads, forward/backward
+#: ms, im2col against winograd: 16x512x7x7 14.8/34.6 against 17.1/73.3, 16x512x14x14 71/121
+#: against 84/205), with 256 x 256 (2.4 million) Winograd won (16x256x14x14 forward 17.1
+#: against 7.8 ms).
+WINOGRAD_MAX_FILTER_VALUES = 2**22
+
+#: ... and, for the backward pass, only if its GEMMs see at least this many tiles each
+#: (:func:`numbaconv.kernels.winograd.tiles_per_gemm`): its grad-x is Winograd's forward pass,
+#: but where grad-w's lanes do not fit that comes from ``im2col``, which then builds the columns
+#: for grad-w alone. float32 / float64, 2 threads, backward ms, im2col against winograd:
+#: 16x256x14x14 (64 / 16 tiles per GEMM) 39.4 against 30.7 / 68.0 against 90.1; 1x128x28x28 (14
+#: tiles) 2.74 against 3.04 / 6.10 against 6.16; 16x128x28x28 (49) 39.5 against 19.6 / 75.0
+#: against 52.6. The forward pass won with few tiles too (1x128x28x28 1.14 against 1.00 ms /
+#: 2.06 against 1.60), so there this bound does not apply.
 WINOGRAD_MIN_TILES = 32
 
 
@@ -88,16 +99,18 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     asv ``time_forward``/``time_backward`` and ``asv_benchmarks/compare_torch.py``):
 
     - 3x3 stride-1 layers with at least :data:`WINOGRAD_MIN_CHANNELS` input and output channels
-      and at least :data:`WINOGRAD_MIN_TILES` tiles per GEMM use ``winograd`` (resnet3x3 float32:
-      12.5 ms forward and 32.8 ms backward, against 28.1 and 57.9 ms for ``im2col``);
+      and at most :data:`WINOGRAD_MAX_FILTER_VALUES` transformed filter values use ``winograd``
+      for the forward pass, and for the backward pass too where its GEMMs see at least
+      :data:`WINOGRAD_MIN_TILES` tiles each (resnet3x3 float32: 8.4 ms forward and 22.3 ms
+      backward, against 18.5 and 38.1 ms for ``im2col``);
     - depthwise layers, and stride-1 layers with at most
       :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
     - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
       every other layer (``direct`` did not win even on the digits layer).
 
     The choice depends on the geometry and dtype only: never on timings (noisy on a busy
-    machine) nor on the thread count (results must not depend on it). ``direction`` is accepted
-    so that the model can use it later.
+    machine) nor on the thread count (results must not depend on it). ``direction`` is
+    ``'forward'`` or ``'backward'``: a layer's two passes may run different kernels.
     """
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
@@ -110,7 +123,10 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     if (
         winograd.supports(geom)
         and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
-        and winograd.tiles_per_gemm(geom, itemsize) >= WINOGRAD_MIN_TILES
+        and 36 * geom.in_channels * geom.out_channels <= WINOGRAD_MAX_FILTER_VALUES
+        and (
+            direction == "forward" or winograd.tiles_per_gemm(geom, itemsize) >= WINOGRAD_MIN_TILES
+        )
     ):
         return "winograd"
     return "im2col"

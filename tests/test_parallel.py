@@ -35,8 +35,8 @@ LAYERS = [
     # auto picks im2col (one filter). Its 144 taps x 30 columns make bands of 60 rows in float32,
     # 30 in float64, so 61 rows are 2 or 3 bands, the last of one row; lanes cut images in two.
     Cfg(3, 16, 61, 30, 1, 3, 3, padding=1, name="bands-split-images"),
-    # 17 images: more than the 16 lanes Winograd plans its forward pass for, so it groups 2 images
-    # per job (9 jobs, the last with one image); its grad-w runs 8 lanes of 2 or 3 images in
+    # 17 images of 4 Winograd tiles: Winograd's forward pass groups 4 images per job for wider
+    # GEMMs (5 jobs, the last with one image); its grad-w runs 8 lanes of 2 or 3 images in
     # groups of 3; im2col's backward runs 8 lanes of 2 or 3 images.
     Cfg(17, 2, 6, 7, 3, 3, 3, padding=1, name="17-images"),
     # Odd sizes, strides, dilation, asymmetric padding: im2col's general path (not Winograd's).
@@ -193,11 +193,14 @@ def test_plans_split_the_batch(
     nc.conv2d(*layer_data(cfg, dtype_)[:3], kernel="im2col", **cfg.kwargs)
     assert [(r.name, r.lanes) for r in thread_probe.regions] == [("im2col.fused_forward_kernel", 2)]
 
-    # Winograd forward (and grad-x, the same pass on grad_y): 17 images in groups of 2, so 9
-    # jobs; the two lanes take 4 and 5 of them, the last job one image.
+    # Winograd forward (and grad-x, the same pass on grad_y): 4 tiles an image, so images are
+    # grouped for wider GEMMs (MIN_GEMM_TILES) while 4 jobs remain: 17 images in groups of 4
+    # (the byte budget alone gave 2), so 5 jobs; the two lanes take 2 and 3 of them, the last
+    # job one image.
     tiles_h = winograd._tiles(geom)[0]
-    assert winograd._forward_plan(geom, itemsize) == (tiles_h, 2)
-    assert [len(r) for r in _runs(9, threads)] == [4, 5] and cfg.n % 2 == 1
+    assert winograd._image_group(geom, itemsize, im2col.PLAN_LANES, tiles_h) == 2
+    assert winograd._forward_plan(geom, itemsize) == (tiles_h, 4)
+    assert [len(r) for r in _runs(5, threads)] == [2, 3] and cfg.n % 4 == 1
     # Winograd grad-w: whole images in groups of 3 (planned for 8 lanes), so 6 jobs, the last a
     # group of 2, one per lane.
     assert winograd.weight_gradient_plan(geom, itemsize) == (6, tiles_h, 3)
@@ -205,6 +208,7 @@ def test_plans_split_the_batch(
     thread_probe.clear()
     run_all(cfg, *layer_data(cfg, dtype_), "winograd")
     lanes = [(r.name, r.lanes) for r in thread_probe.regions]
+    lanes = [(name, lanes) for name, lanes in lanes if "filter_" not in name]
     assert lanes == [
         ("winograd.fused_winograd_kernel", 2),  # forward
         ("winograd.fused_weight_gradient_kernel", 6),
@@ -244,8 +248,11 @@ def test_auto_winograd_layer_is_parallel_without_forcing(dtype, thread_probe):
     check_layer(cfg, "auto", dtype)
     thread_probe.assert_every_region_parallel(f"auto {cfg}")
     assert [r.name for r in thread_probe.regions] == [
+        "winograd.filter_transform_kernel",  # forward
         "winograd.fused_winograd_kernel",
-        "winograd.fused_weight_gradient_kernel",
+        "winograd.fused_weight_gradient_kernel",  # grad-w
+        "winograd.filter_gradient_kernel",
+        "winograd.filter_transform_kernel",  # grad-x
         "winograd.fused_winograd_kernel",
     ]
 

@@ -1,0 +1,63 @@
+"""Winograd's filter transforms (``numbaconv.kernels.winograd``): ``U = G g G^T`` and its
+adjoint ``g = G^T M G`` for grad-w, for F(2x2, 3x3)'s G (4 x 3) and F(4x4, 3x3)'s (6 x 3),
+against the same products written as ``einsum`` in float64."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from numbaconv.kernels import winograd
+
+
+@pytest.fixture
+def restore_threads():
+    saved = numba.get_num_threads()
+    yield
+    numba.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("g", [winograd.G2, winograd.G4], ids=["G2", "G4"])
+@pytest.mark.parametrize("filters, channels", [(1, 1), (5, 3), (17, 40)])
+def test_filter_transforms_match_einsum(dtype, g, filters, channels):
+    m = g.shape[0]
+    rng = np.random.default_rng(filters * 100 + channels)
+    w = rng.standard_normal((filters, channels, 3, 3)).astype(dtype)
+    expected = np.einsum("ir,kcrs,js->ijkc", g, w.astype(np.float64), g)
+    u = winograd._filter_transform(w, g)
+    assert u.dtype == dtype and u.shape == (m * m, filters, channels)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(u, expected.reshape(m * m, filters, channels), rtol=tol, atol=tol)
+
+    sums = rng.standard_normal((m * m, filters, channels)).astype(dtype)
+    expected = np.einsum(
+        "ir,ijkc,js->kcrs", g, sums.astype(np.float64).reshape(m, m, -1, channels), g
+    )
+    grad_w = np.full((filters, channels, 3, 3), np.nan, dtype=dtype)
+    winograd.filter_gradient_kernel(sums, g, grad_w)
+    np.testing.assert_allclose(grad_w, expected, rtol=tol, atol=tol)
+
+
+def test_filter_transforms_are_the_same_bits_on_any_thread_count(restore_threads):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((9, 6, 3, 3)).astype(np.float32)
+    sums = rng.standard_normal((36, 9, 6)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        grad_w = np.empty((9, 6, 3, 3), dtype=np.float32)
+        winograd.filter_gradient_kernel(sums, winograd.G4, grad_w)
+        results.append((winograd._filter_transform(w, winograd.G4), grad_w))
+    for one, two in zip(*results, strict=True):
+        assert np.array_equal(one, two)
+
+
+def test_filter_transform_keeps_nan_and_inf_where_they_land():
+    w = np.zeros((2, 2, 3, 3), dtype=np.float32)
+    w[1, 0, 1, 1] = np.nan
+    w[0, 1, 0, 0] = np.inf
+    u = winograd._filter_transform(w, winograd.G4)
+    assert np.isnan(u[:, 1, 0]).any() and np.isfinite(u[:, 1, 1]).all()
+    assert np.isinf(u[:, 0, 1]).any() and np.isfinite(u[:, 0, 0]).all()
