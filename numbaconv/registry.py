@@ -120,12 +120,13 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
         stride_1 = geom.stride_h == geom.stride_w == 1
         if per_group == 1 or (stride_1 and per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
             return "direct"
+    runs = winograd.winograd_geometry(geom)  # dilated layers: on polyphase sub-images
     if (
-        winograd.supports(geom)
+        runs is not None
         and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
         and 36 * geom.in_channels * geom.out_channels <= WINOGRAD_MAX_FILTER_VALUES
         and (
-            direction == "forward" or winograd.tiles_per_gemm(geom, itemsize) >= WINOGRAD_MIN_TILES
+            direction == "forward" or winograd.tiles_per_gemm(runs, itemsize) >= WINOGRAD_MIN_TILES
         )
     ):
         return "winograd"
