@@ -108,55 +108,75 @@ def plan(geom: ConvGeometry) -> Phases:
     return Phases(geom, height, width, sub)
 
 
-def to_planes(x: np.ndarray, phases: Phases) -> np.ndarray:
-    """The planes (``sub``'s input) of ``x``."""
+def _every(first: int, count: int, step: int) -> slice:
+    """``count`` indices from ``first``, ``step`` apart."""
+    return slice(first, first + step * (count - 1) + 1, step) if count > 0 else slice(0, 0)
+
+
+def _input_slices(phases: Phases):
+    """For each phase: (its planes' rows and columns that hold its sub-image, the input's rows
+    and columns they hold), as index tuples of 4-D arrays."""
     n = phases.geom.batch
     h, w = phases.height, phases.width
-    planes = np.zeros(phases.sub.input_shape, dtype=x.dtype)
     for p, i, j in phases.pairs():
         rows, cols = h.rows[i], w.rows[j]
         top, left = h.shift[i], w.shift[j]
-        planes[p * n : (p + 1) * n, :, top : top + rows, left : left + cols] = x[
-            :, :, i :: h.dilation, j :: w.dilation
-        ][:, :, :rows, :cols]
+        plane = (
+            slice(p * n, (p + 1) * n),
+            slice(None),
+            slice(top, top + rows),
+            slice(left, left + cols),
+        )
+        image = (slice(None), slice(None), _every(i, rows, h.dilation), _every(j, cols, w.dilation))
+        yield plane, image
+
+
+def _output_slices(phases: Phases):
+    """For each phase: (its planes' outputs that are kept, the dilated layer's outputs they
+    are), as index tuples of 4-D arrays."""
+    n = phases.geom.batch
+    h, w = phases.height, phases.width
+    for p, i, j in phases.pairs():
+        rows, cols = h.outputs[i], w.outputs[j]
+        plane = (slice(p * n, (p + 1) * n), slice(None), slice(0, rows), slice(0, cols))
+        image = (
+            slice(None),
+            slice(None),
+            _every(h.first[i], rows, h.dilation),
+            _every(w.first[j], cols, w.dilation),
+        )
+        yield plane, image
+
+
+def to_planes(x: np.ndarray, phases: Phases) -> np.ndarray:
+    """The planes (``sub``'s input) of ``x``."""
+    planes = np.zeros(phases.sub.input_shape, dtype=x.dtype)
+    for plane, image in _input_slices(phases):
+        planes[plane] = x[image]
     return planes
 
 
 def from_planes(sub_y: np.ndarray, phases: Phases) -> np.ndarray:
     """The dilated convolution's output from ``sub``'s output on the planes."""
-    n, k, out_h, out_w = phases.geom.output_shape
-    h, w = phases.height, phases.width
-    y = np.empty((n, k, out_h, out_w), dtype=sub_y.dtype)
-    for p, i, j in phases.pairs():
-        y[:, :, h.first[i] :: h.dilation, w.first[j] :: w.dilation] = sub_y[
-            p * n : (p + 1) * n, :, : h.outputs[i], : w.outputs[j]
-        ]
+    y = np.empty(phases.geom.output_shape, dtype=sub_y.dtype)
+    for plane, image in _output_slices(phases):
+        y[image] = sub_y[plane]
     return y
 
 
 def grad_to_planes(grad_y: np.ndarray, phases: Phases) -> np.ndarray:
     """``grad_y`` in the layout of ``sub``'s output: zeros on the outputs a phase drops."""
-    n = phases.geom.batch
-    h, w = phases.height, phases.width
     sub_grad = np.zeros(phases.sub.output_shape, dtype=grad_y.dtype)
-    for p, i, j in phases.pairs():
-        sub_grad[p * n : (p + 1) * n, :, : h.outputs[i], : w.outputs[j]] = grad_y[
-            :, :, h.first[i] :: h.dilation, w.first[j] :: w.dilation
-        ]
+    for plane, image in _output_slices(phases):
+        sub_grad[plane] = grad_y[image]
     return sub_grad
 
 
 def grad_from_planes(grad_planes: np.ndarray, phases: Phases) -> np.ndarray:
     """grad-x from the planes' gradient (zeros where an input reaches no output)."""
-    n = phases.geom.batch
-    h, w = phases.height, phases.width
     grad_x = np.zeros(phases.geom.input_shape, dtype=grad_planes.dtype)
-    for p, i, j in phases.pairs():
-        rows, cols = h.rows[i], w.rows[j]
-        top, left = h.shift[i], w.shift[j]
-        grad_x[:, :, i :: h.dilation, j :: w.dilation][:, :, :rows, :cols] = grad_planes[
-            p * n : (p + 1) * n, :, top : top + rows, left : left + cols
-        ]
+    for plane, image in _input_slices(phases):
+        grad_x[image] = grad_planes[plane]
     return grad_x
 
 
