@@ -1,0 +1,48 @@
+"""``direct``'s plane kernel stacks the padded planes of several images (one output channel) into
+a job when the planes are small (``direct.images_per_job``, ``STACK_ELEMENTS``): every output
+gets the same arithmetic, so the results are the same bits as with one plane a job, for the
+forward pass and grad-x (transposed), whatever the last block's size; and they agree with the
+loop reference."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
+
+from numbaconv.geometry import make_geometry
+from numbaconv.kernels import direct
+
+CASES = [
+    Cfg(17, 6, 5, 7, 6, 3, 3, padding=1, groups=6, name="depthwise-17-images"),
+    Cfg(5, 8, 9, 6, 4, 3, 2, stride=2, padding=(1, 0), groups=4, name="strided-phases"),
+    Cfg(9, 4, 4, 4, 8, 5, 5, padding=2, groups=4, name="5x5-multiplier-2"),
+    Cfg(3, 6, 11, 10, 6, 3, 3, padding=2, dilation=2, groups=6, name="dilated"),
+    Cfg(33, 3, 3, 3, 3, 3, 3, padding=1, groups=3, bias=False, name="3x3-maps"),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=str)
+def test_stacked_planes_give_the_same_bits_as_one_plane_a_job(cfg, dtype, monkeypatch):
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    n, _, oh, ow = geom.output_shape
+    stacked = direct.images_per_job(n, oh, ow, geom)
+    assert 1 < stacked < n or stacked == n > 1, "several images a job, blocks of the batch"
+    data = make_data(cfg, dtype)
+    got = run_all(cfg, *data, "direct")
+    monkeypatch.setattr(direct, "STACK_ELEMENTS", 0)
+    assert direct.images_per_job(n, oh, ow, geom) == 1
+    one = run_all(cfg, *data, "direct")
+    for name, a, b in zip(("y", "grad_x", "grad_w", "grad_b"), got, one, strict=True):
+        assert_same_bits(a, b, f"{name} {cfg}")
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=str)
+def test_stacked_planes_match_the_reference(cfg, dtype):
+    check_against_reference(cfg, "direct", dtype)
+
+
+def test_stacking_is_bounded_by_the_plane_size():
+    small = make_geometry((64, 8, 14, 14), (8, 1, 3, 3), padding=1, groups=8)
+    large = make_geometry((16, 8, 112, 112), (8, 1, 3, 3), padding=1, groups=8)
+    assert direct.images_per_job(64, 14, 14, small) == direct.STACK_ELEMENTS // (16 * 16)
+    assert direct.images_per_job(16, 112, 112, large) == 1
