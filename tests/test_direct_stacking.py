@@ -6,6 +6,7 @@ loop reference."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
 
@@ -46,3 +47,21 @@ def test_stacking_is_bounded_by_the_plane_size():
     large = make_geometry((16, 8, 112, 112), (8, 1, 3, 3), padding=1, groups=8)
     assert direct.images_per_job(64, 14, 14, small) == direct.STACK_ELEMENTS // (16 * 16)
     assert direct.images_per_job(16, 112, 112, large) == 1
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_grad_w_of_a_plane_with_a_non_finite_pixel_is_the_plain_one(dtype, value):
+    """grad-w's long dot products run over the padded grid, whose columns past OW meet pixels
+    no output reads (times a zero gradient): a plane holding an Inf or a NaN takes the row path,
+    so an Inf in the last column leaves the taps that never read it finite, as in NumPy's
+    kernel."""
+    cfg = Cfg(3, 4, 6, 7, 4, 3, 3, padding=1, groups=4, name="depthwise")
+    x, w, b, gy = make_data(cfg, dtype)
+    x[1, 2, 3, -1] = value
+    got = run_all(cfg, x, w, b, gy, "direct")[2]
+    plain = run_all(cfg, x, w, b, gy, "numpy")[2]
+    assert np.isfinite(got[2, 0, :, 0]).all(), "tap column 0 never reads the last column"
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(plain))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(plain))
+    finite = np.isfinite(plain)
+    np.testing.assert_allclose(got[finite], plain[finite], rtol=1e-5, atol=1e-5)

@@ -360,17 +360,34 @@ def flat_kernel(
                         line[ow] = row[ow]
 
 
+@njit(cache=True)
+def _all_finite(values):
+    """Whether ``values`` holds no NaN and no Inf (``v - v`` is 0 only for a finite ``v``).
+    Compiled apart, without the kernels' fast-math flags: with reassociation LLVM cancels
+    ``v - v`` to zero. An AND of comparisons, not a sum: it vectorises without them."""
+    finite = True
+    for q in range(values.shape[0]):
+        v = values[q]
+        finite &= v - v == 0
+    return finite
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def flat_grad_weight_kernel(
     grad_y, x, grad_w, pad_t, pad_l, sh, sw, dh, dw, groups, workspace, sums_ws
 ):  # fmt: skip
     """grad-w by planes: per (filter, channel) job, image and phase of the stride (as in
     :func:`flat_kernel`), ``x``'s phase plane, zero-padded, then per tap of the phase's
-    sub-filter the dot products of ``grad_y``'s rows with the plane's rows at the tap's offset,
-    summed in ``sums_ws`` (lanes, R, S, float64). Only the OW columns that an output reads take
-    part (the padded plane's other columns hold pixels that a NaN or Inf would spread from).
-    ``workspace`` is (lanes, padded plane); lanes take contiguous runs of jobs, and each job
-    sums the images in order."""
+    sub-filter the dot product of ``grad_y``'s plane with the padded plane at the tap's offset,
+    summed in ``sums_ws`` (lanes, R, S, float64).
+
+    ``grad_y``'s plane is copied onto the padded grid's width with zeros in the columns past
+    OW, so that each tap is one long dot product over the grid (rows of a small map made short
+    loops). Those zeros meet pixels that no output reads; a plane holding a NaN or an Inf would
+    turn them into NaN, so such a plane takes the dot products row by row over the OW columns
+    alone, as a plain computation. ``workspace`` is (lanes, padded plane + tail + grad grid);
+    lanes take contiguous runs of jobs, and each job sums the images in order.
+    """
     n_batch, n_filters, out_h, out_w = grad_y.shape
     _, chan_per_group, filter_h, filter_w = grad_w.shape
     filters_per_group = n_filters // groups
@@ -378,10 +395,14 @@ def flat_grad_weight_kernel(
     phase_w = (filter_w + sw - 1) // sw
     padded_w = out_w + (phase_w - 1) * dw
     padded_h = out_h + (phase_h - 1) * dh
+    tail = (phase_w - 1) * dw
+    grid = out_h * padded_w
     lanes = workspace.shape[0]
     jobs = n_filters * chan_per_group
     for lane in prange(lanes):
-        padded = workspace[lane, : padded_h * padded_w]
+        padded = workspace[lane, : padded_h * padded_w + tail]
+        padded[padded_h * padded_w :] = 0  # read past the grid by the last row's taps
+        grad_grid = workspace[lane, padded_h * padded_w + tail : padded_h * padded_w + tail + grid]
         sums = sums_ws[lane]
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             k = job // chan_per_group
@@ -390,6 +411,12 @@ def flat_grad_weight_kernel(
             sums[:] = 0
             for n in range(n_batch):
                 grad_plane = grad_y[n, k]
+                for oh in range(out_h):
+                    line = grad_grid[oh * padded_w : (oh + 1) * padded_w]
+                    g = grad_plane[oh]
+                    for q in range(out_w):
+                        line[q] = g[q]
+                    zero_row(line[out_w:])
                 for a in range(sh):
                     for b in range(sw):
                         rows = (filter_h - a + sh - 1) // sh
@@ -398,17 +425,23 @@ def flat_grad_weight_kernel(
                             continue
                         plane = x[n, channel]
                         _place(plane, padded, padded_w, padded_h, a - pad_t, b - pad_l, sh, sw)
+                        finite = _all_finite(padded[: padded_h * padded_w])
                         for i in range(rows):
                             for j in range(cols):
                                 o = i * dh * padded_w + j * dw
                                 total = 0.0
-                                for oh in range(out_h):
-                                    row = padded[o + oh * padded_w : o + oh * padded_w + out_w]
-                                    g = grad_plane[oh]
-                                    part = 0.0
-                                    for q in range(out_w):
-                                        part += g[q] * row[q]
-                                    total += part
+                                if finite:
+                                    shifted = padded[o : o + grid]
+                                    for q in range(grid):
+                                        total += grad_grid[q] * shifted[q]
+                                else:
+                                    for oh in range(out_h):
+                                        row = padded[o + oh * padded_w : o + oh * padded_w + out_w]
+                                        g = grad_plane[oh]
+                                        part = 0.0
+                                        for q in range(out_w):
+                                            part += g[q] * row[q]
+                                        total += part
                                 sums[a + sh * i, b + sw * j] += total
             for r in range(filter_h):
                 for s in range(filter_w):
