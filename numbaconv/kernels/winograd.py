@@ -16,12 +16,14 @@ gives the outputs.
 - Batch-chunked passes (the fallback where BLAS cannot be held to one thread): F(2x2, 3x3),
   16 NumPy GEMMs per chunk; grad-w from the ``im2col`` family.
 
-Geometries Winograd does not cover (other filter sizes, strides, dilations, groups, padding
-above 2) run the ``im2col`` kernel, and so do inputs holding NaN or Inf: Winograd mixes the
-pixels of a tile, and would spread them to outputs that never read them. Any NaN or Inf input
-makes some Winograd result non-finite, so the banded passes look at their results (the forward
-kernel flags them as it writes them; grad-w and grad-b are small) and recompute with ``im2col``
-when needed; the chunked passes check the inputs first.
+Dilated 3x3 stride-1 layers run as undilated ones on polyphase sub-images
+(:mod:`numbaconv.kernels.polyphase`) where every phase has at least :data:`MIN_PHASE_OUTPUTS`
+outputs a side. Geometries Winograd does not cover (other filter sizes, strides, groups, padding
+above 2, small phases) run the ``im2col`` kernel, and so do inputs holding NaN or Inf: Winograd
+mixes the pixels of a tile, and would spread them to outputs that never read them. Any NaN or Inf
+input makes some Winograd result non-finite, so the banded passes look at their results (the
+forward kernel flags them as it writes them; grad-w and grad-b are small) and recompute with
+``im2col`` when needed; the chunked passes check the inputs first.
 
 Workspace: per lane, a band's transformed input and GEMM results (grad-w: plus the lane's sums)
 under :data:`WORKSPACE_BYTES` (or one tile row's, if that is more), plus the transformed filters
