@@ -1,8 +1,10 @@
 """``direct``'s plane kernel stacks the padded planes of several images (one output channel) into
 a job when the planes are small (``direct.images_per_job``, ``STACK_ELEMENTS``): every output
 gets the same arithmetic, so the results are the same bits as with one plane a job, for the
-forward pass and grad-x (transposed), whatever the last block's size; and they agree with the
-loop reference."""
+forward pass, grad-x (transposed) and grad-b, whatever the last block's size. grad-w sums each
+tap over a whole block at once (one dot product per block, in vector lanes), so its bits
+depend on the blocks (a function of the geometry, never of the threads) and it agrees with
+the one-plane sums to rounding. Everything agrees with the loop reference."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("cfg", CASES, ids=str)
-def test_stacked_planes_give_the_same_bits_as_one_plane_a_job(cfg, dtype, monkeypatch):
+def test_stacked_planes_give_the_same_results_as_one_plane_a_job(cfg, dtype, monkeypatch):
     geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
     n, _, oh, ow = geom.output_shape
     stacked = direct.images_per_job(n, oh, ow, geom)
@@ -33,8 +35,12 @@ def test_stacked_planes_give_the_same_bits_as_one_plane_a_job(cfg, dtype, monkey
     monkeypatch.setattr(direct, "STACK_ELEMENTS", 0)
     assert direct.images_per_job(n, oh, ow, geom) == 1
     one = run_all(cfg, *data, "direct")
-    for name, a, b in zip(("y", "grad_x", "grad_w", "grad_b"), got, one, strict=True):
-        assert_same_bits(a, b, f"{name} {cfg}")
+    same = ("y", 0), ("grad_x", 1), ("grad_b", 3)
+    for name, i in same:
+        assert_same_bits(got[i], one[i], f"{name} {cfg}")
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    scale = np.abs(one[2]).max()
+    np.testing.assert_allclose(got[2], one[2], rtol=tol, atol=tol * scale, err_msg=f"{cfg}")
 
 
 @pytest.mark.parametrize("cfg", CASES, ids=str)
