@@ -8,12 +8,16 @@ Everything else goes through documented API: ``numba.threading_layer()`` (which 
 - :func:`openmp_vendor`: which OpenMP runtime Numba's ``omp`` threading layer was built with (GNU
   OpenMP is not fork-safe). Only the private ``numba.np.ufunc.omppool.openmp_vendor`` says so;
   ``numba -s`` reads the same attribute.
+- :data:`XXGEMM_SYMBOL`: ``numba_xxgemm``, the function of Numba's helper library that its
+  ``np.dot`` calls for a matrix product (SciPy's ``sgemm``/``dgemm`` with a kind character
+  first). :mod:`numbaconv.kernels._blas` calls it with ``beta = 1``, which ``np.dot`` never
+  passes; its arguments are those Numba's own ``np.linalg`` code passes.
 - :func:`cache_stats`: where a ``cache=True`` dispatcher caches and how many of its signatures
   were compiled or loaded in this process. The ``Dispatcher.stats`` property says so (no
   underscore, but not in Numba's reference documentation; Numba's own cache tests read it); it
   replaces the private ``dispatcher._cache._cache_path`` numbaconv read before.
 
-``tests/test_numba_internals.py`` checks both against the installed Numba, so a release that
+``tests/test_numba_internals.py`` checks each against the installed Numba, so a release that
 renames or drops one fails the suite loudly instead of sending numbaconv down a fallback.
 """
 
@@ -32,6 +36,10 @@ def openmp_vendor() -> str | None:
         return None
     # Should the attribute ever go away, assume the runtime that is not fork-safe.
     return getattr(omppool, "openmp_vendor", "GNU")
+
+
+#: The symbol of Numba's matrix-product helper (``numba/_helperlib.c``).
+XXGEMM_SYMBOL = "numba_xxgemm"
 
 
 class CacheStats(NamedTuple):

@@ -15,9 +15,12 @@ import sys
 import textwrap
 from collections import Counter
 
+import numpy as np
 import pytest
+from numba import njit, prange
 
 from numbaconv import _numba_internals, _threading, cache
+from numbaconv.kernels._blas import gemm_nt_add
 
 IN_FRESH_PROCESS = textwrap.dedent(
     """
@@ -93,3 +96,43 @@ def test_openmp_vendor_is_readable():
 
     assert omppool.openmp_vendor == _numba_internals.openmp_vendor() == "GNU"
     assert _threading._openmp_is_gnu()
+
+
+@njit(parallel=True)
+def _two_lanes_of_gemm_nt_add(a, b, c):
+    """Each of two lanes adds its half of ``a``'s rows times ``b[:, 1:].T`` into the columns
+    ``2:2 + N`` of its half of ``c``: strided views, from inside a parallel region."""
+    half = a.shape[0] // 2
+    for lane in prange(2):
+        rows = slice(lane * half, (lane + 1) * half)
+        gemm_nt_add(a[rows], b[:, 1:], c[rows, 2 : 2 + b.shape[0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_xxgemm_adds_the_product_with_beta_one(dtype):
+    """``numba_xxgemm`` (:data:`numbaconv._numba_internals.XXGEMM_SYMBOL`), called as Numba's own
+    ``np.linalg`` code calls it but with ``beta = 1``, adds ``a @ b.T`` into ``c`` and leaves
+    ``c``'s other columns alone."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((10, 13)).astype(dtype)
+    b = rng.standard_normal((7, 14)).astype(dtype)
+    c = rng.standard_normal((10, 12)).astype(dtype)
+    expected = c.astype(np.float64)
+    expected[:, 2:9] += a.astype(np.float64) @ b[:, 1:].T.astype(np.float64)
+    _two_lanes_of_gemm_nt_add(a, b, c)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(c, expected, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(c[:, :2], expected[:, :2].astype(dtype))
+    np.testing.assert_array_equal(c[:, 9:], expected[:, 9:].astype(dtype))
+
+
+def test_gemm_nt_add_checks_its_operands():
+    @njit
+    def call(a, b, c):
+        gemm_nt_add(a, b, c)
+
+    a, b = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
+    with pytest.raises(ValueError, match="shapes"):
+        call(a, b, np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        call(a, np.ones((5, 8), np.float32)[:, ::2], np.zeros((3, 5), np.float32))

@@ -6,15 +6,19 @@ Banded passes (the default; :func:`fused_forward_kernel`, :func:`fused_backward_
 is one Numba parallel region. Its lanes take fixed runs of jobs (image, band of output rows); per
 band they build the band's columns in a cache-sized workspace, call one single-threaded GEMM per
 group from inside the region and write the band of ``y``. Backward: per image and band, the
-grad-w partial GEMM (summed per lane; lanes are a function of the geometry, so the bits never
-depend on the thread count), the gradient-column GEMM and a col2im.
+grad-w GEMM, which adds the band's product into its lane's sum (lanes are a function of the
+geometry, so the bits never depend on the thread count), the gradient-column GEMM and a col2im.
 
 The GEMMs: the forward and gradient-column products run on numbaconv's own micro-kernel
 (:mod:`.microkernel`) where :func:`~.microkernel.own_gemm_pays` says it beats BLAS, else on
 ``np.dot``, which Numba binds to SciPy's BLAS, held to one thread by
 :func:`numbaconv._threading.single_threaded_blas`. The grad-w product (``grad_y @ columns.T``)
 stays on BLAS: OpenBLAS ran it at 150-200 GFLOP/s per core where the micro-kernel, packing the
-transposed columns, reached 110-150.
+transposed columns, reached 110-150. It is called through :func:`._blas.gemm_nt_add` with
+``beta = 1``, adding into the lane's sum (``np.dot`` overwrites its output, and adding each
+band's product to the sum afterwards cost 8-18 % of the backward pass: float32, 2 threads,
+DeepLab's 4x256x33x33 dilation-12 layer 56.7 -> 51.9 ms, 4x256x28x28 dilation 2 34.7 -> 29.0,
+ResNet's 16x256x14x14 grad-w with Winograd's grad-x 29.5 -> 24.3).
 1x1 stride-1 unpadded layers use the image itself as the columns. A row whose columns alone exceed
 :data:`BAND_BYTES` (long 1-D signals) is cut into segments in the forward pass
 (:func:`row_segment`).
@@ -44,6 +48,7 @@ from numba import njit, prange
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry
+from ._blas import gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range, zero_row
 from .microkernel import gemm_nn, gemm_nn_rows, own_gemm_pays
 
@@ -73,7 +78,7 @@ SMALL_GEMM_MIN_PIXELS = 224
 #: min(threads, jobs, PLAN_LANES) lanes run.
 PLAN_LANES = 16
 
-#: Lanes of the fused backward pass (each sums its own grad-w partials). A constant, not the
+#: Lanes of the fused backward pass (each sums its own grad-w). A constant, not the
 #: thread count, so that results are bitwise identical on any number of threads; 8 keeps
 #: machines with up to 8 cores busy.
 BACKWARD_LANES = 8
@@ -406,10 +411,10 @@ def fused_forward_kernel(
 @njit(cache=True, inline="always")
 def _backward_band(
     grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, acc, bias_acc, cols_ws, grad_ws,
-    part, n, band, images, groups, band_rows, pointwise, whole, geo,
+    n, band, images, groups, band_rows, pointwise, whole, geo,
 ):  # fmt: skip
     """One band of :func:`fused_backward_kernel`: the band's columns and ``grad_y`` rows, one
-    GEMM per group for the grad-w partial (added to ``acc``), one for the gradient columns, then
+    GEMM per group adding the band's grad-w into ``acc``, one for the gradient columns, then
     col2im into the image. A band that is the whole image uses ``grad_y[n]`` in place; a
     ``pointwise`` layer (1x1, stride 1, no padding) uses ``x[n]`` as its columns and writes its
     gradient columns straight into ``grad_x[n]``. With ``images`` > 1 (whole-image bands of
@@ -459,22 +464,18 @@ def _backward_band(
     if pointwise and input_gradient:
         grad_cols = grad_x[n].reshape(taps, width)
     else:
-        # The columns are no longer needed once the grad-w partial has them.
+        # The columns are no longer needed once the grad-w product has them.
         grad_cols = cols
     for g in range(groups):
         filters = slice(g * k_g, (g + 1) * k_g)
         rows = slice(g * taps_g, (g + 1) * taps_g)
         if weight_gradient:
-            np.dot(grad[filters], cols[rows].T, part[filters])
+            gemm_nt_add(grad[filters], cols[rows], acc[filters])
         if input_gradient:
             if own_gemm_pays(taps_g, k_g, grad.shape[1]):
                 gemm_nn(w_mat[filters].T, grad[filters], grad_cols[rows], False)
             else:
                 np.dot(w_mat[filters].T, grad[filters], grad_cols[rows])
-    if weight_gradient:
-        for k in range(n_filters):
-            for t in range(taps_g):
-                acc[k, t] += part[k, t]
     if input_gradient and not pointwise:
         for i in range(images):
             for c in range(grad_x.shape[1]):
@@ -484,7 +485,7 @@ def _backward_band(
 @njit(parallel=True, cache=True)
 def fused_backward_kernel(
     grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, grad_w_lanes, grad_b_lanes, cols_ws,
-    grad_ws, part_ws, groups, band_rows, pointwise, geo, phases, phase, group,
+    grad_ws, groups, band_rows, pointwise, geo, phases, phase, group,
 ):  # fmt: skip
     """grad-w and grad-b (per lane, in ``grad_w_lanes`` and the float64 ``grad_b_lanes``) and, if
     ``input_gradient``, grad-x in one parallel region, band by band (:func:`_backward_band`).
@@ -513,7 +514,6 @@ def fused_backward_kernel(
     for lane in prange(lanes):
         acc = grad_w_lanes[lane]
         bias_acc = grad_b_lanes[lane]
-        part = part_ws[lane]
         if phases == 0:
             for k in range(n_filters):
                 bias_acc[k] = 0
@@ -528,7 +528,7 @@ def fused_backward_kernel(
                     _backward_band(
                         grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, acc,
                         bias_acc, cols_ws[lane],
-                        grad_ws[lane], part, n, band, images, groups, band_rows, pointwise, whole,
+                        grad_ws[lane], n, band, images, groups, band_rows, pointwise, whole,
                         geo,
                     )  # fmt: skip
         else:
@@ -539,7 +539,7 @@ def fused_backward_kernel(
                 _backward_band(
                     grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, acc, bias_acc,
                     cols_ws[lane],
-                    grad_ws[lane], part, n, band, 1, groups, band_rows, pointwise, whole, geo,
+                    grad_ws[lane], n, band, 1, groups, band_rows, pointwise, whole, geo,
                 )  # fmt: skip
 
 
@@ -665,9 +665,8 @@ def _band_workspace(
 
 def _backward_lanes(geom: ConvGeometry, itemsize: int) -> int:
     """Lanes of the fused backward pass: up to :data:`BACKWARD_LANES`, fewer for large filters
-    (each lane holds a grad-w sum and a GEMM partial, all within half of
-    :data:`WORKSPACE_BYTES`); 0 when not even two fit for a batch of several images (the
-    chunked path runs then).
+    (each lane holds a grad-w sum, all within half of :data:`WORKSPACE_BYTES`); 0 when not even
+    two fit for a batch of several images (the chunked path runs then).
 
     A function of the geometry only (never of the thread count), so the grad-w reduction order,
     and with it every bit of the result, is the same on any number of threads.
@@ -676,9 +675,9 @@ def _backward_lanes(geom: ConvGeometry, itemsize: int) -> int:
     # Fewer images than lanes still get all the lanes: they split images into bands (phases in
     # fused_backward_kernel); a pointwise layer's band is its whole image.
     jobs = geom.batch if is_pointwise(geom) else max(geom.batch, SMALL_BATCH_LANES)
-    lanes = lanes_that_fit(jobs, 2 * geom.out_channels * taps_g * itemsize)
+    lanes = lanes_that_fit(jobs, geom.out_channels * taps_g * itemsize)
     if lanes == 0 and geom.batch == 1:
-        lanes = lanes_that_fit(1, 2 * geom.out_channels * taps_g * itemsize)
+        lanes = lanes_that_fit(1, geom.out_channels * taps_g * itemsize)
     return lanes
 
 
@@ -852,11 +851,10 @@ def _fused_backward(
         x = np.empty(geom.input_shape, dtype=w.dtype)
     w_mat = w.reshape(k, -1)
     sums = take("im2col.grad_w_lanes", (lanes, *w_mat.shape), x.dtype)
-    partials = take("im2col.grad_w_partials", sums.shape, x.dtype)
     # float64 for every dtype: sums of up to N*OH*OW values
     bias_sums = take("im2col.grad_b_lanes", (lanes, k), np.float64)
     pointwise = is_pointwise(geom)
-    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, 2 * w_mat.nbytes)
+    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, w_mat.nbytes)
     # A batch smaller than the lanes: lanes share out (image, band) jobs, in phases.
     phases = 0
     if n < lanes and not pointwise:
@@ -875,7 +873,7 @@ def _fused_backward(
         with single_threaded_blas():
             fused_backward_kernel(
                 grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, weight_gradient,
-                sums, bias_sums, cols, grads, partials, geom.groups, band_rows, pointwise,
+                sums, bias_sums, cols, grads, geom.groups, band_rows, pointwise,
                 geometry_args(geom), phases, phase, group,
             )  # fmt: skip
     if not weight_gradient:

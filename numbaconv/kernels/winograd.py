@@ -40,6 +40,7 @@ from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry, make_geometry
 from . import im2col, polyphase
+from ._blas import gemm_nt_add
 from .microkernel import gemm_nn, own_gemm_pays
 
 #: Upper bound, in bytes, for the per-chunk workspace (padded and transformed input + GEMM
@@ -619,7 +620,7 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
 
 @njit(parallel=True, cache=True)
 def fused_weight_gradient_kernel(
-    x, grad_y, sums, bias_sums, v_ws, g_ws, part_ws, row_ws, tiles_h, tiles_w, band_tiles, group,
+    x, grad_y, sums, bias_sums, v_ws, g_ws, row_ws, tiles_h, tiles_w, band_tiles, group,
     pad_t, pad_l,
 ):  # fmt: skip
     """grad-w of a 3x3 stride-1 convolution by Winograd F(3x3, 4x4), in the Winograd domain.
@@ -644,7 +645,6 @@ def fused_weight_gradient_kernel(
         rows = row_ws[lane]
         acc = sums[lane]
         bias_acc = bias_sums[lane]
-        part = part_ws[lane]
         acc[:] = 0
         bias_acc[:] = 0
         # Lane ``lane`` takes a contiguous run of the (image group, band) jobs, so that a batch
@@ -706,12 +706,11 @@ def fused_weight_gradient_kernel(
                                 g[6 * i + 4, first + tw] = t4
                                 g[6 * i + 5, first + tw] = t5
             for e in range(36):
-                np.dot(
+                gemm_nt_add(
                     g[e, : n_filters * count].reshape(n_filters, count),
-                    v[e, : n_chan * count].reshape(n_chan, count).T,
-                    part[e],
+                    v[e, : n_chan * count].reshape(n_chan, count),
+                    acc[e],
                 )
-            acc += part
 
 
 #: Both passes cut images into bands until they have at least this many (image group, band)
@@ -728,7 +727,7 @@ def weight_gradient_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, i
     """``(lanes, band_tiles, group)`` of :func:`fused_weight_gradient_kernel`; ``lanes`` is 0
     when not even two lanes' sums fit (then im2col computes grad-w). As
     :func:`numbaconv.kernels.im2col._backward_lanes`, a function of the geometry only."""
-    per_lane = 2 * 36 * geom.out_channels * geom.in_channels * itemsize  # sum + GEMM partial
+    per_lane = 36 * geom.out_channels * geom.in_channels * itemsize  # the lane's sums
     fit = im2col.lanes_that_fit(im2col.BACKWARD_LANES, per_lane)
     if fit == 0 and geom.batch == 1:
         fit = im2col.lanes_that_fit(1, per_lane)  # one lane: no sums to add up
@@ -751,7 +750,6 @@ def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, plan: tuple[int, in
     tiles_h, tiles_w = _tiles(geom)
     lanes, band_tiles, group = plan
     sums = take("winograd.grad_w_lanes", (lanes, 36, k, c), x.dtype)
-    partials = take("winograd.grad_w_partials", sums.shape, x.dtype)
     bias_sums = take("winograd.grad_b_lanes", (lanes, k), np.float64)  # float64 for every dtype
     count = group * band_tiles * tiles_w
     v_ws = take("winograd.grad_w_input", (lanes, 36, _plane(c * count)), x.dtype)
@@ -759,7 +757,7 @@ def _winograd_weight_gradient(grad_y, x, geom: ConvGeometry, plan: tuple[int, in
     row_ws = take("winograd.grad_w_rows", (lanes, 12, 4 * tiles_w + 2), x.dtype)
     with single_threaded_blas():
         fused_weight_gradient_kernel(
-            x, grad_y, sums, bias_sums, v_ws, g_ws, partials, row_ws, tiles_h, tiles_w, band_tiles,
+            x, grad_y, sums, bias_sums, v_ws, g_ws, row_ws, tiles_h, tiles_w, band_tiles,
             group, geom.pad_top, geom.pad_left,
         )  # fmt: skip
     total = sums[0].copy()
