@@ -22,6 +22,7 @@ from threadprobe import KERNEL_MODULES, LANE_ARGUMENTS, parallel_kernels
 
 import numbaconv as nc
 from numbaconv import _threading
+from numbaconv.geometry import make_geometry
 from numbaconv.kernels import im2col, winograd
 
 SEED = 31
@@ -214,6 +215,16 @@ def test_plans_split_the_batch(
         ("winograd.fused_weight_gradient_kernel", 6),
         ("winograd.fused_winograd_kernel", 2),  # grad-x
     ]
+
+
+def test_winograd_weight_gradient_sums_may_take_the_whole_workspace_bound():
+    """Two lanes of 256 x 256 filters' sums (36 x 256 x 256 float32 values, 9.4 MB each) fit
+    in WEIGHT_GRADIENT_SUMS_BYTES, so Winograd computes that layer's grad-w; in float64 one
+    lane would not leave room for a second, and im2col computes it (lanes 0)."""
+    geom = make_geometry((16, 256, 14, 14), (256, 256, 3, 3), padding=1)
+    lanes, band_tiles, group = winograd.weight_gradient_plan(geom, 4)
+    assert lanes == 2 and lanes * 36 * 256 * 256 * 4 <= winograd.WEIGHT_GRADIENT_SUMS_BYTES
+    assert winograd.weight_gradient_plan(geom, 8) == (0, 0, 0)
 
 
 def test_batch_of_one_splits_winograd_weight_gradient(force_parallel, thread_probe):

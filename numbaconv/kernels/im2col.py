@@ -681,13 +681,14 @@ def _backward_lanes(geom: ConvGeometry, itemsize: int) -> int:
     return lanes
 
 
-def lanes_that_fit(batch: int, per_lane_bytes: int) -> int:
-    """``min(BACKWARD_LANES, batch)`` lanes, or, when fewer fit in half of
-    :data:`WORKSPACE_BYTES` at ``per_lane_bytes`` each, the largest power of two that fits (so
-    that 2 or 4 threads share them evenly); 0 (the chunked path) when that is 1 and the batch
-    has more than one image."""
+def lanes_that_fit(batch: int, per_lane_bytes: int, budget: int | None = None) -> int:
+    """``min(BACKWARD_LANES, batch)`` lanes, or, when fewer fit in ``budget`` bytes (default:
+    half of :data:`WORKSPACE_BYTES`) at ``per_lane_bytes`` each, the largest power of two that
+    fits (so that 2 or 4 threads share them evenly); 0 (the chunked path) when that is 1 and
+    the batch has more than one image."""
     lanes = min(BACKWARD_LANES, batch)
-    fit = WORKSPACE_BYTES // 2 // max(1, per_lane_bytes)
+    budget = WORKSPACE_BYTES // 2 if budget is None else budget
+    fit = budget // max(1, per_lane_bytes)
     if fit < lanes:
         lanes = 1 << (fit.bit_length() - 1) if fit > 0 else 0
         if lanes < 2:

@@ -723,14 +723,24 @@ def fused_weight_gradient_kernel(
 MIN_JOBS = 4
 
 
+#: The lanes' grad-w sums (36 x K x C values each) may take up to this many bytes: all of
+#: :data:`WORKSPACE_BYTES`, where im2col gives its sums half (Winograd's band workspace is
+#: small next to them). Two lanes of 256 x 256 filters (9.4 MB each in float32) fit, where
+#: otherwise im2col computes grad-w: float32, 2 threads, backward ms, half against all of it:
+#: ResNet's 16x256x14x14 24.8-25.8 -> 20.2-20.9, DeepLab's 4x256x28x28 at dilation 2 (its
+#: polyphase planes) 28.1-29.0 -> 23.0-24.1.
+WEIGHT_GRADIENT_SUMS_BYTES = WORKSPACE_BYTES
+
+
 def weight_gradient_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int]:
     """``(lanes, band_tiles, group)`` of :func:`fused_weight_gradient_kernel`; ``lanes`` is 0
     when not even two lanes' sums fit (then im2col computes grad-w). As
     :func:`numbaconv.kernels.im2col._backward_lanes`, a function of the geometry only."""
     per_lane = 36 * geom.out_channels * geom.in_channels * itemsize  # the lane's sums
-    fit = im2col.lanes_that_fit(im2col.BACKWARD_LANES, per_lane)
+    budget = WEIGHT_GRADIENT_SUMS_BYTES
+    fit = im2col.lanes_that_fit(im2col.BACKWARD_LANES, per_lane, budget)
     if fit == 0 and geom.batch == 1:
-        fit = im2col.lanes_that_fit(1, per_lane)  # one lane: no sums to add up
+        fit = im2col.lanes_that_fit(1, per_lane, budget)  # one lane: no sums to add up
     if fit == 0:
         return 0, 0, 0
     tiles_h = _tiles(geom)[0]
