@@ -154,6 +154,21 @@ def test_backward_lanes_fall_back_when_their_sums_do_not_fit(monkeypatch, blas_c
     check_against_reference(cfg, "im2col", np.float64, seed=23)
 
 
+@requires_inside
+def test_backward_lanes_take_the_whole_budget_before_falling_back(monkeypatch, thread_probe):
+    """Where half of WORKSPACE_BYTES holds one lane's sum and all of it two, two lanes run (the
+    chunked path would take as much), with the reference's results."""
+    cfg = Cfg(4, 3, 6, 5, 4, 3, 3, padding=1, name="two-lanes-in-the-whole-budget")
+    geom = nc.geometry.make_geometry(cfg.x_shape, cfg.w_shape, padding=1)
+    per_lane = 4 * 27 * 8  # K x C*R*S float64 values
+    monkeypatch.setattr(im2col, "WORKSPACE_BYTES", 2 * per_lane + 8)
+    assert im2col.lanes_that_fit(4, per_lane) == 0
+    assert im2col._backward_lanes(geom, 8) == 2
+    thread_probe.clear()
+    check_against_reference(cfg, "im2col", np.float64, seed=24)
+    assert "im2col.fused_backward_kernel" in thread_probe.region_names()
+
+
 @pytest.mark.skipif(
     os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS") == "0",
     reason="NUMBACONV_BLAS_INSIDE_KERNELS=0 chooses the fallback path explicitly",
