@@ -169,6 +169,27 @@ def test_backward_lanes_take_the_whole_budget_before_falling_back(monkeypatch, t
     assert "im2col.fused_backward_kernel" in thread_probe.region_names()
 
 
+@requires_inside
+def test_backward_bands_are_widened_to_the_minimum_pixels(monkeypatch, dtype):
+    """Bands that BAND_BYTES makes one row deep are widened to MIN_BACKWARD_BAND_PIXELS (here
+    3 rows of 9), as far as WORKSPACE_BYTES allows, with the reference's results."""
+    cfg = Cfg(3, 5, 11, 9, 6, 3, 3, padding=2, dilation=2, name="widened-bands")
+    geom = nc.geometry.make_geometry(cfg.x_shape, cfg.w_shape, padding=2, dilation=2)
+    itemsize = np.dtype(dtype).itemsize
+    monkeypatch.setattr(im2col, "BAND_BYTES", 45 * 9 * itemsize)  # one row of columns
+    monkeypatch.setattr(im2col, "MIN_BACKWARD_BAND_PIXELS", 27)
+    lanes = im2col._backward_lanes(geom, itemsize)
+    sums = 6 * 45 * itemsize
+    assert im2col._band_rows(geom, itemsize, lanes, sums) == 1
+    assert im2col._backward_band_rows(geom, itemsize, lanes) == 3
+    check_against_reference(cfg, "im2col", dtype, seed=25)
+    # Room for two rows only: the workspace bound wins.
+    per_row = (45 + 6) * 9 * itemsize
+    monkeypatch.setattr(im2col, "WORKSPACE_BYTES", lanes * (sums + 2 * per_row))
+    assert im2col._backward_band_rows(geom, itemsize, lanes) == 2
+    check_against_reference(cfg, "im2col", dtype, seed=25)
+
+
 @pytest.mark.skipif(
     os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS") == "0",
     reason="NUMBACONV_BLAS_INSIDE_KERNELS=0 chooses the fallback path explicitly",

@@ -839,6 +839,32 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     return y.reshape(n, k, oh, ow)
 
 
+#: The backward pass's bands have at least this many output pixels (where the workspace allows;
+#: :func:`_backward_band_rows`): each band's grad-w GEMM reads and writes all of its lane's
+#: K x C*R*S sum for a product only a band deep, so narrow bands made it memory-bound. DeepLab's
+#: 4x256x33x33 dilation-12 layer had bands of 3 rows (99 pixels, BAND_BYTES), 11 an image, each
+#: passing over 2.4 MB of sums. float32, 2 threads, backward ms by BAND_BYTES 1 / 2 / 4 / 8 MiB:
+#: 59.8 / 47.5 / 45.6 / 44.6; ResNet's 16x64x56x56 stride 2 (448-pixel bands) 18.9 / 18.2 / 18.1
+#: / 18.2, Inception's 16x128x17x17 1x7 (whole images) 10.5 / 10.6 / 10.5 / 10.1.
+MIN_BACKWARD_BAND_PIXELS = 256
+
+
+def _backward_band_rows(geom: ConvGeometry, itemsize: int, lanes: int) -> int:
+    """Output rows per band of the fused backward pass: :func:`_band_rows`, or more, up to
+    :data:`MIN_BACKWARD_BAND_PIXELS` pixels, while all lanes' columns, GEMM results and sums
+    stay under :data:`WORKSPACE_BYTES`."""
+    sums = geom.out_channels * geom.in_channels // geom.groups * itemsize
+    sums *= geom.filter_height * geom.filter_width
+    rows = _band_rows(geom, itemsize, lanes, sums)
+    wanted = min(geom.out_height, -(-MIN_BACKWARD_BAND_PIXELS // geom.out_width))
+    if rows >= wanted:
+        return rows
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    per_row = (taps + geom.out_channels) * geom.out_width * itemsize
+    room = (WORKSPACE_BYTES // lanes - sums) // per_row
+    return int(max(rows, min(wanted, room)))
+
+
 def _band_phases(geom: ConvGeometry, band_rows: int) -> int:
     """The fewest phases such that bands that many apart never reach the same input row:
     band ``b`` reaches ``(band_rows - 1)*sh + (R - 1)*dh + 1`` rows from its first."""
@@ -859,7 +885,7 @@ def _fused_backward(
     # float64 for every dtype: sums of up to N*OH*OW values
     bias_sums = take("im2col.grad_b_lanes", (lanes, k), np.float64)
     pointwise = is_pointwise(geom)
-    band_rows = oh if pointwise else _band_rows(geom, x.itemsize, lanes, w_mat.nbytes)
+    band_rows = oh if pointwise else _backward_band_rows(geom, x.itemsize, lanes)
     # A batch smaller than the lanes: lanes share out (image, band) jobs, in phases.
     phases = 0
     if n < lanes and not pointwise:
