@@ -71,3 +71,25 @@ def test_grad_w_of_a_plane_with_a_non_finite_pixel_is_the_plain_one(dtype, value
     np.testing.assert_array_equal(np.isinf(got), np.isinf(plain))
     finite = np.isfinite(plain)
     np.testing.assert_allclose(got[finite], plain[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        Cfg(5, 4, 6, 7, 4, 3, 3, groups=4, name="valid-depthwise"),
+        Cfg(5, 4, 6, 7, 8, 3, 2, padding=(0, 1), groups=2, name="valid-rows-grouped"),
+        Cfg(7, 2, 5, 5, 2, 3, 3, stride=2, padding=1, groups=2, name="strided"),
+    ],
+    ids=str,
+)
+def test_lanes_zero_their_grids_once(cfg, dtype, monkeypatch, force_parallel):
+    """At stride 1 a lane zeroes its grids once and each job writes only the pixels: blocks of
+    2 images, the last one short (its planes' tail zeroed over pixels of the next plane), no
+    padding rows (the planes are all pixels), several jobs per lane, with NaN-free data and the
+    reference's results."""
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    _, _, oh, ow = geom.output_shape
+    padded_h, padded_w, _ = direct._plane_shape(oh, ow, geom)
+    monkeypatch.setattr(direct, "STACK_ELEMENTS", 2 * padded_h * padded_w)
+    assert direct.images_per_job(cfg.x_shape[0], oh, ow, geom) == 2
+    check_against_reference(cfg, "direct", dtype)

@@ -235,6 +235,19 @@ def _place(src, padded, padded_w, padded_h, row0, col0, sh, sw):
         zero_row(dst[hi:])
 
 
+@njit(cache=True, inline="always")
+def _place_interior(src, padded, padded_w, padded_h, row0, col0):
+    """:func:`_place` at stride 1 on a grid whose other elements are already zero: only the
+    pixels of ``src`` are written (they land on the same elements whatever the plane, so a
+    lane zeroes its grids once and every job fills them)."""
+    height, width = src.shape
+    lo, hi = valid_range(padded_w, 1, col0, width)
+    first = max(0, -row0)
+    last = min(padded_h, height - row0)
+    for i in range(first, last):
+        gather_row(padded[i * padded_w + lo : i * padded_w + hi], src[row0 + i], lo + col0, 1)
+
+
 @njit(cache=True, inline="always", fastmath=FASTMATH)
 def _taps(acc, padded, padded_w, taps, taps_h, taps_w, dh, dw):
     """``acc[q] += sum_{r, s} taps[r*taps_w + s] * padded[q + r*dh*padded_w + s*dw]``, up to
@@ -307,9 +320,13 @@ def flat_kernel(
     lanes = workspace.shape[0]
     blocks = (n_batch + images - 1) // images
     jobs = blocks * n_out
+    # Stride 1: the padding is the same elements of every job's grids; zeroed once per lane.
+    unit = sh == 1 and sw == 1
     for lane in prange(lanes):
         padded = workspace[lane, :padded_size]
         taps = taps_ws[lane]
+        if unit:
+            zero_row(padded)
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             block = job // n_out
             o = job - block * n_out
@@ -331,7 +348,7 @@ def flat_kernel(
                             taps[r * filter_w + s] = w[k, c, filter_h - 1 - r, filter_w - 1 - s]
                     for i in range(count):
                         grid = padded[i * plane_size : (i + 1) * plane_size]
-                        _place(src[n0 + i, k], grid, padded_w, padded_h, -top, -left, 1, 1)
+                        _place_interior(src[n0 + i, k], grid, padded_w, padded_h, -top, -left)
                     _taps(acc, padded, padded_w, taps, filter_h, filter_w, dh, dw)
                     continue
                 # o is a filter; its group's input channels are the sources
@@ -348,7 +365,10 @@ def flat_kernel(
                         for i in range(count):
                             grid = padded[i * plane_size : (i + 1) * plane_size]
                             plane = src[n0 + i, channel]
-                            _place(plane, grid, padded_w, padded_h, a - top, b - left, sh, sw)
+                            if unit:
+                                _place_interior(plane, grid, padded_w, padded_h, -top, -left)
+                            else:
+                                _place(plane, grid, padded_w, padded_h, a - top, b - left, sh, sw)
                         _taps(acc, padded, padded_w, taps, rows, cols, dh, dw)
             for i in range(count):
                 target = out[n0 + i, o]
@@ -446,10 +466,16 @@ def flat_grad_weight_kernel(
     grid_size = ((images - 1) * padded_h + out_h) * padded_w
     lanes = workspace.shape[0]
     jobs = n_filters * chan_per_group
+    unit = sh == 1 and sw == 1
     for lane in prange(lanes):
         padded = workspace[lane, :padded_size]
         grad_grid = workspace[lane, padded_size : padded_size + grid_size]
         sums = sums_ws[lane]
+        # The zeros of the grad grid (past OW, between images) and, at stride 1, the padding of
+        # the planes are the same elements in every job: zeroed once per lane.
+        zero_row(grad_grid)
+        if unit:
+            zero_row(padded)
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             k = job // chan_per_group
             c = job - k * chan_per_group
@@ -464,13 +490,10 @@ def flat_grad_weight_kernel(
                     grad_plane = grad_y[n0 + i, k]
                     base = i * plane_size
                     for oh in range(out_h):
-                        line = grad_grid[base + oh * padded_w : base + (oh + 1) * padded_w]
+                        line = grad_grid[base + oh * padded_w : base + oh * padded_w + out_w]
                         g = grad_plane[oh]
                         for q in range(out_w):
                             line[q] = g[q]
-                        zero_row(line[out_w:])
-                    if i < count - 1:  # the rows between two images' outputs
-                        zero_row(grad_grid[base + out_h * padded_w : base + plane_size])
                 for a in range(sh):
                     for b in range(sw):
                         rows = (filter_h - a + sh - 1) // sh
@@ -478,10 +501,16 @@ def flat_grad_weight_kernel(
                         if rows == 0 or cols == 0:
                             continue
                         for i in range(count):
-                            _place(
-                                x[n0 + i, channel], padded[i * plane_size : (i + 1) * plane_size],
-                                padded_w, padded_h, a - pad_t, b - pad_l, sh, sw,
-                            )  # fmt: skip
+                            grid = padded[i * plane_size : (i + 1) * plane_size]
+                            if unit:
+                                _place_interior(
+                                    x[n0 + i, channel], grid, padded_w, padded_h, -pad_t, -pad_l
+                                )
+                            else:
+                                _place(
+                                    x[n0 + i, channel], grid, padded_w, padded_h, a - pad_t,
+                                    b - pad_l, sh, sw,
+                                )  # fmt: skip
                         if _all_finite(padded[: count * plane_size]):
                             _tap_dots(
                                 sums, grad_grid[:length], padded, padded_w, rows, cols, dh, dw,
