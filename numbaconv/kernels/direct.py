@@ -9,8 +9,10 @@ per group.
 
 Two ways through a plane:
 
-- *planes* (:func:`flat_kernel`, :func:`flat_grad_weight_kernel`; forward at any stride
-  without dilation on a strided axis, backward at stride 1): the input plane is copied into a
+- *planes* (:func:`flat_kernel`, :func:`flat_grad_weight_kernel`,
+  :func:`flat_strided_grad_input_kernel`; any stride without dilation on a strided axis, by
+  the stride's phases; grad-x at stride 1 also needs the padding within the filter's reach):
+  the input plane is copied into a
   zero-padded plane (one per thread, the only workspace), and each filter tap is one long loop
   over the flattened output grid;
 - *rows* (the other kernels; the rest of the geometries): loops along each output row over the
@@ -380,6 +382,101 @@ def flat_kernel(
                         line[ow] = row[ow]
 
 
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def flat_strided_grad_input_kernel(
+    grad_y, w, grad_x, sh, sw, pad_t, pad_l, dh, dw, groups, workspace, taps_ws, images,
+    phase_out_h, phase_out_w,
+):  # fmt: skip
+    """grad-x by planes at a stride (each axis strided or dilated, not both): ``grad_x``
+    (N, C, H, W) is overwritten.
+
+    The padded input's rows ``a + sh*i`` (phase ``a``) are reached only by the filter rows
+    ``a + sh*t``, from output row ``i - t``: each phase of grad-x is the full correlation of
+    ``grad_y`` with that flipped sub-filter, a stride-1 transposed convolution. Per job (block
+    of ``images`` images, input channel) and phase ``(a, b)``: ``grad_y``'s planes placed on
+    the padded grid (``phase_out_h`` x ``phase_out_w`` outputs, the most any phase has), one
+    loop per tap over them all (:func:`_taps`), then the phase's rows and columns scattered
+    into ``grad_x`` with the stride; the phases write disjoint pixels. ``workspace`` and
+    ``taps_ws`` as in :func:`flat_kernel`.
+    """
+    n_batch, n_chan, height, width = grad_x.shape
+    n_filters, chan_per_group, filter_h, filter_w = w.shape
+    filters_per_group = n_filters // groups
+    phase_h = (filter_h + sh - 1) // sh
+    phase_w = (filter_w + sw - 1) // sw
+    padded_w = phase_out_w + (phase_w - 1) * dw
+    padded_h = phase_out_h + (phase_h - 1) * dh
+    plane_size = padded_h * padded_w
+    tail = (phase_w - 1) * dw
+    padded_size = images * plane_size + tail
+    lanes = workspace.shape[0]
+    blocks = (n_batch + images - 1) // images
+    jobs = blocks * n_chan
+    for lane in prange(lanes):
+        padded = workspace[lane, :padded_size]
+        taps = taps_ws[lane]
+        for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
+            block = job // n_chan
+            ci = job - block * n_chan
+            group = ci // chan_per_group
+            c = ci - group * chan_per_group
+            n0 = block * images
+            count = min(n_batch, n0 + images) - n0
+            acc_size = ((count - 1) * padded_h + phase_out_h) * padded_w
+            acc = workspace[lane, padded_size : padded_size + acc_size]
+            padded[count * plane_size : count * plane_size + tail] = 0
+            for a in range(sh):
+                rows = (filter_h - a + sh - 1) // sh
+                i0 = -((a - pad_t) // sh)  # the phase's first row reaching the image
+                out_rows = (height - 1 + pad_t - a) // sh - i0 + 1
+                if out_rows <= 0:
+                    continue
+                for b in range(sw):
+                    cols = (filter_w - b + sw - 1) // sw
+                    j0 = -((b - pad_l) // sw)
+                    out_cols = (width - 1 + pad_l - b) // sw - j0 + 1
+                    if out_cols <= 0:
+                        continue
+                    zero_row(acc)  # stays zero for a phase no filter tap reaches (stride > R)
+                    for kk in range(filters_per_group if rows > 0 and cols > 0 else 0):
+                        k = group * filters_per_group + kk
+                        for r in range(rows):
+                            for s in range(cols):
+                                tap = w[k, c, a + sh * (rows - 1 - r), b + sw * (cols - 1 - s)]
+                                taps[r * cols + s] = tap
+                        for i in range(count):
+                            grid = padded[i * plane_size : (i + 1) * plane_size]
+                            _place(
+                                grad_y[n0 + i, k], grid, padded_w, padded_h,
+                                i0 - (rows - 1) * dh, j0 - (cols - 1) * dw, 1, 1,
+                            )  # fmt: skip
+                        _taps(acc, padded, padded_w, taps, rows, cols, dh, dw)
+                    first_col = b + sw * j0 - pad_l
+                    for i in range(count):
+                        target = grad_x[n0 + i, ci]
+                        for row in range(out_rows):
+                            start = (i * padded_h + row) * padded_w
+                            line = target[a + sh * (i0 + row) - pad_t]
+                            _scatter_copy(line, acc[start : start + out_cols], first_col, sw)
+
+
+@njit(cache=True, inline="always")
+def _scatter_copy(dst, src, first, stride):
+    """``dst[first + i*stride] = src[i]`` for every ``i`` of ``src``."""
+    count = src.shape[0]
+    if stride == 1:
+        d1 = dst[first : first + count]
+        for i in range(count):
+            d1[i] = src[i]
+    elif stride == 2:
+        d2 = dst[first : first + 2 * count - 1]
+        for i in range(count):
+            d2[2 * i] = src[i]
+    else:
+        for i in range(count):
+            dst[first + i * stride] = src[i]
+
+
 @njit(cache=True)
 def _all_finite(values):
     """Whether ``values`` holds no NaN and no Inf (``v - v`` is 0 only for a finite ``v``).
@@ -649,6 +746,19 @@ def input_gradient(grad_y, w, geom: ConvGeometry):
             grad_y, w, no_bias, False, grad_x, reach_h - geom.pad_top, reach_w - geom.pad_left,
             1, 1, geom.dilation_h, geom.dilation_w, geom.groups, True, workspace,
             _taps_workspace(workspace, geom, w.dtype), images,
+        )  # fmt: skip
+    elif _flat_forward(geom):
+        # Strided: by phases of the stride. float32, 2 threads, MobileNetV2's 16x144x56x56
+        # depthwise stride 2: 5.9 ms by rows, 5.1 by phases.
+        phase_h, phase_w = -(-h // geom.stride_h), -(-width // geom.stride_w)
+        images = images_per_job(n, phase_h, phase_w, geom)
+        workspace = _flat_workspace(
+            "direct.flat", -(-n // images) * c, phase_h, phase_w, geom, w.dtype, images
+        )
+        flat_strided_grad_input_kernel(
+            grad_y, w, grad_x, geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
+            geom.dilation_h, geom.dilation_w, geom.groups, workspace,
+            _taps_workspace(workspace, geom, w.dtype), images, phase_h, phase_w,
         )  # fmt: skip
     else:
         grad_input_kernel(grad_y, w, grad_x, *_args(geom))
