@@ -47,6 +47,23 @@ def gather_row(dst, src, first, stride):
 
 
 @njit(cache=True, inline="always")
+def scatter_row(dst, src, first, stride):
+    """``dst[first + i*stride] = src[i]`` for every ``i`` of ``src``."""
+    count = src.shape[0]
+    if stride == 1:
+        d1 = dst[first : first + count]
+        for i in range(count):
+            d1[i] = src[i]
+    elif stride == 2:
+        d2 = dst[first : first + 2 * count - 1]
+        for i in range(count):
+            d2[2 * i] = src[i]
+    else:
+        for i in range(count):
+            dst[first + i * stride] = src[i]
+
+
+@njit(cache=True, inline="always")
 def scatter_add_row(dst, src, first, stride):
     """``dst[first + i*stride] += src[i]`` for every ``i`` of ``src``."""
     count = src.shape[0]

@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from .._workspace import take
 from ..geometry import ConvGeometry
-from ._loops import gather_row, valid_range, zero_row
+from ._loops import gather_row, scatter_row, valid_range, zero_row
 
 #: Reassociation lets LLVM vectorise the dot products of grad-w and grad-b (partial sums per
 #: vector lane); contraction, fused multiply-adds. Neither touches NaN/Inf semantics (DESIGN).
@@ -238,6 +238,16 @@ def _place(src, padded, padded_w, padded_h, row0, col0, sh, sw):
 
 
 @njit(cache=True, inline="always")
+def _grid_shape(out_h, out_w, filter_h, filter_w, sh, sw, dh, dw):
+    """``(padded_h, padded_w, tail)`` of the padded grid of an ``out_h`` x ``out_w`` output for
+    the largest sub-filter of a stride's phases; ``tail`` elements past the last grid are read
+    by the last rows' taps. :func:`_plane_shape` calls it from Python."""
+    phase_h = (filter_h + sh - 1) // sh
+    phase_w = (filter_w + sw - 1) // sw
+    return out_h + (phase_h - 1) * dh, out_w + (phase_w - 1) * dw, (phase_w - 1) * dw
+
+
+@njit(cache=True, inline="always")
 def _place_interior(src, padded, padded_w, padded_h, row0, col0):
     """:func:`_place` at stride 1 on a grid whose other elements are already zero: only the
     pixels of ``src`` are written (they land on the same elements whatever the plane, so a
@@ -311,13 +321,9 @@ def flat_kernel(
     n_batch, n_out, out_h, out_w = out.shape
     n_filters, chan_per_group, filter_h, filter_w = w.shape
     filters_per_group = n_filters // groups
-    phase_h = (filter_h + sh - 1) // sh  # rows of the largest sub-filter
-    phase_w = (filter_w + sw - 1) // sw
-    padded_w = out_w + (phase_w - 1) * dw
-    padded_h = out_h + (phase_h - 1) * dh
+    padded_h, padded_w, tail = _grid_shape(out_h, out_w, filter_h, filter_w, sh, sw, dh, dw)
     plane_size = padded_h * padded_w
-    tail = (phase_w - 1) * dw  # read past the last grid by the last rows' taps: kept zero
-    padded_size = images * plane_size + tail
+    padded_size = images * plane_size + tail  # the tail is kept zero
     sources = filters_per_group if transpose else chan_per_group
     lanes = workspace.shape[0]
     blocks = (n_batch + images - 1) // images
@@ -402,12 +408,10 @@ def flat_strided_grad_input_kernel(
     n_batch, n_chan, height, width = grad_x.shape
     n_filters, chan_per_group, filter_h, filter_w = w.shape
     filters_per_group = n_filters // groups
-    phase_h = (filter_h + sh - 1) // sh
-    phase_w = (filter_w + sw - 1) // sw
-    padded_w = phase_out_w + (phase_w - 1) * dw
-    padded_h = phase_out_h + (phase_h - 1) * dh
+    padded_h, padded_w, tail = _grid_shape(
+        phase_out_h, phase_out_w, filter_h, filter_w, sh, sw, dh, dw
+    )
     plane_size = padded_h * padded_w
-    tail = (phase_w - 1) * dw
     padded_size = images * plane_size + tail
     lanes = workspace.shape[0]
     blocks = (n_batch + images - 1) // images
@@ -457,24 +461,7 @@ def flat_strided_grad_input_kernel(
                         for row in range(out_rows):
                             start = (i * padded_h + row) * padded_w
                             line = target[a + sh * (i0 + row) - pad_t]
-                            _scatter_copy(line, acc[start : start + out_cols], first_col, sw)
-
-
-@njit(cache=True, inline="always")
-def _scatter_copy(dst, src, first, stride):
-    """``dst[first + i*stride] = src[i]`` for every ``i`` of ``src``."""
-    count = src.shape[0]
-    if stride == 1:
-        d1 = dst[first : first + count]
-        for i in range(count):
-            d1[i] = src[i]
-    elif stride == 2:
-        d2 = dst[first : first + 2 * count - 1]
-        for i in range(count):
-            d2[2 * i] = src[i]
-    else:
-        for i in range(count):
-            dst[first + i * stride] = src[i]
+                            scatter_row(line, acc[start : start + out_cols], first_col, sw)
 
 
 @njit(cache=True)
@@ -553,12 +540,8 @@ def flat_grad_weight_kernel(
     n_batch, n_filters, out_h, out_w = grad_y.shape
     _, chan_per_group, filter_h, filter_w = grad_w.shape
     filters_per_group = n_filters // groups
-    phase_h = (filter_h + sh - 1) // sh
-    phase_w = (filter_w + sw - 1) // sw
-    padded_w = out_w + (phase_w - 1) * dw
-    padded_h = out_h + (phase_h - 1) * dh
+    padded_h, padded_w, tail = _grid_shape(out_h, out_w, filter_h, filter_w, sh, sw, dh, dw)
     plane_size = padded_h * padded_w
-    tail = (phase_w - 1) * dw
     padded_size = images * plane_size + tail
     grid_size = ((images - 1) * padded_h + out_h) * padded_w
     lanes = workspace.shape[0]
@@ -681,11 +664,10 @@ STACK_ELEMENTS = 4096
 def _plane_shape(out_h: int, out_w: int, geom: ConvGeometry) -> tuple[int, int, int]:
     """``(padded_h, padded_w, tail)`` of the plane kernels' padded grid for an ``out_h`` x
     ``out_w`` output (of the largest phase of a strided filter)."""
-    phase_h = -(-geom.filter_height // geom.stride_h)
-    phase_w = -(-geom.filter_width // geom.stride_w)
-    padded_w = out_w + (phase_w - 1) * geom.dilation_w
-    padded_h = out_h + (phase_h - 1) * geom.dilation_h
-    return padded_h, padded_w, (phase_w - 1) * geom.dilation_w
+    return _grid_shape.py_func(
+        out_h, out_w, geom.filter_height, geom.filter_width, geom.stride_h, geom.stride_w,
+        geom.dilation_h, geom.dilation_w,
+    )  # fmt: skip
 
 
 def images_per_job(batch: int, out_h: int, out_w: int, geom: ConvGeometry) -> int:
