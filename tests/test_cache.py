@@ -16,7 +16,7 @@ from numbaconv.kernels import direct, im2col, winograd
 # default) and the chunked ones (NUMBACONV_BLAS_INSIDE_KERNELS=0, read at each call), forward and
 # backward, both dtypes. The grouped layer is one Winograd does not cover (so im2col, direct and
 # numpy); the 3x3 one is, so that Winograd's own kernels are compiled too; the strided and dilated
-# one takes direct's row kernels (the others, its plane kernels).
+# one takes direct's row kernels (the others, its plane kernels; the strided one, their phases).
 WORKLOAD = textwrap.dedent(
     """
     import os
@@ -27,6 +27,7 @@ WORKLOAD = textwrap.dedent(
         layers = [
             ((2, 4, 6, 6), (4, 2, 3, 3), dict(padding=1, groups=2)),
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, dilation=2, groups=4)),
+            ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)),
             ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),  # last: the im2col call below uses it
         ]
         saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")
