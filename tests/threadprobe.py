@@ -39,6 +39,7 @@ LANE_ARGUMENTS = {
     "fused_winograd_kernel": "v_ws",
     "fused_weight_gradient_kernel": "sums",
     "flat_kernel": "workspace",
+    "flat_grad_input_kernel": "workspace",
     "flat_grad_weight_kernel": "workspace",
 }
 

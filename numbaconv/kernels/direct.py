@@ -9,10 +9,9 @@ per group.
 
 Two ways through a plane:
 
-- *planes* (:func:`flat_kernel`, :func:`flat_grad_weight_kernel`,
-  :func:`flat_strided_grad_input_kernel`; any stride without dilation on a strided axis, by
-  the stride's phases; grad-x at stride 1 also needs the padding within the filter's reach):
-  the input plane is copied into a
+- *planes* (:func:`flat_kernel`, :func:`flat_grad_input_kernel`,
+  :func:`flat_grad_weight_kernel`; any stride without dilation on a strided axis, by the
+  stride's phases): the input plane is copied into a
   zero-padded plane (one per thread, the only workspace), and each filter tap is one long loop
   over the flattened output grid;
 - *rows* (the other kernels; the rest of the geometries): loops along each output row over the
@@ -295,20 +294,14 @@ def _taps(acc, padded, padded_w, taps, taps_h, taps_w, dh, dw):
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def flat_kernel(
-    src, w, bias, has_bias, out, top, left, sh, sw, dh, dw, groups, transpose, workspace, taps_ws,
-    images,
+    src, w, bias, has_bias, out, top, left, sh, sw, dh, dw, groups, workspace, taps_ws, images,
 ):  # fmt: skip
-    """A convolution by planes.
-
-    ``transpose=False``: ``out`` = conv2d(``src``, w) + bias, ``src`` being x and ``top``/``left``
-    its padding. A stride (``sh``, ``sw``) is split into its phases: output (oh, ow) reads rows
-    ``oh*sh + r`` of the padded input, so the filter rows ``r = a + sh*i`` read phase ``a``'s
-    plane ``x_padded[a::sh]`` at ``oh + i``: a stride-1 convolution of each phase plane (taken
-    with a stride, once per job) with its sub-filter ``w[a::sh, b::sw]``, summed over the
-    phases. Dilation is for stride 1 only (the caller makes sure).
-
-    ``transpose=True``: ``out`` = grad-x from ``src`` = grad_y, stride 1, with the filters flipped
-    and their roles swapped (``top``/``left`` = dilated filter extent - 1 - padding).
+    """A convolution by planes: ``out`` = conv2d(``src``, w) + bias, ``src`` being x and
+    ``top``/``left`` its padding. A stride (``sh``, ``sw``) is split into its phases: output
+    (oh, ow) reads rows ``oh*sh + r`` of the padded input, so the filter rows ``r = a + sh*i``
+    read phase ``a``'s plane ``x_padded[a::sh]`` at ``oh + i``: a stride-1 convolution of each
+    phase plane (taken with a stride, once per job) with its sub-filter ``w[a::sh, b::sw]``,
+    summed over the phases. Dilation is for stride 1 only (the caller makes sure).
 
     A job is one output channel of ``images`` consecutive images: their padded planes stacked
     one under the other, so that each tap is one loop over all of them (small planes made short
@@ -324,7 +317,6 @@ def flat_kernel(
     padded_h, padded_w, tail = _grid_shape(out_h, out_w, filter_h, filter_w, sh, sw, dh, dw)
     plane_size = padded_h * padded_w
     padded_size = images * plane_size + tail  # the tail is kept zero
-    sources = filters_per_group if transpose else chan_per_group
     lanes = workspace.shape[0]
     blocks = (n_batch + images - 1) // images
     jobs = blocks * n_out
@@ -346,20 +338,7 @@ def flat_kernel(
             start = bias[o] if has_bias else 0
             for q in range(acc_size):
                 acc[q] = start
-            for j in range(sources):
-                if transpose:  # o is an input channel; its group's filters are the sources
-                    group = o // chan_per_group
-                    k = group * filters_per_group + j
-                    c = o - group * chan_per_group
-                    for r in range(filter_h):
-                        for s in range(filter_w):
-                            taps[r * filter_w + s] = w[k, c, filter_h - 1 - r, filter_w - 1 - s]
-                    for i in range(count):
-                        grid = padded[i * plane_size : (i + 1) * plane_size]
-                        _place_interior(src[n0 + i, k], grid, padded_w, padded_h, -top, -left)
-                    _taps(acc, padded, padded_w, taps, filter_h, filter_w, dh, dw)
-                    continue
-                # o is a filter; its group's input channels are the sources
+            for j in range(chan_per_group):  # the filter's group's input channels
                 channel = (o // filters_per_group) * chan_per_group + j
                 for a in range(sh):
                     rows = (filter_h - a + sh - 1) // sh
@@ -389,12 +368,12 @@ def flat_kernel(
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def flat_strided_grad_input_kernel(
+def flat_grad_input_kernel(
     grad_y, w, grad_x, sh, sw, pad_t, pad_l, dh, dw, groups, workspace, taps_ws, images,
     phase_out_h, phase_out_w,
 ):  # fmt: skip
-    """grad-x by planes at a stride (each axis strided or dilated, not both): ``grad_x``
-    (N, C, H, W) is overwritten.
+    """grad-x by planes (each axis strided or dilated, not both): ``grad_x`` (N, C, H, W) is
+    overwritten.
 
     The padded input's rows ``a + sh*i`` (phase ``a``) are reached only by the filter rows
     ``a + sh*t``, from output row ``i - t``: each phase of grad-x is the full correlation of
@@ -402,8 +381,9 @@ def flat_strided_grad_input_kernel(
     of ``images`` images, input channel) and phase ``(a, b)``: ``grad_y``'s planes placed on
     the padded grid (``phase_out_h`` x ``phase_out_w`` outputs, the most any phase has), one
     loop per tap over them all (:func:`_taps`), then the phase's rows and columns scattered
-    into ``grad_x`` with the stride; the phases write disjoint pixels. ``workspace`` and
-    ``taps_ws`` as in :func:`flat_kernel`.
+    into ``grad_x`` with the stride; the phases write disjoint pixels. At stride 1 there is one
+    phase: the full correlation with the flipped filters, whose padding a lane zeroes once (as
+    in :func:`flat_kernel`). ``workspace`` and ``taps_ws`` as in :func:`flat_kernel`.
     """
     n_batch, n_chan, height, width = grad_x.shape
     n_filters, chan_per_group, filter_h, filter_w = w.shape
@@ -416,9 +396,12 @@ def flat_strided_grad_input_kernel(
     lanes = workspace.shape[0]
     blocks = (n_batch + images - 1) // images
     jobs = blocks * n_chan
+    unit = sh == 1 and sw == 1
     for lane in prange(lanes):
         padded = workspace[lane, :padded_size]
         taps = taps_ws[lane]
+        if unit:
+            zero_row(padded)
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             block = job // n_chan
             ci = job - block * n_chan
@@ -448,12 +431,17 @@ def flat_strided_grad_input_kernel(
                             for s in range(cols):
                                 tap = w[k, c, a + sh * (rows - 1 - r), b + sw * (cols - 1 - s)]
                                 taps[r * cols + s] = tap
+                        row0, col0 = i0 - (rows - 1) * dh, j0 - (cols - 1) * dw
                         for i in range(count):
                             grid = padded[i * plane_size : (i + 1) * plane_size]
-                            _place(
-                                grad_y[n0 + i, k], grid, padded_w, padded_h,
-                                i0 - (rows - 1) * dh, j0 - (cols - 1) * dw, 1, 1,
-                            )  # fmt: skip
+                            if unit:
+                                _place_interior(
+                                    grad_y[n0 + i, k], grid, padded_w, padded_h, row0, col0
+                                )
+                            else:
+                                _place(
+                                    grad_y[n0 + i, k], grid, padded_w, padded_h, row0, col0, 1, 1
+                                )
                         _taps(acc, padded, padded_w, taps, rows, cols, dh, dw)
                     first_col = b + sw * j0 - pad_l
                     for i in range(count):
@@ -629,21 +617,9 @@ def _args(geom: ConvGeometry) -> tuple[int, ...]:
     )
 
 
-def _flat(geom: ConvGeometry) -> bool:
-    """Stride 1 and padding within the filter's reach (so grad-x's transposed padding is not
-    negative): the plane kernels apply, forward and backward."""
-    reach_h = (geom.filter_height - 1) * geom.dilation_h
-    reach_w = (geom.filter_width - 1) * geom.dilation_w
-    return (
-        geom.stride_h == geom.stride_w == 1
-        and max(geom.pad_top, geom.pad_bottom) <= reach_h
-        and max(geom.pad_left, geom.pad_right) <= reach_w
-    )
-
-
 def _flat_forward(geom: ConvGeometry) -> bool:
-    """The plane kernel's forward pass: any padding; a stride only without dilation on that
-    axis (its phases are then plain stride-1 convolutions)."""
+    """The plane kernels apply (forward, grad-x and grad-w): any padding; a stride only without
+    dilation on that axis (its phases are then plain stride-1 convolutions)."""
     return (geom.stride_h == 1 or geom.dilation_h == 1) and (
         geom.stride_w == 1 or geom.dilation_w == 1
     )
@@ -704,7 +680,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
         )
         flat_kernel(
             x, w, bias, b is not None, y, geom.pad_top, geom.pad_left, geom.stride_h,
-            geom.stride_w, geom.dilation_h, geom.dilation_w, geom.groups, False, workspace,
+            geom.stride_w, geom.dilation_h, geom.dilation_w, geom.groups, workspace,
             _taps_workspace(workspace, geom, x.dtype), images,
         )  # fmt: skip
     else:
@@ -716,28 +692,15 @@ def input_gradient(grad_y, w, geom: ConvGeometry):
     """grad-x alone (a transposed convolution's forward pass)."""
     grad_x = np.empty(geom.input_shape, dtype=w.dtype)
     n, c, h, width = geom.input_shape
-    if _flat(geom):
-        reach_h = (geom.filter_height - 1) * geom.dilation_h
-        reach_w = (geom.filter_width - 1) * geom.dilation_w
-        images = images_per_job(n, h, width, geom)
-        workspace = _flat_workspace(
-            "direct.flat", -(-n // images) * c, h, width, geom, w.dtype, images
-        )
-        no_bias = np.empty(geom.out_channels, dtype=w.dtype)  # has_bias is False: never read
-        flat_kernel(
-            grad_y, w, no_bias, False, grad_x, reach_h - geom.pad_top, reach_w - geom.pad_left,
-            1, 1, geom.dilation_h, geom.dilation_w, geom.groups, True, workspace,
-            _taps_workspace(workspace, geom, w.dtype), images,
-        )  # fmt: skip
-    elif _flat_forward(geom):
-        # Strided: by phases of the stride. float32, 2 threads, MobileNetV2's 16x144x56x56
-        # depthwise stride 2: 5.9 ms by rows, 5.1 by phases.
+    if _flat_forward(geom):
+        # By the phases of the stride (one at stride 1). float32, 2 threads, MobileNetV2's
+        # 16x144x56x56 depthwise stride 2: 5.9 ms by rows, 5.1 by phases.
         phase_h, phase_w = -(-h // geom.stride_h), -(-width // geom.stride_w)
         images = images_per_job(n, phase_h, phase_w, geom)
         workspace = _flat_workspace(
             "direct.flat", -(-n // images) * c, phase_h, phase_w, geom, w.dtype, images
         )
-        flat_strided_grad_input_kernel(
+        flat_grad_input_kernel(
             grad_y, w, grad_x, geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
             geom.dilation_h, geom.dilation_w, geom.groups, workspace,
             _taps_workspace(workspace, geom, w.dtype), images, phase_h, phase_w,
