@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from .geometry import ConvGeometry
-from .kernels import direct, im2col, teaching, winograd
+from .kernels import direct, im2col, taps, teaching, winograd
 
 ENV_VAR = "NUMBACONV_KERNEL"
 BUILTIN_DEFAULT = "auto"
@@ -29,6 +29,7 @@ _IMPLEMENTATIONS: dict[str, ModuleType] = {
     "im2col": im2col,
     "winograd": winograd,
     "direct": direct,
+    "taps": taps,
     "numpy": teaching,
 }
 
