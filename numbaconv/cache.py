@@ -31,7 +31,12 @@ _PATHS = {"banded": "1", "chunked": "0"}
 #: (kernel, dtype, path) per task; the teaching im2col/col2im run in the chunked tasks.
 TASKS: tuple[tuple[str, str, str], ...] = tuple(
     (kernel, dtype, path)
-    for kernel, paths in (("im2col", _PATHS), ("winograd", _PATHS), ("direct", {"banded": "1"}))
+    for kernel, paths in (
+        ("im2col", _PATHS),
+        ("winograd", _PATHS),
+        ("direct", {"banded": "1"}),
+        ("taps", {"banded": "1"}),
+    )
     for dtype in ("float32", "float64")
     for path in paths
 )
@@ -178,12 +183,13 @@ def cache_dirs() -> list[str]:
 
 
 #: Kernel modules whose ``@njit`` functions other kernel modules' kernels call (and so carry in
-#: their compiled code): the row loops, numbaconv's own GEMM, and im2col's ``row_sum``, which
-#: Winograd calls. Numba keys a cached function on the stamp of its own source file alone, so
-#: after an edit to one of these, its callers' cache entries, compiled with the old code, would
-#: still be loaded (it happened while tuning the GEMM: measurements of stale kernels).
-#: :func:`guard_shared_helpers` makes that impossible.
-SHARED_HELPERS = ("_loops.py", "microkernel.py", "im2col.py")
+#: their compiled code): the row loops, numbaconv's own GEMM, the BLAS binding
+#: (``gemm_nt_add``), and im2col's ``row_sum``, which Winograd calls. Numba keys a cached
+#: function on the stamp of its own source file alone, so after an edit to one of these, its
+#: callers' cache entries, compiled with the old code, would still be loaded (it happened while
+#: tuning the GEMM: measurements of stale kernels). :func:`guard_shared_helpers` makes that
+#: impossible.
+SHARED_HELPERS = ("_loops.py", "microkernel.py", "_blas.py", "im2col.py")
 
 #: The file in each cache folder that records which versions of the shared helpers the
 #: numbaconv entries there were compiled with.

@@ -93,6 +93,21 @@ WINOGRAD_MIN_TILES = 32
 DIRECT_MAX_CHANNELS_PER_GROUP = 4
 
 
+#: ``'auto'`` runs ``taps`` where at most this fraction of ``im2col``'s products meet the image
+#: rather than its padding (:func:`~numbaconv.kernels.taps.useful_fraction`), on layers with at
+#: least :data:`TAPS_MIN_CHANNELS` input and output channels per group and
+#: :data:`TAPS_MIN_PIXELS` output pixels per image (narrower GEMMs lost). float32, 2 threads,
+#: ``numbaconv bench``, forward/backward ms, im2col -> taps: DeepLab's 4x256x33x33 at dilation
+#: 6 (0.77 of the products) 23.6/40.4 -> 15.3/35.7, at 12 (0.57) 24/43.6 -> 12/25, at 18
+#: (0.40) 23.7/56.7 -> 9.2/19.9; 4x256x65x65 at dilation 12 (0.77) 115/175 -> 64/133;
+#: 8x512x14x14 at dilation 2 (0.82) 35.7/52.2 -> 25.4/57.7 (backward lost); Inception's
+#: 16x128x17x17 1x7 (0.90) 5.0/9.8 -> 4.8/9.9; 16x512x7x7 3x3 (0.82, 49 pixels) 15.8/30.0 ->
+#: 21.7/45.0.
+TAPS_MAX_USEFUL = 0.8
+TAPS_MIN_CHANNELS = 32
+TAPS_MIN_PIXELS = 196
+
+
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     """The concrete kernel that ``'auto'`` runs for a geometry (and direction).
 
@@ -106,6 +121,8 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
       backward, against 18.5 and 38.1 ms for ``im2col``);
     - depthwise layers, and stride-1 layers with at most
       :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
+    - layers where most of ``im2col``'s products would meet padding (large dilations on small
+      maps) use ``taps``, within the bounds of :data:`TAPS_MAX_USEFUL`;
     - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
       every other layer (``direct`` did not win even on the digits layer).
 
@@ -121,6 +138,12 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
         stride_1 = geom.stride_h == geom.stride_w == 1
         if per_group == 1 or (stride_1 and per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
             return "direct"
+    if (
+        min(geom.in_channels, geom.out_channels) >= TAPS_MIN_CHANNELS * geom.groups
+        and geom.out_height * geom.out_width >= TAPS_MIN_PIXELS
+        and taps.useful_fraction(geom) <= TAPS_MAX_USEFUL
+    ):
+        return "taps"
     runs = winograd.winograd_geometry(geom)  # dilated layers: on polyphase sub-images
     if (
         runs is not None

@@ -88,7 +88,12 @@ def test_progress_lines_when_not_a_terminal():
 
 def test_tasks_cover_every_compiled_kernel_and_dtype():
     kernels = {kernel for kernel, _, _ in cache.TASKS}
-    assert kernels == {"im2col", "winograd", "direct"}  # numpy is plain NumPy; auto picks these
+    assert kernels == {
+        "im2col",
+        "winograd",
+        "direct",
+        "taps",
+    }  # numpy is plain NumPy; auto picks these
     assert {(k, d) for k, d, _ in cache.TASKS} == {
         (k, d) for k in kernels for d in ("float32", "float64")
     }

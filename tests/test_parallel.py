@@ -56,6 +56,10 @@ LAYERS = [
     Cfg(2, 4, 13, 14, 4, 5, 3, stride=3, padding=2, dilation=(2, 1), groups=4, name="dw-stride3"),
     # Stride 1: direct's plane kernels (dilated, padding up to the filter's reach).
     Cfg(3, 4, 11, 9, 8, 3, 3, padding=(2, 1), dilation=(2, 1), groups=4, name="dw-planes"),
+    # auto picks taps: 32 channels, 14x14 outputs, dilation 6 (half the products would meet
+    # padding); two images, fewer than taps.MIN_JOBS, so its jobs are also blocks of filters
+    # (channels for grad-x).
+    Cfg(2, 32, 14, 14, 32, 3, 3, padding=6, dilation=6, name="auto-taps"),
 ]
 BY_NAME = {cfg.name: cfg for cfg in LAYERS}
 
@@ -143,8 +147,9 @@ def test_auto_picks_each_concrete_kernel_among_the_layers(dtype_, direction):
     assert chosen["auto-winograd"] == "winograd"
     assert chosen["bands-split-images"] == "im2col"
     assert chosen["depthwise-multiplier"] == chosen["dw-stride3"] == chosen["dw-planes"] == "direct"
-    # auto never picks numpy (README): these three are what it can run.
-    assert set(chosen.values()) == {"winograd", "im2col", "direct"}
+    assert chosen["auto-taps"] == "taps"
+    # auto never picks numpy (README): these four are what it can run.
+    assert set(chosen.values()) == {"winograd", "im2col", "direct", "taps"}
     # And the winograd layer is in parallel by itself, not only when forced.
     assert geometry(BY_NAME["auto-winograd"]).flops >= _threading.SERIAL_FLOPS
 

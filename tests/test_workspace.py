@@ -89,7 +89,7 @@ LAYERS = [
 # direct takes workspace at stride 1 only (its plane kernels).
 CASES = [
     (kernel, cfg)
-    for kernel in ("im2col", "winograd", "direct")
+    for kernel in ("im2col", "winograd", "direct", "taps")
     for cfg in LAYERS
     if kernel != "direct" or cfg.stride == 1
 ]

@@ -23,12 +23,12 @@ import numba
 from numba.core.registry import CPUDispatcher
 
 from numbaconv import _threading, functional
-from numbaconv.kernels import direct, im2col, winograd
+from numbaconv.kernels import direct, im2col, taps, winograd
 
 #: Modules whose module-level parallel kernels are called from Python: replacing the module
 #: attribute reaches every call (``functional`` imports ``im2col_kernel``/``col2im_kernel`` by
 #: name, so its copies are replaced too).
-KERNEL_MODULES = (functional, im2col, winograd, direct)
+KERNEL_MODULES = (functional, im2col, winograd, direct, taps)
 
 #: The banded passes split their jobs into lanes; the lane count is the first axis of this
 #: per-lane argument (a workspace or the per-lane sums). Checked by ``test_parallel.py`` against
@@ -41,6 +41,9 @@ LANE_ARGUMENTS = {
     "flat_kernel": "workspace",
     "flat_grad_input_kernel": "workspace",
     "flat_grad_weight_kernel": "workspace",
+    "taps_forward_kernel": "windows",
+    "taps_grad_input_kernel": "windows",
+    "taps_grad_weight_kernel": "outs",
 }
 
 

@@ -60,8 +60,9 @@ BAND_BYTES = 2**21
 #: geometry only, like every job boundary here.
 MIN_JOBS = 4
 
-#: Blocks of filters (channels) are never narrower than this: the GEMMs' rows.
-MIN_BLOCK = 64
+#: Blocks of filters (channels) are never narrower than this (the GEMMs' rows): two vector
+#: tiles' worth, so that a one-image layer of 32 filters still makes two jobs.
+MIN_BLOCK = 16
 
 #: At most this many lanes (workspaces); jobs are dealt to lanes in turn.
 MAX_LANES = 16
@@ -74,6 +75,16 @@ def _product(a, b, c, use_blas):
         gemm_nn(a, b, c, False)
     else:
         np.dot(a, b, c)
+
+
+@njit(cache=True, inline="always")
+def _product_nt_add(a, b, c, use_blas):
+    """``c += a @ b.T`` (contiguous rows): BLAS (grad-w's products measured faster there, see
+    :mod:`.im2col`), or the micro-kernel without BLAS."""
+    if use_blas:
+        gemm_nt_add(a, b, c)
+    else:
+        gemm_nn(a, b.T, c, True)
 
 
 @njit(cache=True, inline="always")
@@ -105,7 +116,7 @@ def _scatter_add_window(
 
 
 @njit(parallel=True, cache=True)
-def forward_kernel(
+def taps_forward_kernel(
     x, w_taps, bias, has_bias, y, windows, results, geo, groups, band_rows, block, use_blas
 ):  # fmt: skip
     """``y`` (N, K, OH, OW) from ``x`` and ``w_taps`` (R*S, K, C/groups): per job (image, band of
@@ -162,7 +173,7 @@ def forward_kernel(
 
 
 @njit(parallel=True, cache=True)
-def grad_input_kernel(
+def taps_grad_input_kernel(
     grad_y, w_taps_t, grad_x, windows, results, geo, groups, band_rows, block, use_blas
 ):  # fmt: skip
     """``grad_x`` (N, C, H, W) from ``grad_y`` and ``w_taps_t`` (R*S, C, K/groups): per job
@@ -219,46 +230,45 @@ def grad_input_kernel(
 
 
 @njit(parallel=True, cache=True)
-def grad_weight_kernel(grad_y, x, sums, outs, ins, geo, groups, band_rows, use_blas):
-    """``sums`` (R*S, K, C/groups): per job (tap, group), zeros, then for each image and band of
-    ``band_rows`` output rows in order, ``grad_y``'s window times ``x``'s window transposed."""
+def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows, use_blas):
+    """``parts`` (chunks, R*S, K, C/groups): per job (chunk, tap, group), zeros, then for each
+    (image, band of ``band_rows`` output rows) of the chunk's run of them, in order, ``grad_y``'s
+    window times ``x``'s window transposed. The chunks are consecutive runs of the batch's
+    (image, band) pairs; their sums are added in order afterwards."""
     filter_h, filter_w, sh, sw, pad_t, pad_l, dh, dw = geo
     n_batch, n_channels, height, width = x.shape
     n_filters, out_h, out_w = grad_y.shape[1], grad_y.shape[2], grad_y.shape[3]
     c_g, k_g = n_channels // groups, n_filters // groups
     bands = (out_h + band_rows - 1) // band_rows
-    jobs = filter_h * filter_w * groups
+    units = n_batch * bands
+    chunks, n_taps = parts.shape[0], filter_h * filter_w
+    jobs = chunks * n_taps * groups
     lanes = outs.shape[0]
     for lane in prange(lanes):
         for job in range(lane, jobs, lanes):
-            tap, g = job // groups, job % groups
+            chunk, tap, g = job // (n_taps * groups), job // groups % n_taps, job % groups
             r, s = tap // filter_w, tap % filter_w
-            total = sums[tap, g * k_g : (g + 1) * k_g]
+            total = parts[chunk, tap, g * k_g : (g + 1) * k_g]
             total[:] = 0.0
             lo, hi = valid_range(out_h, sh, r * dh - pad_t, height)
             j0, j1 = valid_range(out_w, sw, s * dw - pad_l, width)
             if j1 <= j0:
                 continue
-            for n in range(n_batch):
-                for band in range(bands):
-                    i0 = max(lo, band * band_rows)
-                    i1 = min(hi, (band + 1) * band_rows)
-                    if i1 <= i0:
-                        continue
-                    pixels = (i1 - i0) * (j1 - j0)
-                    grads = outs[lane, : k_g * pixels].reshape(k_g, pixels)
-                    _gather_window(
-                        grad_y, n, g * k_g, (g + 1) * k_g, i0, i1, 0, 1, j0, j1, 0, 1, grads
-                    )
-                    inputs = ins[lane, : c_g * pixels].reshape(c_g, pixels)
-                    _gather_window(
-                        x, n, g * c_g, (g + 1) * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
-                        s * dw - pad_l, sw, inputs,
-                    )  # fmt: skip
-                    if use_blas:
-                        gemm_nt_add(grads, inputs, total)
-                    else:
-                        gemm_nn(grads, inputs.T, total, True)
+            for unit in range(units * chunk // chunks, units * (chunk + 1) // chunks):
+                n, band = unit // bands, unit % bands
+                i0 = max(lo, band * band_rows)
+                i1 = min(hi, (band + 1) * band_rows)
+                if i1 <= i0:
+                    continue
+                pixels = (i1 - i0) * (j1 - j0)
+                grads = outs[lane, : k_g * pixels].reshape(k_g, pixels)
+                _gather_window(grad_y, n, g * k_g, (g + 1) * k_g, i0, i1, 0, 1, j0, j1, 0, 1, grads)
+                inputs = ins[lane, : c_g * pixels].reshape(c_g, pixels)
+                _gather_window(
+                    x, n, g * c_g, (g + 1) * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
+                    s * dw - pad_l, sw, inputs,
+                )  # fmt: skip
+                _product_nt_add(grads, inputs, total, use_blas)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +284,7 @@ def useful_fraction(geom: ConvGeometry) -> float:
         inside = 0
         for t in range(taps):
             offset = t * dilation - pad
-            lo = 0 if offset >= 0 else -(-(-offset) // stride)
+            lo = 0 if offset >= 0 else (-offset + stride - 1) // stride
             hi = min(out, (size - 1 - offset) // stride + 1)
             inside += max(0, hi - lo)
         return inside / max(1, out * taps)
@@ -296,10 +306,13 @@ def _geometry(geom: ConvGeometry) -> tuple[int, ...]:
     )  # fmt: skip
 
 
-def _rows_per_band(total_rows: int, bytes_per_row: int) -> int:
-    """Rows per band: the window near :data:`BAND_BYTES`, bands of even size, at least one row."""
+def _bands(total_rows: int, bytes_per_row: int, images: int) -> int:
+    """Rows per band: the window near :data:`BAND_BYTES`; more bands where the batch's images
+    alone make fewer than :data:`MIN_JOBS` jobs; bands of even size, at least one row."""
     rows = max(1, min(total_rows, BAND_BYTES // max(1, bytes_per_row)))
     bands = -(-total_rows // rows)
+    if images * bands < MIN_JOBS:
+        bands = min(total_rows, -(-MIN_JOBS // images))
     return -(-total_rows // bands)
 
 
@@ -333,7 +346,7 @@ def _blas_held(use_blas: bool):
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
-    band_rows = _rows_per_band(oh, c * ow * x.itemsize)
+    band_rows = _bands(oh, c * ow * x.itemsize, n)
     bands = -(-oh // band_rows)
     block = _block(k, geom.groups, n * bands)
     lanes = _lanes(n * bands * -(-k // block))
@@ -344,7 +357,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     bias = b if b is not None else np.zeros(1, dtype=x.dtype)
     use_blas = blas_inside_kernels()
     with _blas_held(use_blas):
-        forward_kernel(
+        taps_forward_kernel(
             x, _tap_matrices(w, geom.groups, False), bias, b is not None, y, windows, results,
             _geometry(geom), geom.groups, band_rows, block, use_blas,
         )  # fmt: skip
@@ -356,7 +369,7 @@ def input_gradient(grad_y, w, geom: ConvGeometry) -> np.ndarray:
     n, c, height, width = geom.input_shape
     k, out_w = geom.out_channels, geom.out_width
     # A band of input rows is reached by at most ceil(rows / stride) output rows per tap.
-    band_rows = _rows_per_band(height, k * out_w * grad_y.itemsize // geom.stride_h)
+    band_rows = _bands(height, k * out_w * grad_y.itemsize // geom.stride_h, n)
     bands = -(-height // band_rows)
     block = _block(c, geom.groups, n * bands)
     lanes = _lanes(n * bands * -(-c // block))
@@ -366,7 +379,7 @@ def input_gradient(grad_y, w, geom: ConvGeometry) -> np.ndarray:
     grad_x = np.empty(geom.input_shape, dtype=grad_y.dtype)
     use_blas = blas_inside_kernels()
     with _blas_held(use_blas):
-        grad_input_kernel(
+        taps_grad_input_kernel(
             grad_y, _tap_matrices(w, geom.groups, True), grad_x, windows, results,
             _geometry(geom), geom.groups, band_rows, block, use_blas,
         )  # fmt: skip
@@ -376,18 +389,28 @@ def input_gradient(grad_y, w, geom: ConvGeometry) -> np.ndarray:
 def weight_gradient(grad_y, x, w, geom: ConvGeometry) -> np.ndarray:
     """grad-w alone."""
     k, c_g, r, s = w.shape
-    k_g, out_w = k // geom.groups, geom.out_width
-    band_rows = _rows_per_band(geom.out_height, (k_g + c_g) * out_w * x.itemsize)
-    lanes = _lanes(r * s * geom.groups)
+    k_g, out_h, out_w = k // geom.groups, geom.out_height, geom.out_width
+    n_taps = r * s * geom.groups
+    # Fewer (tap, group) jobs than MIN_JOBS (1x1 and 1xk filters): chunks of the batch's
+    # (image, band) pairs too, each into its own partial sum.
+    chunks = 1 if n_taps >= MIN_JOBS else -(-MIN_JOBS // n_taps)
+    # (With one chunk, no bands beyond the workspace's: MIN_JOBS "images" ask for none.)
+    images = geom.batch if chunks > 1 else MIN_JOBS
+    band_rows = _bands(out_h, (k_g + c_g) * out_w * x.itemsize, images)
+    chunks = min(chunks, geom.batch * -(-out_h // band_rows))
+    lanes = _lanes(chunks * n_taps)
     pixels = band_rows * out_w
     outs = take("taps.windows", (lanes, k_g * pixels), x.dtype)
     ins = take("taps.results", (lanes, c_g * pixels), x.dtype)
-    sums = np.empty((r * s, k, c_g), dtype=x.dtype)
+    parts = np.empty((chunks, r * s, k, c_g), dtype=x.dtype)
     use_blas = blas_inside_kernels()
     with _blas_held(use_blas):
-        grad_weight_kernel(
-            grad_y, x, sums, outs, ins, _geometry(geom), geom.groups, band_rows, use_blas
+        taps_grad_weight_kernel(
+            grad_y, x, parts, outs, ins, _geometry(geom), geom.groups, band_rows, use_blas
         )
+    sums = parts[0]
+    for part in parts[1:]:  # in order: the bits do not depend on the threads
+        sums += part
     return np.ascontiguousarray(sums.reshape(r, s, k, c_g).transpose(2, 3, 0, 1))
 
 

@@ -1,0 +1,122 @@
+"""The ``taps`` kernel's own seams: the windows each tap reads, its bands and blocks of jobs, and
+what ``auto`` gives it. (Every kernel, ``taps`` included, also runs the whole grid of the
+other test files against the reference.)"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
+
+import numbaconv as nc
+from numbaconv import _threading, registry
+from numbaconv.geometry import make_geometry
+from numbaconv.kernels import taps
+
+CFGS = [
+    # Taps wholly in the padding (dilation 5 on 4 rows), ragged bands and blocks.
+    Cfg(2, 3, 4, 9, 5, 3, 3, padding=5, dilation=5, name="taps-outside-the-image"),
+    Cfg(1, 4, 11, 10, 7, 3, 2, stride=2, padding=(3, 2), dilation=(3, 2), name="strided-dilated"),
+    Cfg(3, 6, 9, 7, 4, 3, 3, stride=(1, 3), padding=4, dilation=4, groups=2, name="groups-2"),
+    Cfg(2, 4, 8, 8, 4, 5, 1, padding=(2, 0), groups=4, bias=False, name="depthwise-5x1"),
+    Cfg(1, 3, 6, 7, 2, 1, 1, stride=2, name="1x1-stride-2"),
+    Cfg(2, 5, 13, 12, 9, 3, 3, padding=6, dilation=6, name="deeplab-like"),
+]
+
+
+def geometry(cfg: Cfg):
+    return make_geometry(cfg.x_shape, (cfg.k, cfg.c // cfg.groups, cfg.r, cfg.s), **cfg.kwargs)
+
+
+def counted_fraction(cfg: Cfg) -> float:
+    """The share of (output, tap) pairs whose input lies inside the image, counted one by one."""
+    geom = geometry(cfg)
+    inside = total = 0
+    for i in range(geom.out_height):
+        for j in range(geom.out_width):
+            for r in range(cfg.r):
+                for s in range(cfg.s):
+                    row = i * geom.stride_h - geom.pad_top + r * geom.dilation_h
+                    col = j * geom.stride_w - geom.pad_left + s * geom.dilation_w
+                    inside += 0 <= row < cfg.h and 0 <= col < cfg.w
+                    total += 1
+    return inside / total
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=str)
+def test_useful_fraction_counts_the_products_inside_the_image(cfg):
+    assert taps.useful_fraction(geometry(cfg)) == pytest.approx(counted_fraction(cfg), abs=1e-12)
+
+
+@pytest.fixture(params=["whole", "one-row-bands-and-blocks"])
+def plan(request, monkeypatch):
+    """The default plan, or one output (input) row per band and 8 jobs' worth of blocks."""
+    if request.param != "whole":
+        monkeypatch.setattr(taps, "BAND_BYTES", 1)
+        monkeypatch.setattr(taps, "MIN_JOBS", 64)
+        monkeypatch.setattr(taps, "MIN_BLOCK", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("blas_inside", ["1", "0"], ids=["blas", "own-gemm"])
+@pytest.mark.parametrize("cfg", CFGS, ids=str)
+def test_bands_blocks_and_gemms_against_the_reference(
+    cfg, dtype, plan, blas_inside, monkeypatch, force_parallel
+):  # fmt: skip
+    monkeypatch.setenv("NUMBACONV_BLAS_INSIDE_KERNELS", blas_inside)
+    check_against_reference(cfg, "taps", dtype, seed=31)
+
+
+@pytest.mark.parametrize("cfg", CFGS, ids=str)
+def test_bits_do_not_depend_on_the_thread_count(cfg, dtype, plan, restore_num_threads, monkeypatch):
+    monkeypatch.setattr(_threading, "SERIAL_FLOPS", 0)
+    data = make_data(cfg, dtype, seed=32)
+    numba.set_num_threads(1)
+    one = run_all(cfg, *data, "taps")
+    numba.set_num_threads(2)
+    two = run_all(cfg, *data, "taps")
+    for what, a, b in zip(("y", "grad_x", "grad_w", "grad_b"), one, two, strict=True):
+        assert_same_bits(a, b, f"{what} [{cfg}, {plan}], 1 vs 2 threads")
+
+
+def test_the_jobs_split_a_single_image(monkeypatch):
+    """A batch of one image in one band still makes several jobs (blocks of filters and of
+    channels), so that both cores work; and they run in several lanes."""
+    cfg = Cfg(1, 128, 16, 16, 128, 3, 3, padding=8, dilation=8)
+    geom = geometry(cfg)
+    assert taps._block(geom.out_channels, 1, 1) < geom.out_channels
+    assert taps._block(geom.in_channels, 1, 1) < geom.in_channels
+    assert taps._block(geom.out_channels, 2, 1) == geom.out_channels  # groups: whole
+    assert taps._block(geom.out_channels, 1, taps.MIN_JOBS) == geom.out_channels
+
+
+def test_a_nan_reaches_only_the_outputs_that_read_it():
+    """Padding is never multiplied: a NaN in the filter's corner tap reaches only the outputs
+    whose corner tap reads the image (im2col's 0 * NaN would reach them all)."""
+    cfg = Cfg(1, 2, 6, 6, 1, 3, 3, padding=3, dilation=3)
+    x, w, b, _ = make_data(cfg, np.float64, seed=33)
+    w[0, 0, 0, 0] = np.nan
+    y = nc.conv2d(x, w, b, kernel="taps", **cfg.kwargs)
+    # Tap (0, 0) reads input (i - 3, j - 3): inside the image for i, j >= 3.
+    reads = np.zeros((6, 6), bool)
+    reads[3:, 3:] = True
+    np.testing.assert_array_equal(np.isnan(y[0, 0]), reads)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "chosen"),
+    [
+        (Cfg(4, 256, 33, 33, 256, 3, 3, padding=12, dilation=12), True),  # DeepLab, 0.57
+        (Cfg(4, 256, 33, 33, 256, 3, 3, padding=6, dilation=6), True),  # 0.77
+        (Cfg(2, 64, 32, 32, 64, 3, 3, padding=12, dilation=12, groups=2), True),  # 32 per group
+        (Cfg(8, 512, 14, 14, 512, 3, 3, padding=2, dilation=2), False),  # 0.82
+        (Cfg(16, 512, 7, 7, 512, 3, 3, padding=12, dilation=12), False),  # 49 pixels
+        (Cfg(4, 16, 33, 33, 256, 3, 3, padding=12, dilation=12), False),  # 16 channels
+        (Cfg(2, 64, 32, 32, 64, 3, 3, padding=12, dilation=12, groups=4), False),  # 16 per group
+    ],
+    ids=str,
+)
+def test_auto_gives_taps_the_layers_mostly_in_padding(cfg, chosen):
+    for direction in ("forward", "backward"):
+        assert (registry.choose(geometry(cfg), np.float32, direction) == "taps") == chosen
