@@ -82,10 +82,11 @@ def _run_input_gradient(grad_y, w, geom: ConvGeometry, name: str) -> np.ndarray:
     """The input gradient alone of the convolution described by ``geom``.
 
     Families that can compute it alone say so with an ``input_gradient(grad_y, w, geom)``
-    function (``im2col``, ``winograd`` and ``direct`` have one); for the others this runs the
-    full backward pass with an all-zero input and drops its weight and bias gradients (about
-    twice the work; the zeros keep the wasted weight gradient finite whatever ``grad_y``
-    holds). ``'auto'`` is resolved first, with the registry's own choice for a backward pass.
+    function (``im2col``, ``winograd``, ``direct`` and ``taps`` have one); for the others this
+    runs the full backward pass with an all-zero input and drops its weight and bias gradients
+    (about twice the work; the zeros keep the wasted weight gradient finite whatever
+    ``grad_y`` holds). ``'auto'`` is resolved first, with the registry's own choice for a
+    backward pass.
     """
     if geom.batch == 0:
         return np.zeros(geom.input_shape, dtype=grad_y.dtype)

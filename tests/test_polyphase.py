@@ -127,8 +127,9 @@ def test_auto_runs_deeplabs_rate_2_layer_on_winograd():
     rate2 = make_geometry((4, 256, 28, 28), (256, 256, 3, 3), padding=2, dilation=2)
     rate12 = make_geometry((4, 256, 33, 33), (256, 256, 3, 3), padding=12, dilation=12)
     assert choose(rate2, np.float32, "forward") == "winograd"
-    assert choose(rate12, np.float32, "forward") == "im2col"
-    assert choose(rate12, np.float32, "backward") == "im2col"
+    # Its 3x3 phases are too small for Winograd; most of its products would meet padding.
+    assert choose(rate12, np.float32, "forward") == "taps"
+    assert choose(rate12, np.float32, "backward") == "taps"
 
 
 def test_non_finite_inputs_reach_only_the_outputs_that_read_them():
