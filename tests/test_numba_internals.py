@@ -20,7 +20,7 @@ import pytest
 from numba import njit, prange
 
 from numbaconv import _numba_internals, _threading, cache
-from numbaconv.kernels._blas import gemm_nt_add
+from numbaconv.kernels._blas import gemm_nn_add, gemm_nt_add
 
 IN_FRESH_PROCESS = textwrap.dedent(
     """
@@ -136,3 +136,39 @@ def test_gemm_nt_add_checks_its_operands():
         call(a, b, np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="contiguous"):
         call(a, np.ones((5, 8), np.float32)[:, ::2], np.zeros((3, 5), np.float32))
+
+
+@njit(parallel=True)
+def _two_lanes_of_gemm_nn_add(a, b, c):
+    """As above for ``c[rows, 2:2 + N] += a[rows] @ b[:, 1:]`` (``b`` (K, N + 1))."""
+    half = a.shape[0] // 2
+    for lane in prange(2):
+        rows = slice(lane * half, (lane + 1) * half)
+        gemm_nn_add(a[rows], b[:, 1:], c[rows, 2 : 1 + b.shape[1]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_nn_add_adds_the_product(dtype):
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((10, 13)).astype(dtype)
+    b = rng.standard_normal((13, 8)).astype(dtype)
+    c = rng.standard_normal((10, 12)).astype(dtype)
+    expected = c.astype(np.float64)
+    expected[:, 2:9] += a.astype(np.float64) @ b[:, 1:].astype(np.float64)
+    _two_lanes_of_gemm_nn_add(a, b, c)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(c, expected, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(c[:, :2], expected[:, :2].astype(dtype))
+    np.testing.assert_array_equal(c[:, 9:], expected[:, 9:].astype(dtype))
+
+
+def test_gemm_nn_add_checks_its_operands():
+    @njit
+    def call(a, b, c):
+        gemm_nn_add(a, b, c)
+
+    a, b = np.ones((3, 4), np.float32), np.ones((4, 5), np.float32)
+    with pytest.raises(ValueError, match="gemm_nn_add: shapes"):
+        call(a, b, np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="gemm_nn_add: rows must be contiguous"):
+        call(a, np.ones((4, 10), np.float32)[:, ::2], np.zeros((3, 5), np.float32))

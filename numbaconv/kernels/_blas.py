@@ -1,4 +1,5 @@
-"""``c += a @ b.T`` on BLAS from inside Numba kernels: what ``np.dot`` cannot do.
+"""``c += a @ b.T`` and ``c += a @ b`` on BLAS from inside Numba kernels: what ``np.dot``
+cannot do.
 
 Numba binds ``np.dot`` to SciPy's BLAS through ``numba_xxgemm``, a function of Numba's helper
 library that calls ``sgemm``/``dgemm``, always with ``beta = 0``: the product overwrites its
@@ -7,6 +8,8 @@ went to a scratch matrix that a loop then added to the sums: a pass over K x C*R
 band, more memory traffic than the product's own on narrow bands (DeepLab's 4x256x33x33 layer:
 11 bands an image, 2.4 MB of filters each). :func:`gemm_nt_add` calls the same
 ``numba_xxgemm`` with ``beta = 1``, so BLAS adds the product into the sums as it computes it.
+:func:`gemm_nn_add` does the same for ``c += a @ b`` (the ``taps`` kernel adds each tap's
+product straight into the output's rows).
 
 ``numba_xxgemm`` is not in Numba's documented API; :mod:`numbaconv._numba_internals` names it
 with the other internals numbaconv relies on, and ``tests/test_numba_internals.py`` checks it.
@@ -41,8 +44,14 @@ def gemm_nt_add(a, b, c):
     c += a @ b.T
 
 
-@overload(gemm_nt_add, jit_options={"cache": True})
-def _gemm_nt_add(a, b, c):
+def gemm_nn_add(a, b, c):
+    """``c += a @ b`` for 2-D arrays of one float dtype whose rows are contiguous (``a``
+    (M, K), ``b`` (K, N), ``c`` (M, N)). In Numba code it is one BLAS call; from Python, NumPy."""
+    c += a @ b
+
+
+def _gemm_add(a, b, c, b_transposed):
+    """The implementation of both: ``b`` is (N, K) when ``b_transposed``, else (K, N)."""
     if not all(isinstance(t, types.Array) and t.ndim == 2 for t in (a, b, c)):
         return None
     dtype = a.dtype
@@ -51,25 +60,37 @@ def _gemm_nt_add(a, b, c):
     gemm = _xxgemm(dtype)
     kind = ord("s" if dtype == types.float32 else "d")
     np_dtype = np.float32 if dtype == types.float32 else np.float64
+    # Column-major BLAS sees the row-major c as c.T = b' @ a.T, b' being b (as it lies in
+    # memory, (K, N) row-major is b.T column-major: no transpose) or b.T (read transposed).
+    trans = ord("t" if b_transposed else "n")
+    name = "gemm_nt_add" if b_transposed else "gemm_nn_add"
 
     def impl(a, b, c):
         m, k = a.shape
-        n = b.shape[0]
-        if b.shape[1] != k or c.shape[0] != m or c.shape[1] != n:
-            raise ValueError("gemm_nt_add: shapes do not match")
+        n = b.shape[0] if b_transposed else b.shape[1]
+        if (b.shape[1] if b_transposed else b.shape[0]) != k or c.shape[0] != m or c.shape[1] != n:
+            raise ValueError(name + ": shapes do not match")
         if m == 0 or n == 0 or k == 0:
             return
         size = a.itemsize
         if a.strides[1] != size or b.strides[1] != size or c.strides[1] != size:
-            raise ValueError("gemm_nt_add: rows must be contiguous")
+            raise ValueError(name + ": rows must be contiguous")
         one = np.ones(1, dtype=np_dtype)
-        # Column-major BLAS sees the row-major c as c.T = b @ a.T: op(A) = b.T read
-        # transposed, op(B) = a.T as it lies in memory.
         status = gemm(
-            kind, ord("t"), ord("n"), n, m, k, one.ctypes, b.ctypes, b.strides[0] // size,
+            kind, trans, ord("n"), n, m, k, one.ctypes, b.ctypes, b.strides[0] // size,
             a.ctypes, a.strides[0] // size, one.ctypes, c.ctypes, c.strides[0] // size,
         )  # fmt: skip
         if status != 0:
-            raise RuntimeError("gemm_nt_add: BLAS is not available to Numba")
+            raise RuntimeError(name + ": BLAS is not available to Numba")
 
     return impl
+
+
+@overload(gemm_nt_add, jit_options={"cache": True})
+def _gemm_nt_add(a, b, c):
+    return _gemm_add(a, b, c, True)
+
+
+@overload(gemm_nn_add, jit_options={"cache": True})
+def _gemm_nn_add(a, b, c):
+    return _gemm_add(a, b, c, False)

@@ -45,7 +45,7 @@ from numba import njit, prange
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry
-from ._blas import gemm_nt_add
+from ._blas import gemm_nn_add, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range
 from .direct import grad_bias_kernel
 from .microkernel import gemm_nn, own_gemm_pays
@@ -78,6 +78,27 @@ def _product(a, b, c, use_blas):
 
 
 @njit(cache=True, inline="always")
+def _product_add(a, b, c, use_blas):
+    """``c += a @ b`` (contiguous rows, any row strides)."""
+    if not use_blas or own_gemm_pays(a.shape[0], a.shape[1], b.shape[1]):
+        gemm_nn(a, b, c, True)
+    else:
+        gemm_nn_add(a, b, c)
+
+
+@njit(cache=True, inline="always")
+def _group_products_add(tap, src, dst, f0, f1, per_src, per_dst, use_blas):
+    """``dst[f - f0] += tap[f] @ src[group of f's rows]`` for the rows ``f0:f1`` of ``tap``,
+    group by group (``per_dst`` rows of ``tap`` per group, ``per_src`` rows of ``src``, whose
+    first row is the first of ``f0``'s group)."""
+    first = f0 // per_dst
+    for g in range(first, (f1 - 1) // per_dst + 1):
+        a0, a1 = max(f0, g * per_dst), min(f1, (g + 1) * per_dst)
+        rows = src[(g - first) * per_src : (g - first + 1) * per_src]
+        _product_add(tap[a0:a1], rows, dst[a0 - f0 : a1 - f0], use_blas)
+
+
+@njit(cache=True, inline="always")
 def _product_nt_add(a, b, c, use_blas):
     """``c += a @ b.T`` (contiguous rows): BLAS (grad-w's products measured faster there, see
     :mod:`.im2col`), or the micro-kernel without BLAS."""
@@ -85,6 +106,12 @@ def _product_nt_add(a, b, c, use_blas):
         gemm_nt_add(a, b, c)
     else:
         gemm_nn(a, b.T, c, True)
+
+
+@njit(cache=True, inline="always")
+def _whole_rows(row_step, col_step, col_first, out_w, width):
+    """Whether a tap's window of whole output rows reads whole, consecutive input rows."""
+    return row_step == 1 and col_step == 1 and col_first == 0 and out_w == width
 
 
 @njit(cache=True, inline="always")
@@ -130,6 +157,8 @@ def taps_forward_kernel(
     blocks = (n_filters + block - 1) // block
     jobs = n_batch * bands * blocks
     lanes = windows.shape[0]
+    x3 = x.reshape(n_batch, n_channels, height * width)
+    y3 = y.reshape(n_batch, n_filters, out_h * out_w)
     for lane in prange(lanes):
         for job in range(lane, jobs, lanes):
             n = job // (bands * blocks)
@@ -151,9 +180,25 @@ def taps_forward_kernel(
                     j0, j1 = valid_range(out_w, sw, s * dw - pad_l, width)
                     if j1 <= j0:
                         continue
-                    pixels = (i1 - i0) * (j1 - j0)
                     # The window's channels: those of the block's groups.
                     g0, g1 = k0 // k_g, (k1 - 1) // k_g + 1
+                    tap = w_taps[r * filter_w + s]
+                    first_row = i0 * sh + r * dh - pad_t
+                    if (
+                        j0 == 0
+                        and j1 == out_w
+                        and _whole_rows(sh, sw, s * dw - pad_l, out_w, width)
+                    ):
+                        # Whole rows in, whole rows out: the GEMM reads the image's rows and
+                        # adds into the output's, no copies (the middle column of taps of a
+                        # 'same' layer, every tap of a kx1 one).
+                        rows_in = x3[n, g0 * c_g : g1 * c_g, first_row * width :]
+                        _group_products_add(
+                            tap, rows_in[:, : (i1 - i0) * width],
+                            y3[n, k0:k1, i0 * out_w : i1 * out_w], k0, k1, c_g, k_g, use_blas,
+                        )  # fmt: skip
+                        continue
+                    pixels = (i1 - i0) * (j1 - j0)
                     window = windows[lane, : (g1 - g0) * c_g * pixels].reshape(
                         (g1 - g0) * c_g, pixels
                     )
@@ -161,8 +206,13 @@ def taps_forward_kernel(
                         x, n, g0 * c_g, g1 * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
                         s * dw - pad_l, sw, window,
                     )  # fmt: skip
+                    if j0 == 0 and j1 == out_w:  # whole output rows: add in place
+                        _group_products_add(
+                            tap, window, y3[n, k0:k1, i0 * out_w : i1 * out_w], k0, k1, c_g,
+                            k_g, use_blas,
+                        )  # fmt: skip
+                        continue
                     result = results[lane, : (k1 - k0) * pixels].reshape(k1 - k0, pixels)
-                    tap = w_taps[r * filter_w + s]
                     for g in range(g0, g1):
                         f0, f1 = max(k0, g * k_g), min(k1, (g + 1) * k_g)
                         _product(
@@ -187,6 +237,8 @@ def taps_grad_input_kernel(
     blocks = (n_channels + block - 1) // block
     jobs = n_batch * bands * blocks
     lanes = windows.shape[0]
+    grad_y3 = grad_y.reshape(n_batch, n_filters, out_h * out_w)
+    grad_x3 = grad_x.reshape(n_batch, n_channels, height * width)
     for lane in prange(lanes):
         for job in range(lane, jobs, lanes):
             n = job // (bands * blocks)
@@ -207,8 +259,22 @@ def taps_grad_input_kernel(
                     j0, j1 = valid_range(out_w, sw, s * dw - pad_l, width)
                     if j1 <= j0:
                         continue
-                    pixels = (i1 - i0) * (j1 - j0)
                     g0, g1 = c0 // c_g, (c1 - 1) // c_g + 1
+                    tap = w_taps_t[r * filter_w + s]
+                    if (
+                        j0 == 0
+                        and j1 == out_w
+                        and _whole_rows(sh, sw, s * dw - pad_l, out_w, width)
+                    ):
+                        # Whole rows of grad_y onto whole rows of grad_x: no copies.
+                        first_row = i0 + r * dh - pad_t
+                        rows_out = grad_x3[n, c0:c1, first_row * width :]
+                        _group_products_add(
+                            tap, grad_y3[n, g0 * k_g : g1 * k_g, i0 * out_w : i1 * out_w],
+                            rows_out[:, : (i1 - i0) * width], c0, c1, k_g, c_g, use_blas,
+                        )  # fmt: skip
+                        continue
+                    pixels = (i1 - i0) * (j1 - j0)
                     window = windows[lane, : (g1 - g0) * k_g * pixels].reshape(
                         (g1 - g0) * k_g, pixels
                     )
@@ -216,7 +282,6 @@ def taps_grad_input_kernel(
                         grad_y, n, g0 * k_g, g1 * k_g, i0, i1, 0, 1, j0, j1, 0, 1, window
                     )
                     result = results[lane, : (c1 - c0) * pixels].reshape(c1 - c0, pixels)
-                    tap = w_taps_t[r * filter_w + s]
                     for g in range(g0, g1):
                         f0, f1 = max(c0, g * c_g), min(c1, (g + 1) * c_g)
                         _product(
@@ -244,6 +309,8 @@ def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows,
     chunks, n_taps = parts.shape[0], filter_h * filter_w
     jobs = chunks * n_taps * groups
     lanes = outs.shape[0]
+    grad_y3 = grad_y.reshape(n_batch, n_filters, out_h * out_w)
+    x3 = x.reshape(n_batch, n_channels, height * width)
     for lane in prange(lanes):
         for job in range(lane, jobs, lanes):
             chunk, tap, g = job // (n_taps * groups), job // groups % n_taps, job % groups
@@ -254,6 +321,8 @@ def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows,
             j0, j1 = valid_range(out_w, sw, s * dw - pad_l, width)
             if j1 <= j0:
                 continue
+            whole_out = j0 == 0 and j1 == out_w
+            whole_in = whole_out and _whole_rows(sh, sw, s * dw - pad_l, out_w, width)
             for unit in range(units * chunk // chunks, units * (chunk + 1) // chunks):
                 n, band = unit // bands, unit % bands
                 i0 = max(lo, band * band_rows)
@@ -261,13 +330,23 @@ def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows,
                 if i1 <= i0:
                     continue
                 pixels = (i1 - i0) * (j1 - j0)
-                grads = outs[lane, : k_g * pixels].reshape(k_g, pixels)
-                _gather_window(grad_y, n, g * k_g, (g + 1) * k_g, i0, i1, 0, 1, j0, j1, 0, 1, grads)
-                inputs = ins[lane, : c_g * pixels].reshape(c_g, pixels)
-                _gather_window(
-                    x, n, g * c_g, (g + 1) * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
-                    s * dw - pad_l, sw, inputs,
-                )  # fmt: skip
+                if whole_out:  # whole rows of grad_y, read in place
+                    grads = grad_y3[n, g * k_g : (g + 1) * k_g, i0 * out_w : i1 * out_w]
+                else:
+                    grads = outs[lane, : k_g * pixels].reshape(k_g, pixels)
+                    _gather_window(
+                        grad_y, n, g * k_g, (g + 1) * k_g, i0, i1, 0, 1, j0, j1, 0, 1, grads
+                    )
+                if whole_in:  # and of x
+                    first_row = i0 + r * dh - pad_t
+                    inputs = x3[n, g * c_g : (g + 1) * c_g, first_row * width :]
+                    inputs = inputs[:, :pixels]
+                else:
+                    inputs = ins[lane, : c_g * pixels].reshape(c_g, pixels)
+                    _gather_window(
+                        x, n, g * c_g, (g + 1) * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
+                        s * dw - pad_l, sw, inputs,
+                    )  # fmt: skip
                 _product_nt_add(grads, inputs, total, use_blas)
 
 
