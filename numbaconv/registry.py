@@ -107,6 +107,14 @@ TAPS_MAX_USEFUL = 0.8
 TAPS_MIN_CHANNELS = 32
 TAPS_MIN_PIXELS = 196
 
+#: ... and on kx1 filters (one column, unit column stride, no column padding) with at least this
+#: many input and output channels per group: there every tap's GEMM reads whole input rows in
+#: place and adds into whole output rows, no copies. float32, 2 threads, forward/backward ms,
+#: im2col -> taps: Inception's 16x128x17x17 7x1 3.6/9.2 -> 3.4/7.5, 16x192x17x17 7x1 9.3/19.5
+#: -> 7.4/15.3, 8x256x14x14 3x1 2.2/5.2 -> 2.1/4.5; with fewer channels the GEMMs were too thin
+#: (16x64x28x28 3x1 1.2/3.1 -> 1.5/3.1, 4x32x64x64 5x1 1.0/2.1 -> 1.2/2.6).
+TAPS_WHOLE_ROWS_MIN_CHANNELS = 128
+
 
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     """The concrete kernel that ``'auto'`` runs for a geometry (and direction).
@@ -122,7 +130,8 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     - depthwise layers, and stride-1 layers with at most
       :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
     - layers where most of ``im2col``'s products would meet padding (large dilations on small
-      maps) use ``taps``, within the bounds of :data:`TAPS_MAX_USEFUL`;
+      maps) use ``taps``, within the bounds of :data:`TAPS_MAX_USEFUL`, and so do wide kx1
+      layers (:data:`TAPS_WHOLE_ROWS_MIN_CHANNELS`);
     - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
       every other layer (``direct`` did not win even on the digits layer).
 
@@ -138,11 +147,12 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
         stride_1 = geom.stride_h == geom.stride_w == 1
         if per_group == 1 or (stride_1 and per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
             return "direct"
+    channels = min(geom.in_channels, geom.out_channels) // geom.groups
     if (
-        min(geom.in_channels, geom.out_channels) >= TAPS_MIN_CHANNELS * geom.groups
+        channels >= TAPS_MIN_CHANNELS
         and geom.out_height * geom.out_width >= TAPS_MIN_PIXELS
         and taps.useful_fraction(geom) <= TAPS_MAX_USEFUL
-    ):
+    ) or (channels >= TAPS_WHOLE_ROWS_MIN_CHANNELS and taps.reads_whole_rows(geom)):
         return "taps"
     runs = winograd.winograd_geometry(geom)  # dilated layers: on polyphase sub-images
     if (

@@ -114,9 +114,21 @@ def test_a_nan_reaches_only_the_outputs_that_read_it():
         (Cfg(16, 512, 7, 7, 512, 3, 3, padding=12, dilation=12), False),  # 49 pixels
         (Cfg(4, 16, 33, 33, 256, 3, 3, padding=12, dilation=12), False),  # 16 channels
         (Cfg(2, 64, 32, 32, 64, 3, 3, padding=12, dilation=12, groups=4), False),  # 16 per group
+        (Cfg(16, 128, 17, 17, 128, 7, 1, padding=(3, 0)), True),  # Inception's 7x1: whole rows
+        (Cfg(16, 128, 17, 17, 128, 1, 7, padding=(0, 3)), False),  # its 1x7
+        (Cfg(16, 64, 28, 28, 64, 3, 1, padding=(1, 0)), False),  # 3x1, 64 channels
     ],
     ids=str,
 )
 def test_auto_gives_taps_the_layers_mostly_in_padding(cfg, chosen):
     for direction in ("forward", "backward"):
         assert (registry.choose(geometry(cfg), np.float32, direction) == "taps") == chosen
+
+
+def test_whole_rows_are_kx1_filters_without_column_padding():
+    assert taps.reads_whole_rows(geometry(Cfg(2, 4, 9, 6, 4, 3, 1, padding=(1, 0), dilation=2)))
+    assert taps.reads_whole_rows(geometry(Cfg(2, 4, 9, 6, 4, 3, 1, stride=(2, 1))))
+    assert not taps.reads_whole_rows(geometry(Cfg(2, 4, 9, 6, 4, 3, 1, padding=1)))
+    assert not taps.reads_whole_rows(geometry(Cfg(2, 4, 9, 6, 4, 3, 1, stride=2)))
+    assert not taps.reads_whole_rows(geometry(Cfg(2, 4, 9, 6, 4, 1, 1)))  # 1x1: one tap
+    assert not taps.reads_whole_rows(geometry(Cfg(2, 4, 9, 6, 4, 1, 3)))

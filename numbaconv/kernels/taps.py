@@ -378,6 +378,18 @@ def useful_fraction(geom: ConvGeometry) -> float:
     return rows * cols
 
 
+def reads_whole_rows(geom: ConvGeometry) -> bool:
+    """Whether every tap reads whole input rows into whole output rows (kx1 filters of at least
+    two taps at unit column stride without column padding): no window is ever copied."""
+    return (
+        geom.filter_height > 1
+        and geom.filter_width == 1
+        and geom.stride_w == 1
+        and geom.pad_left == 0
+        and geom.out_width == geom.input_shape[3]
+    )
+
+
 def _geometry(geom: ConvGeometry) -> tuple[int, ...]:
     return (
         geom.filter_height, geom.filter_width, geom.stride_h, geom.stride_w, geom.pad_top,
