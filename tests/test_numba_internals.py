@@ -20,7 +20,7 @@ import pytest
 from numba import njit, prange
 
 from numbaconv import _numba_internals, _threading, cache
-from numbaconv.kernels._blas import gemm_nn_add, gemm_nt_add
+from numbaconv.kernels._blas import gemm_nn_add, gemm_nn_into, gemm_nt_add
 
 IN_FRESH_PROCESS = textwrap.dedent(
     """
@@ -172,3 +172,20 @@ def test_gemm_nn_add_checks_its_operands():
         call(a, b, np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="gemm_nn_add: rows must be contiguous"):
         call(a, np.ones((4, 10), np.float32)[:, ::2], np.zeros((3, 5), np.float32))
+
+
+@pytest.mark.parametrize("depth", [13, 0])
+def test_gemm_nn_into_overwrites(depth):
+    """``beta = 0``: ``c`` (NaN here) is replaced by the product, zeros for an empty one."""
+
+    @njit
+    def call(a, b, c):
+        gemm_nn_into(a, b, c)
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((6, depth))
+    b = rng.standard_normal((depth, 9))
+    c = np.full((6, 12), np.nan)
+    call(a, b[:, :], c[:, 1:10])
+    np.testing.assert_allclose(c[:, 1:10], a @ b, rtol=1e-13, atol=1e-13)
+    assert np.isnan(c[:, 0]).all() and np.isnan(c[:, 10:]).all()

@@ -50,8 +50,15 @@ def gemm_nn_add(a, b, c):
     c += a @ b
 
 
-def _gemm_add(a, b, c, b_transposed):
-    """The implementation of both: ``b`` is (N, K) when ``b_transposed``, else (K, N)."""
+def gemm_nn_into(a, b, c):
+    """``c[...] = a @ b``, as :func:`gemm_nn_add` but overwriting ``c`` (``np.dot`` with an
+    output, for operands whose rows are strided)."""
+    c[...] = a @ b
+
+
+def _gemm_add(a, b, c, b_transposed, beta=1.0):
+    """The implementation of all three: ``b`` is (N, K) when ``b_transposed``, else (K, N);
+    ``c`` is scaled by ``beta`` (1: add, 0: overwrite) before the product is added."""
     if not all(isinstance(t, types.Array) and t.ndim == 2 for t in (a, b, c)):
         return None
     dtype = a.dtype
@@ -63,22 +70,27 @@ def _gemm_add(a, b, c, b_transposed):
     # Column-major BLAS sees the row-major c as c.T = b' @ a.T, b' being b (as it lies in
     # memory, (K, N) row-major is b.T column-major: no transpose) or b.T (read transposed).
     trans = ord("t" if b_transposed else "n")
-    name = "gemm_nt_add" if b_transposed else "gemm_nn_add"
+    name = "gemm_nt_add" if b_transposed else ("gemm_nn_add" if beta else "gemm_nn_into")
 
     def impl(a, b, c):
         m, k = a.shape
         n = b.shape[0] if b_transposed else b.shape[1]
         if (b.shape[1] if b_transposed else b.shape[0]) != k or c.shape[0] != m or c.shape[1] != n:
             raise ValueError(name + ": shapes do not match")
-        if m == 0 or n == 0 or k == 0:
+        if m == 0 or n == 0:
+            return
+        if k == 0:  # an empty product: c stays, or is zeros when overwritten
+            if beta == 0.0:
+                c[:, :] = 0.0
             return
         size = a.itemsize
         if a.strides[1] != size or b.strides[1] != size or c.strides[1] != size:
             raise ValueError(name + ": rows must be contiguous")
         one = np.ones(1, dtype=np_dtype)
+        scale = np.full(1, beta, dtype=np_dtype)
         status = gemm(
             kind, trans, ord("n"), n, m, k, one.ctypes, b.ctypes, b.strides[0] // size,
-            a.ctypes, a.strides[0] // size, one.ctypes, c.ctypes, c.strides[0] // size,
+            a.ctypes, a.strides[0] // size, scale.ctypes, c.ctypes, c.strides[0] // size,
         )  # fmt: skip
         if status != 0:
             raise RuntimeError(name + ": BLAS is not available to Numba")
@@ -94,3 +106,8 @@ def _gemm_nt_add(a, b, c):
 @overload(gemm_nn_add, jit_options={"cache": True})
 def _gemm_nn_add(a, b, c):
     return _gemm_add(a, b, c, False)
+
+
+@overload(gemm_nn_into, jit_options={"cache": True})
+def _gemm_nn_into(a, b, c):
+    return _gemm_add(a, b, c, False, beta=0.0)

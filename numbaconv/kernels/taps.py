@@ -45,7 +45,7 @@ from numba import njit, prange
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry
-from ._blas import gemm_nn_add, gemm_nt_add
+from ._blas import gemm_nn_add, gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range
 from .direct import grad_bias_kernel
 from .microkernel import gemm_nn, own_gemm_pays
@@ -74,7 +74,7 @@ def _product(a, b, c, use_blas):
     if not use_blas or own_gemm_pays(a.shape[0], a.shape[1], b.shape[1]):
         gemm_nn(a, b, c, False)
     else:
-        np.dot(a, b, c)
+        gemm_nn_into(a, b, c)
 
 
 @njit(cache=True, inline="always")
@@ -95,7 +95,7 @@ def _group_products_add(tap, src, dst, f0, f1, per_src, per_dst, use_blas):
     for g in range(first, (f1 - 1) // per_dst + 1):
         a0, a1 = max(f0, g * per_dst), min(f1, (g + 1) * per_dst)
         rows = src[(g - first) * per_src : (g - first + 1) * per_src]
-        _product_add(tap[a0:a1], rows, dst[a0 - f0 : a1 - f0], use_blas)
+        _product_add(tap[a0:a1, :], rows, dst[a0 - f0 : a1 - f0], use_blas)
 
 
 @njit(cache=True, inline="always")
@@ -199,9 +199,7 @@ def taps_forward_kernel(
                         )  # fmt: skip
                         continue
                     pixels = (i1 - i0) * (j1 - j0)
-                    window = windows[lane, : (g1 - g0) * c_g * pixels].reshape(
-                        (g1 - g0) * c_g, pixels
-                    )
+                    window = windows[lane, : (g1 - g0) * c_g, :pixels]
                     _gather_window(
                         x, n, g0 * c_g, g1 * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
                         s * dw - pad_l, sw, window,
@@ -212,11 +210,11 @@ def taps_forward_kernel(
                             k_g, use_blas,
                         )  # fmt: skip
                         continue
-                    result = results[lane, : (k1 - k0) * pixels].reshape(k1 - k0, pixels)
+                    result = results[lane, : k1 - k0, :pixels]
                     for g in range(g0, g1):
                         f0, f1 = max(k0, g * k_g), min(k1, (g + 1) * k_g)
                         _product(
-                            tap[f0:f1], window[(g - g0) * c_g : (g - g0 + 1) * c_g],
+                            tap[f0:f1, :], window[(g - g0) * c_g : (g - g0 + 1) * c_g],
                             result[f0 - k0 : f1 - k0], use_blas,
                         )  # fmt: skip
                     _scatter_add_window(result, y, n, k0, k1, i0, i1, 0, 1, j0, j1, 0, 1)
@@ -275,17 +273,15 @@ def taps_grad_input_kernel(
                         )  # fmt: skip
                         continue
                     pixels = (i1 - i0) * (j1 - j0)
-                    window = windows[lane, : (g1 - g0) * k_g * pixels].reshape(
-                        (g1 - g0) * k_g, pixels
-                    )
+                    window = windows[lane, : (g1 - g0) * k_g, :pixels]
                     _gather_window(
                         grad_y, n, g0 * k_g, g1 * k_g, i0, i1, 0, 1, j0, j1, 0, 1, window
                     )
-                    result = results[lane, : (c1 - c0) * pixels].reshape(c1 - c0, pixels)
+                    result = results[lane, : c1 - c0, :pixels]
                     for g in range(g0, g1):
                         f0, f1 = max(c0, g * c_g), min(c1, (g + 1) * c_g)
                         _product(
-                            tap[f0:f1], window[(g - g0) * k_g : (g - g0 + 1) * k_g],
+                            tap[f0:f1, :], window[(g - g0) * k_g : (g - g0 + 1) * k_g],
                             result[f0 - c0 : f1 - c0], use_blas,
                         )  # fmt: skip
                     _scatter_add_window(
@@ -315,7 +311,7 @@ def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows,
         for job in range(lane, jobs, lanes):
             chunk, tap, g = job // (n_taps * groups), job // groups % n_taps, job % groups
             r, s = tap // filter_w, tap % filter_w
-            total = parts[chunk, tap, g * k_g : (g + 1) * k_g]
+            total = parts[chunk, tap, g * k_g : (g + 1) * k_g, :]
             total[:] = 0.0
             lo, hi = valid_range(out_h, sh, r * dh - pad_t, height)
             j0, j1 = valid_range(out_w, sw, s * dw - pad_l, width)
@@ -333,7 +329,7 @@ def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows,
                 if whole_out:  # whole rows of grad_y, read in place
                     grads = grad_y3[n, g * k_g : (g + 1) * k_g, i0 * out_w : i1 * out_w]
                 else:
-                    grads = outs[lane, : k_g * pixels].reshape(k_g, pixels)
+                    grads = outs[lane, :, :pixels]
                     _gather_window(
                         grad_y, n, g * k_g, (g + 1) * k_g, i0, i1, 0, 1, j0, j1, 0, 1, grads
                     )
@@ -342,7 +338,7 @@ def taps_grad_weight_kernel(grad_y, x, parts, outs, ins, geo, groups, band_rows,
                     inputs = x3[n, g * c_g : (g + 1) * c_g, first_row * width :]
                     inputs = inputs[:, :pixels]
                 else:
-                    inputs = ins[lane, : c_g * pixels].reshape(c_g, pixels)
+                    inputs = ins[lane, :, :pixels]
                     _gather_window(
                         x, n, g * c_g, (g + 1) * c_g, i0, i1, r * dh - pad_t, sh, j0, j1,
                         s * dw - pad_l, sw, inputs,
@@ -442,8 +438,8 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     block = _block(k, geom.groups, n * bands)
     lanes = _lanes(n * bands * -(-k // block))
     pixels = band_rows * ow
-    windows = take("taps.windows", (lanes, c * pixels), x.dtype)
-    results = take("taps.results", (lanes, block * pixels), x.dtype)
+    windows = take("taps.windows", (lanes, c, pixels), x.dtype)
+    results = take("taps.results", (lanes, block, pixels), x.dtype)
     y = np.empty(geom.output_shape, dtype=x.dtype)
     bias = b if b is not None else np.zeros(1, dtype=x.dtype)
     use_blas = blas_inside_kernels()
@@ -465,8 +461,8 @@ def input_gradient(grad_y, w, geom: ConvGeometry) -> np.ndarray:
     block = _block(c, geom.groups, n * bands)
     lanes = _lanes(n * bands * -(-c // block))
     pixels = -(-band_rows // geom.stride_h) * out_w
-    windows = take("taps.windows", (lanes, k * pixels), grad_y.dtype)
-    results = take("taps.results", (lanes, block * pixels), grad_y.dtype)
+    windows = take("taps.windows", (lanes, k, pixels), grad_y.dtype)
+    results = take("taps.results", (lanes, block, pixels), grad_y.dtype)
     grad_x = np.empty(geom.input_shape, dtype=grad_y.dtype)
     use_blas = blas_inside_kernels()
     with _blas_held(use_blas):
@@ -491,8 +487,8 @@ def weight_gradient(grad_y, x, w, geom: ConvGeometry) -> np.ndarray:
     chunks = min(chunks, geom.batch * -(-out_h // band_rows))
     lanes = _lanes(chunks * n_taps)
     pixels = band_rows * out_w
-    outs = take("taps.windows", (lanes, k_g * pixels), x.dtype)
-    ins = take("taps.results", (lanes, c_g * pixels), x.dtype)
+    outs = take("taps.windows", (lanes, k_g, pixels), x.dtype)
+    ins = take("taps.results", (lanes, c_g, pixels), x.dtype)
     parts = np.empty((chunks, r * s, k, c_g), dtype=x.dtype)
     use_blas = blas_inside_kernels()
     with _blas_held(use_blas):
