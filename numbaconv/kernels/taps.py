@@ -10,10 +10,13 @@ a copy of the window it reads::
 
 The products with the zero padding are never computed; ``im2col`` computes them all. That pays
 where they are many: large dilations on small maps, DeepLab's atrous layers (its 4x256x33x33
-layer at dilation 12 has 43 % of its products with padding: float32, 2 threads, forward 23 ms
-by ``im2col``, 12 by taps). Elsewhere it loses (16x512x7x7 3x3: 14.3 against 17.4 ms): each tap
-reads and writes the output again, and the GEMMs are a window wide, not a band of all the taps.
-``auto`` gives it the layers where most products would meet padding (:func:`useful_fraction`).
+layer at dilation 12 has 43 % of its products with padding: float32, 2 threads, forward 23.7
+ms by ``im2col``, 12.0 by taps). Elsewhere it loses (16x512x7x7 3x3: 15.8 against 21.7 ms):
+each tap reads and writes the output again, and the GEMMs are a window wide, not a band of all
+the taps. Where a window is whole output rows, its GEMM adds straight into them; where it also
+reads whole, consecutive input rows (kx1 filters, the middle column of a 'same' layer's taps),
+nothing is copied at all. ``auto`` gives it the layers where most products would meet padding
+(:func:`useful_fraction`) and wide kx1 layers (:func:`reads_whole_rows`).
 
 The backward pass runs the same sum the other way round:
 
@@ -24,12 +27,15 @@ The backward pass runs the same sum the other way round:
 - grad-b: the sums of ``grad_y`` (:func:`.direct.grad_bias_kernel`).
 
 Jobs and bits: the forward pass's jobs are (image, band of output rows, block of filters), grad-
-x's (image, band of input rows, block of channels), grad-w's (tap, group). Each job owns what it
-writes and adds its terms in a fixed order (the taps in order; grad-w, the images and bands in
-order), and the jobs are a function of the geometry alone, so the bits are the same on any
-number of threads. The GEMMs run on numbaconv's micro-kernel where
-:func:`~.microkernel.own_gemm_pays`, else on BLAS (held to one thread) as in ``im2col``; without
-BLAS inside kernels (``NUMBACONV_BLAS_INSIDE_KERNELS=0``) all on the micro-kernel.
+x's (image, band of input rows, block of channels), grad-w's (chunk of the batch, tap, group),
+the chunks' partial sums added in order at the end. Each job owns what it writes and adds its
+terms in a fixed order (the taps in order; grad-w, the images and bands in order), and the jobs
+are a function of the geometry alone, so the bits are the same on any number of threads.
+
+The GEMMs run on numbaconv's micro-kernel where :func:`~.microkernel.own_gemm_pays`, else on
+BLAS (held to one thread) as in ``im2col``; without BLAS inside kernels
+(``NUMBACONV_BLAS_INSIDE_KERNELS=0``) all on the micro-kernel. Every operand is a strided 2-D
+view (the lanes' workspaces are 3-D), so each kernel compiles one specialisation of each.
 
 Workspace: per lane, one band's window copy and GEMM result, near :data:`BAND_BYTES`.
 """
@@ -50,9 +56,10 @@ from ._loops import gather_row, scatter_add_row, valid_range
 from .direct import grad_bias_kernel
 from .microkernel import gemm_nn, own_gemm_pays
 
-#: A band's window copy (channels x band pixels) is kept near this many bytes: with 2 MiB of L2
-#: per core, the copy and the GEMM's result stay in it. DeepLab's 4x256x33x33 layer (34 KB an
-#: output row in float32) then runs whole images.
+#: A band's window copy (channels x band pixels) is kept near this many bytes. Smaller bands were
+#: slower: DeepLab's 4x256x33x33 dilation-12 layer (34 KB an output row in float32, so whole
+#: images at this size), float32, 2 threads, forward 11.9 ms at 2 MiB, 12.4 / 13.1 / 14.1 at
+#: 1 MiB / 512 KiB / 256 KiB.
 BAND_BYTES = 2**21
 
 #: Jobs per pass at least this many, where the blocks of filters (channels, for grad-x) allow:
@@ -60,8 +67,8 @@ BAND_BYTES = 2**21
 #: geometry only, like every job boundary here.
 MIN_JOBS = 4
 
-#: Blocks of filters (channels) are never narrower than this (the GEMMs' rows): two vector
-#: tiles' worth, so that a one-image layer of 32 filters still makes two jobs.
+#: Blocks of filters (channels) are never narrower than this (the GEMMs' rows): two of the
+#: micro-kernel's 8-row tiles, so that a one-image layer of 32 filters still makes two jobs.
 MIN_BLOCK = 16
 
 #: At most this many lanes (workspaces); jobs are dealt to lanes in turn.
