@@ -94,15 +94,18 @@ def _product_add(a, b, c, use_blas):
 
 
 @njit(cache=True, inline="always")
-def _group_products_add(tap, src, dst, f0, f1, per_src, per_dst, use_blas):
-    """``dst[f - f0] += tap[f] @ src[group of f's rows]`` for the rows ``f0:f1`` of ``tap``,
+def _group_products(tap, src, dst, f0, f1, per_src, per_dst, accumulate, use_blas):
+    """``dst[f - f0] (+)= tap[f] @ src[group of f's rows]`` for the rows ``f0:f1`` of ``tap``,
     group by group (``per_dst`` rows of ``tap`` per group, ``per_src`` rows of ``src``, whose
-    first row is the first of ``f0``'s group)."""
+    first row is the first of ``f0``'s group); adds when ``accumulate``, else overwrites."""
     first = f0 // per_dst
     for g in range(first, (f1 - 1) // per_dst + 1):
         a0, a1 = max(f0, g * per_dst), min(f1, (g + 1) * per_dst)
         rows = src[(g - first) * per_src : (g - first + 1) * per_src]
-        _product_add(tap[a0:a1, :], rows, dst[a0 - f0 : a1 - f0], use_blas)
+        if accumulate:
+            _product_add(tap[a0:a1, :], rows, dst[a0 - f0 : a1 - f0], use_blas)
+        else:
+            _product(tap[a0:a1, :], rows, dst[a0 - f0 : a1 - f0], use_blas)
 
 
 @njit(cache=True, inline="always")
@@ -200,9 +203,10 @@ def taps_forward_kernel(
                         # adds into the output's, no copies (the middle column of taps of a
                         # 'same' layer, every tap of a kx1 one).
                         rows_in = x3[n, g0 * c_g : g1 * c_g, first_row * width :]
-                        _group_products_add(
+                        _group_products(
                             tap, rows_in[:, : (i1 - i0) * width],
-                            y3[n, k0:k1, i0 * out_w : i1 * out_w], k0, k1, c_g, k_g, use_blas,
+                            y3[n, k0:k1, i0 * out_w : i1 * out_w], k0, k1, c_g, k_g, True,
+                            use_blas,
                         )  # fmt: skip
                         continue
                     pixels = (i1 - i0) * (j1 - j0)
@@ -212,18 +216,13 @@ def taps_forward_kernel(
                         s * dw - pad_l, sw, window,
                     )  # fmt: skip
                     if j0 == 0 and j1 == out_w:  # whole output rows: add in place
-                        _group_products_add(
+                        _group_products(
                             tap, window, y3[n, k0:k1, i0 * out_w : i1 * out_w], k0, k1, c_g,
-                            k_g, use_blas,
+                            k_g, True, use_blas,
                         )  # fmt: skip
                         continue
                     result = results[lane, : k1 - k0, :pixels]
-                    for g in range(g0, g1):
-                        f0, f1 = max(k0, g * k_g), min(k1, (g + 1) * k_g)
-                        _product(
-                            tap[f0:f1, :], window[(g - g0) * c_g : (g - g0 + 1) * c_g],
-                            result[f0 - k0 : f1 - k0], use_blas,
-                        )  # fmt: skip
+                    _group_products(tap, window, result, k0, k1, c_g, k_g, False, use_blas)
                     _scatter_add_window(result, y, n, k0, k1, i0, i1, 0, 1, j0, j1, 0, 1)
 
 
@@ -274,9 +273,9 @@ def taps_grad_input_kernel(
                         # Whole rows of grad_y onto whole rows of grad_x: no copies.
                         first_row = i0 + r * dh - pad_t
                         rows_out = grad_x3[n, c0:c1, first_row * width :]
-                        _group_products_add(
+                        _group_products(
                             tap, grad_y3[n, g0 * k_g : g1 * k_g, i0 * out_w : i1 * out_w],
-                            rows_out[:, : (i1 - i0) * width], c0, c1, k_g, c_g, use_blas,
+                            rows_out[:, : (i1 - i0) * width], c0, c1, k_g, c_g, True, use_blas,
                         )  # fmt: skip
                         continue
                     pixels = (i1 - i0) * (j1 - j0)
@@ -285,12 +284,7 @@ def taps_grad_input_kernel(
                         grad_y, n, g0 * k_g, g1 * k_g, i0, i1, 0, 1, j0, j1, 0, 1, window
                     )
                     result = results[lane, : c1 - c0, :pixels]
-                    for g in range(g0, g1):
-                        f0, f1 = max(c0, g * c_g), min(c1, (g + 1) * c_g)
-                        _product(
-                            tap[f0:f1, :], window[(g - g0) * k_g : (g - g0 + 1) * k_g],
-                            result[f0 - c0 : f1 - c0], use_blas,
-                        )  # fmt: skip
+                    _group_products(tap, window, result, c0, c1, k_g, c_g, False, use_blas)
                     _scatter_add_window(
                         result, grad_x, n, c0, c1, i0, i1, r * dh - pad_t, sh, j0, j1,
                         s * dw - pad_l, sw,
