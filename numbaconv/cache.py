@@ -45,7 +45,7 @@ TASKS: tuple[tuple[str, str, str], ...] = tuple(
 def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     """Small layers (x shape, w shape, options) that reach every branch of a kernel family:
     plain, 1x1 (the image is its own columns), strided, dilated, grouped; Winograd's own
-    geometry and one it hands to im2col."""
+    geometry and one it hands to im2col; one image of 16 channels (im2col's blocked backward)."""
     layers = [
         ((2, 4, 7, 6), (4, 4, 3, 3), dict(padding=1)),
         ((2, 6, 5, 5), (4, 6, 1, 1), {}),
@@ -53,6 +53,8 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     ]
     if kernel == "winograd":
         layers.append(((2, 4, 10, 9), (3, 4, 3, 3), dict(padding=(2, 1))))
+    if kernel in ("im2col", "winograd"):  # a small batch of 16 channels: im2col's blocked backward
+        layers.append(((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)))
     return layers
 
 

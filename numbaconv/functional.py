@@ -37,6 +37,7 @@ from .geometry import (
     validate_grad_output,
     validate_grad_shape,
 )
+from .kernels.direct import grad_bias_kernel
 from .kernels.im2col import col2im_kernel, geometry_args, im2col_kernel
 
 
@@ -436,9 +437,16 @@ def _conv_transpose2d_backward(grad_y, x, w, geom: ConvGeometry, name: str):
     if grad_x.shape != x.shape:  # output_padding >= stride: drop the rows x does not have
         grad_x = np.ascontiguousarray(grad_x[:, :, : x.shape[2], : x.shape[3]])
     grad_w = _run_weight_gradient(_as_adjoint_output(x, geom), grad_y, w, geom, name)
-    # Summed in float64 for both dtypes, like the kernels' own bias gradients.
-    grad_b = np.sum(grad_y, axis=(0, 2, 3), dtype=np.float64).astype(dtype)
-    return grad_x, grad_w, grad_b
+    # Summed in float64 for both dtypes, like the kernels' own bias gradients; in parallel,
+    # rows in order, except for the plain-NumPy kernel (np.sum took 1.35 ms of U-Net's
+    # 16x64x56x56 grad_y, a tenth of the backward pass, on 2 cores).
+    if name == "numpy":
+        grad_b = np.sum(grad_y, axis=(0, 2, 3), dtype=np.float64)
+    else:
+        grad_b = np.empty(grad_y.shape[1], np.float64)
+        with kernel_guard(grad_y.size):
+            grad_bias_kernel(_for_kernel(grad_y), grad_b)
+    return grad_x, grad_w, grad_b.astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 from naive import conv2d_grads_naive, conv2d_naive, out_shape, padding4
 
@@ -159,6 +160,17 @@ def run_all(cfg: Cfg, x, w, b, gy, kernel):
     y = nc.conv2d(x, w, b, kernel=kernel, **cfg.kwargs)
     gx, gw, gb = nc.conv2d_backward(gy, x, w, kernel=kernel, **cfg.kwargs)
     return y, gx, gw, gb
+
+
+def assert_same_bits_on_1_and_2_threads(cfg: Cfg, data, kernel, what=""):
+    """``run_all`` on one Numba thread, then on two: every result bit for bit the same. The
+    caller turns the serial shortcut off and restores the thread count."""
+    numba.set_num_threads(1)
+    one = run_all(cfg, *data, kernel)
+    numba.set_num_threads(2)
+    two = run_all(cfg, *data, kernel)
+    for name, a, b in zip(("y", "grad_x", "grad_w", "grad_b"), one, two, strict=True):
+        assert_same_bits(a, b, f"{name} [{cfg}{what}], 1 vs 2 threads")
 
 
 def check_against_reference(cfg: Cfg, kernel, dtype, seed=0, ref=None):

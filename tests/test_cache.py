@@ -16,7 +16,8 @@ from numbaconv.kernels import direct, im2col, winograd
 # default) and the chunked ones (NUMBACONV_BLAS_INSIDE_KERNELS=0, read at each call), forward and
 # backward, both dtypes. The grouped layer is one Winograd does not cover (so im2col, direct and
 # numpy); the 3x3 one is, so that Winograd's own kernels are compiled too; the strided and dilated
-# one takes direct's row kernels (the others, its plane kernels; the strided one, their phases).
+# one takes direct's row kernels (the others, its plane kernels; the strided one, their phases);
+# one image of 16 channels takes im2col's blocked backward.
 WORKLOAD = textwrap.dedent(
     """
     import os
@@ -28,6 +29,7 @@ WORKLOAD = textwrap.dedent(
             ((2, 4, 6, 6), (4, 2, 3, 3), dict(padding=1, groups=2)),
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, dilation=2, groups=4)),
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)),
+            ((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)),
             ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),  # last: the im2col call below uses it
         ]
         saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")

@@ -185,9 +185,22 @@ def test_plans_split_the_batch(
     assert im2col._backward_lanes(geom, itemsize) == 4
     backward_rows = min(band_rows, 31)
     assert im2col._band_phases(geom, backward_rows) == 2
+    # That is the fused pass's plan for batches the blocked pass does not take; by default the
+    # blocked pass takes these 3 images of 16 channels (grad-w, then grad-x, in blocks of 4
+    # channels).
+    assert im2col.blocked_fits(geom, itemsize)
     thread_probe.clear()
     run_all(cfg, *layer_data(cfg, dtype_), "im2col")
-    lanes = [(r.name, r.lanes) for r in thread_probe.regions]
+    assert [(r.name, r.lanes) for r in thread_probe.regions] == [
+        ("im2col.fused_forward_kernel", 2),
+        ("im2col.blocked_weight_gradient_kernel", None),
+        ("im2col.blocked_input_gradient_kernel", None),
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(im2col, "BLOCKED_MIN_CHANNELS", cfg.c + 1)
+        thread_probe.clear()
+        check_layer(cfg, "im2col", dtype_)
+        lanes = [(r.name, r.lanes) for r in thread_probe.regions]
     assert lanes == [("im2col.fused_forward_kernel", 2)] + [("im2col.fused_backward_kernel", 4)] * 2
 
     # im2col forward on 6x7 maps: 42 columns per image, so images go side by side, 4 per GEMM

@@ -4,10 +4,14 @@ other test files against the reference.)"""
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
-from helpers import Cfg, assert_same_bits, check_against_reference, make_data, run_all
+from helpers import (
+    Cfg,
+    assert_same_bits_on_1_and_2_threads,
+    check_against_reference,
+    make_data,
+)
 
 import numbaconv as nc
 from numbaconv import _threading, registry
@@ -72,12 +76,7 @@ def test_bands_blocks_and_gemms_against_the_reference(
 def test_bits_do_not_depend_on_the_thread_count(cfg, dtype, plan, restore_num_threads, monkeypatch):
     monkeypatch.setattr(_threading, "SERIAL_FLOPS", 0)
     data = make_data(cfg, dtype, seed=32)
-    numba.set_num_threads(1)
-    one = run_all(cfg, *data, "taps")
-    numba.set_num_threads(2)
-    two = run_all(cfg, *data, "taps")
-    for what, a, b in zip(("y", "grad_x", "grad_w", "grad_b"), one, two, strict=True):
-        assert_same_bits(a, b, f"{what} [{cfg}, {plan}], 1 vs 2 threads")
+    assert_same_bits_on_1_and_2_threads(cfg, data, "taps", f", {plan}")
 
 
 def test_the_jobs_split_a_single_image(monkeypatch):

@@ -77,12 +77,15 @@ def test_threads_have_their_own_pools_and_free_reaches_them():
     thread.join(timeout=30)
 
 
-# Each path that takes workspace: im2col's bands and the 1x1 path, Winograd's forward and grad-w
-# (>= 16 channels); run on several threads (the serial shortcut is turned off below).
+# Each path that takes workspace: im2col's bands, its blocked backward and the 1x1 path,
+# Winograd's forward and grad-w (>= 16 channels); run on several threads (the serial shortcut is
+# turned off below).
 LAYERS = [
     Cfg(4, 6, 15, 13, 8, 3, 3, stride=(2, 1), padding=1, name="im2col-bands"),
     Cfg(4, 16, 12, 12, 16, 3, 3, padding=1, name="winograd"),
     Cfg(3, 24, 9, 9, 16, 1, 1, name="pointwise"),
+    # im2col's blocked backward (two images, 16 channels): the whole batch's columns.
+    Cfg(2, 16, 9, 9, 8, 3, 3, padding=1, name="im2col-blocked"),
 ]
 
 

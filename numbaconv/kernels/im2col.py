@@ -48,7 +48,7 @@ from numba import njit, prange
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
 from ..geometry import ConvGeometry
-from ._blas import gemm_nt_add
+from ._blas import gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range, zero_row
 from .microkernel import gemm_nn, gemm_nn_rows, own_gemm_pays
 
@@ -918,7 +918,129 @@ def _fused_backward(
     return (grad_x if input_gradient else None), grad_w.reshape(w.shape), grad_b
 
 
+#: Blocks of input channels (their taps in grad-w, their planes in grad-x) in the blocked
+#: backward pass for small batches (:func:`blocked_backward`): a fixed number, so the bits never
+#: depend on the thread count, and enough for 2-4 cores.
+BLOCKED_JOBS = 4
+
+
+@njit(parallel=True, cache=True)
+def blocked_weight_gradient_kernel(grad_y, x, cols, grad_w, grad_b, block, bias_block, geo):
+    """grad-w by blocks of ``block`` input channels: a job builds its channels' rows of the
+    columns of every image, then ``grad_w[:, taps] = sum_n grad_y[n] @ cols[taps, image n].T``
+    over their taps, and ``grad_b`` (float64) for a block of ``bias_block`` filters. Each job
+    owns its elements, summing the images in order, so nothing is reduced across lanes.
+    (Blocks of filters instead gave BLAS products of 32 rows, single-threaded 1.8x slower than
+    blocks of taps on ResNet's 1x128x28x28 layer.)"""
+    n_batch, n_filters, pixels = grad_y.shape
+    n_chan = x.shape[1]
+    taps_c = geo[0] * geo[1]
+    for job in prange(-(-n_chan // block)):
+        c0 = job * block
+        c1 = min(n_chan, c0 + block)
+        t0, t1 = c0 * taps_c, c1 * taps_c
+        grad_w[:, t0:t1] = 0
+        for n in range(n_batch):
+            for c in range(c0, c1):
+                channel_columns(x, n, c, 0, geo[2], 0, geo[3], cols, n * pixels, geo)
+            gemm_nt_add(grad_y[n], cols[t0:t1, n * pixels : (n + 1) * pixels], grad_w[:, t0:t1])
+        for k in range(job * bias_block, min(n_filters, (job + 1) * bias_block)):
+            total = 0.0
+            for n in range(n_batch):
+                total += row_sum(grad_y[n, k])
+            grad_b[k] = total
+
+
+@njit(parallel=True, cache=True)
+def blocked_input_gradient_kernel(grad_y, w_t, cols, grad_x, block, geo):
+    """grad-x by (image, block of ``block`` input channels): the block's gradient columns,
+    ``w_t[block's taps] @ grad_y[n]`` (``w_t`` the filters transposed, (C*R*S, K)), overwrite
+    its rows of ``cols``, then col2im into its channels of ``grad_x[n]``: no two jobs write the
+    same element."""
+    n_batch, n_filters, pixels = grad_y.shape
+    n_chan = grad_x.shape[1]
+    taps_c = geo[0] * geo[1]
+    per_image = -(-n_chan // block)
+    for job in prange(n_batch * per_image):
+        n = job // per_image
+        c0 = (job - n * per_image) * block
+        c1 = min(n_chan, c0 + block)
+        a = w_t[c0 * taps_c : c1 * taps_c]
+        out = cols[c0 * taps_c : c1 * taps_c, n * pixels : (n + 1) * pixels]
+        if own_gemm_pays(a.shape[0], n_filters, pixels):
+            gemm_nn(a, grad_y[n], out, False)
+        else:
+            gemm_nn_into(a, grad_y[n], out)
+        for c in range(c0, c1):
+            grad_x[n, c] = 0
+            channel_col2im_add(cols, grad_x, n, c, 0, geo[2], n * pixels, geo)
+
+
+#: ... and only with at least this many input channels (4 per block): ResNet's stem,
+#: 1x3x224x224 7x7 stride 2, ran 5.1-5.3 ms blocked (3 uneven blocks, 7 MB of columns) against
+#: 3.6-3.8 in fused bands.
+BLOCKED_MIN_CHANNELS = 16
+
+
+def blocked_fits(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether :func:`blocked_backward` runs: batches smaller than :data:`SMALL_BATCH_LANES`
+    (where the fused pass splits images into narrow bands, each lane summing its own grad-w)
+    of one group with at least :data:`BLOCKED_MIN_CHANNELS` input channels, whose columns for
+    the whole batch fit in :data:`WORKSPACE_BYTES`."""
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    pixels = geom.batch * geom.out_height * geom.out_width
+    return (
+        0 < geom.batch < SMALL_BATCH_LANES
+        and geom.groups == 1
+        and geom.in_channels >= BLOCKED_MIN_CHANNELS
+        and taps * pixels * itemsize <= WORKSPACE_BYTES
+    )
+
+
+def blocked_backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool, weight_gradient: bool):
+    """The backward pass for small batches in two parallel regions, by blocks of input channels:
+    grad-w and grad-b (each block builds its rows of the columns of the whole batch, then one
+    GEMM per image over all its pixels: no per-lane sums), then grad-x (each block's gradient
+    columns overwrite its rows of the columns, then col2im). :data:`BLOCKED_JOBS` blocks, a
+    function of the geometry. float32, 2 threads, backward ms, fused bands -> blocked, two
+    alternating runs: ResNet's 1x128x28x28 3x3 2.85-2.95 -> 2.46-2.49, 2x128x28x28 4.9 -> 4.6,
+    3x128x28x28 8.3-8.4 -> 6.6, 1x256x14x14 4.3 -> 3.1, 1x512x7x7 9.2-9.4 -> 5.7-5.9,
+    1x64x56x56 stride 2 1.7 -> 1.4-1.6; 1x64x56x56 1x1 and 1x16x64x64 3x3 drew (0.6-0.7).
+
+    Without ``weight_gradient``, ``x`` may be None and grad-w and grad-b are None; without
+    ``input_gradient``, grad-x is None."""
+    n, k, oh, ow = geom.output_shape
+    dtype = w.dtype
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    cols = take("im2col.blocked_columns", (taps, n * oh * ow), dtype)
+    geo = geometry_args(geom)
+    grad_flat = grad_y.reshape(n, k, oh * ow)
+    grad_w = grad_b = grad_x = None
+    block = -(-geom.in_channels // BLOCKED_JOBS)
+    if weight_gradient:
+        grad_w = np.empty((k, taps), dtype)
+        grad_b = np.empty(k, np.float64)
+        bias_block = -(-k // -(-geom.in_channels // block))
+        with single_threaded_blas():
+            blocked_weight_gradient_kernel(
+                grad_flat, x, cols, grad_w, grad_b, block, bias_block, geo
+            )  # fmt: skip
+        grad_w = grad_w.reshape(w.shape)
+        grad_b = grad_b.astype(dtype)
+    if input_gradient:
+        # (Not np.ascontiguousarray: with one filter it returns the transposed view itself,
+        # whose unit axis keeps a stride BLAS cannot take.)
+        w_t = np.empty((taps, k), dtype)
+        w_t[...] = w.reshape(k, taps).T
+        grad_x = np.empty(geom.input_shape, dtype)
+        with single_threaded_blas():
+            blocked_input_gradient_kernel(grad_flat, w_t, cols, grad_x, block, geo)
+    return grad_x, grad_w, grad_b
+
+
 def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
+    if blas_inside_kernels() and blocked_fits(geom, x.itemsize):
+        return blocked_backward(grad_y, x, w, geom, input_gradient, True)
     lanes = _backward_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
     if lanes == 0:
         return _backward(grad_y, x, w, geom, input_gradient)
@@ -928,6 +1050,8 @@ def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
 def input_gradient(grad_y, w, geom: ConvGeometry):
     """grad-x alone (a transposed convolution's forward pass): the gradient-column GEMMs and
     col2im of the backward pass, without the columns of the input or the grad-w GEMMs."""
+    if blas_inside_kernels() and blocked_fits(geom, w.itemsize):
+        return blocked_backward(grad_y, None, w, geom, True, False)[0]
     lanes = _backward_lanes(geom, w.itemsize) if blas_inside_kernels() else 0
     if lanes == 0 or geom.batch == 0:
         # The chunked path has no grad-x-only mode: a full pass on an all-zero input.
