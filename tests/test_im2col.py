@@ -137,3 +137,22 @@ def test_im2col_errors():
         nc.col2im(np.zeros((18, 4), dtype=np.float16), (1, 2, 4, 4), 3, 3, 2, 2, 1, 0)
     with pytest.raises(ValueError, match=r"cols must have shape \(18, 4\)"):
         nc.col2im(np.zeros((18, 5)), (1, 2, 4, 4), 3, 3, 2, 2, 1, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_deep_input_gradient_products_on_blas_match_the_reference(dtype):
+    """A layer whose grad-x products (288 taps x 128 filters, the filters transposed) go to BLAS
+    by ``own_gemm_pays_transposed``, and one (32 channels of 3x3 taps x 64 filters) that stays
+    on the micro-kernel: both against the reference."""
+    from helpers import Cfg, check_against_reference
+
+    from numbaconv.kernels import microkernel as mk
+
+    deep = Cfg(4, 32, 10, 9, 128, 3, 3, padding=1, name="deep")
+    shallow = Cfg(4, 32, 10, 9, 64, 3, 3, padding=1, name="shallow")
+    pixels = 10 * 9
+    assert not mk.own_gemm_pays_transposed.py_func(288, 128, pixels)
+    assert mk.own_gemm_pays.py_func(288, 128, pixels)
+    assert mk.own_gemm_pays_transposed.py_func(288, 64, pixels)
+    for cfg in (deep, shallow):
+        check_against_reference(cfg, "im2col", dtype)

@@ -239,3 +239,17 @@ def test_gemm_nn_rows_is_gemm_nn_on_the_rows_it_names(size, dtype):
     c = start.copy()
     mk.gemm_nn_rows(np.ascontiguousarray(a.T).T, flat, rows, c, True)
     _assert_product(c - start, _reference(a, explicit), a, explicit, k)
+
+
+def test_deep_products_with_a_transposed_left_operand_go_to_blas():
+    """``own_gemm_pays_transposed``: BLAS for products at least OWN_GEMM_TRANSPOSED_MIN_DEPTH
+    deep with more than OWN_GEMM_MAX_TRANSPOSED_PRODUCT elements on the left, the micro-kernel
+    elsewhere that ``own_gemm_pays`` says so."""
+    pays, pays_t = mk.own_gemm_pays.py_func, mk.own_gemm_pays_transposed.py_func
+    depth = mk.OWN_GEMM_TRANSPOSED_MIN_DEPTH
+    rows = mk.OWN_GEMM_MAX_TRANSPOSED_PRODUCT // depth
+    for m, k, n in [(2048, 256, 256), (1152, 128, 784), (rows + 1, depth, 784)]:
+        assert pays(m, k, n) and not pays_t(m, k, n), (m, k, n)
+    for m, k, n in [(1152, 64, 784), (128, 128, 784), (rows, depth, 784), (rows + 1, 64, 784)]:
+        assert pays(m, k, n) and pays_t(m, k, n), (m, k, n)
+    assert not pays(16, 64, 784) and not pays_t(16, 64, 784)

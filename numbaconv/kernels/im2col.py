@@ -50,7 +50,7 @@ from .._workspace import take
 from ..geometry import ConvGeometry
 from ._blas import gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range, zero_row
-from .microkernel import gemm_nn, gemm_nn_rows, own_gemm_pays
+from .microkernel import gemm_nn, gemm_nn_rows, own_gemm_pays, own_gemm_pays_transposed
 
 #: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result); one image's
 #: workspace is always allowed. Chunks larger than L2 (2 MiB per core here) cost little, while
@@ -472,7 +472,7 @@ def _backward_band(
         if weight_gradient:
             gemm_nt_add(grad[filters], cols[rows], acc[filters])
         if input_gradient:
-            if own_gemm_pays(taps_g, k_g, grad.shape[1]):
+            if own_gemm_pays_transposed(taps_g, k_g, grad.shape[1]):
                 gemm_nn(w_mat[filters].T, grad[filters], grad_cols[rows], False)
             else:
                 np.dot(w_mat[filters].T, grad[filters], grad_cols[rows])

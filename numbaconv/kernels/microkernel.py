@@ -105,6 +105,18 @@ OWN_GEMM_MAX_COLUMNS = 4096
 #: drew (0.93-1.10x over 196-784 columns) and 64 x 3136 won (1.26-1.29x at 576 columns).
 OWN_GEMM_MAX_PRODUCT = 2**20
 
+#: ... and so did products with a transposed left operand (its rows strided, its columns
+#: contiguous: im2col's filters in the input gradient) at least this deep and with more than
+#: OWN_GEMM_MAX_TRANSPOSED_PRODUCT elements: :func:`tile_nn` broadcasts each of its K columns
+#: from its own cache line (at power-of-two row lengths from its own page), where OpenBLAS packs
+#: it. Single-threaded float32, transposed ``a``, this module / OpenBLAS in GFLOP/s: 2048x256 @
+#: 256x256 113 / 156, 1152x128 @ 128x784 104 / 127, 288x256 @ 256x784 144 / 163; drawn at
+#: 256x128 @ 128x784 (161 / 166) and 576x128 @ 128x448 (145 / 148); won at depth 64
+#: (1152x64 @ 64x784 133-148 / 116-122) and at 128x128 @ 128x784 (164 / 159). float64 alike:
+#: 2048x256 @ 256x256 42 / 64. DCGAN's transposed 4x4 layer ran 7.3-7.4 -> 6.7 ms forward.
+OWN_GEMM_TRANSPOSED_MIN_DEPTH = 128
+OWN_GEMM_MAX_TRANSPOSED_PRODUCT = 2**15
+
 #: ... and products of M*K*N up to this went to BLAS too: OpenBLAS's AVX-512 builds run them
 #: with kernels that skip packing (see ``im2col.SMALL_GEMM_SIZE``), which beat the tile on
 #: Winograd's and thin bands' narrow products (64x64x196: 167 against 125 GFLOP/s, 32x75x224:
@@ -315,6 +327,15 @@ def own_gemm_pays(rows, depth, columns):
         and OWN_GEMM_MIN_PRODUCT <= rows * depth <= OWN_GEMM_MAX_PRODUCT
         and columns <= OWN_GEMM_MAX_COLUMNS
         and rows * depth * columns > OWN_GEMM_MIN_VOLUME
+    )
+
+
+@njit(cache=True, inline="always")
+def own_gemm_pays_transposed(rows, depth, columns):
+    """:func:`own_gemm_pays` for a left operand that is a transposed view (its rows strided,
+    its columns contiguous), such as im2col's filters in the input gradient."""
+    return own_gemm_pays(rows, depth, columns) and (
+        depth < OWN_GEMM_TRANSPOSED_MIN_DEPTH or rows * depth <= OWN_GEMM_MAX_TRANSPOSED_PRODUCT
     )
 
 
