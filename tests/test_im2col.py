@@ -151,8 +151,8 @@ def test_deep_input_gradient_products_on_blas_match_the_reference(dtype):
     deep = Cfg(4, 32, 10, 9, 128, 3, 3, padding=1, name="deep")
     shallow = Cfg(4, 32, 10, 9, 64, 3, 3, padding=1, name="shallow")
     pixels = 10 * 9
-    assert not mk.own_gemm_pays_transposed.py_func(288, 128, pixels)
-    assert mk.own_gemm_pays.py_func(288, 128, pixels)
-    assert mk.own_gemm_pays_transposed.py_func(288, 64, pixels)
+    assert not mk.own_gemm_pays_transposed.py_func(288, 128, pixels, 4)
+    assert mk.own_gemm_pays.py_func(288, 128, pixels, 4)
+    assert mk.own_gemm_pays_transposed.py_func(288, 64, pixels, 4)
     for cfg in (deep, shallow):
         check_against_reference(cfg, "im2col", dtype)

@@ -27,7 +27,7 @@ def _plan(cfg, dtype):
     geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
     band_rows, group = im2col.forward_plan(geom, np.dtype(dtype).itemsize)
     segment = im2col.row_segment(geom, np.dtype(dtype).itemsize, band_rows, group)
-    return im2col.implicit_plan(geom, band_rows, group, segment)
+    return im2col.implicit_plan(geom, band_rows, group, segment, np.dtype(dtype).itemsize)
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
@@ -63,7 +63,7 @@ def test_the_plan_says_no_where_it_does_not_apply():
     def plan(x_shape, w_shape, **options):
         geom = make_geometry(x_shape, w_shape, **options)
         band_rows, group = im2col.forward_plan(geom, 4)
-        return im2col.implicit_plan(geom, band_rows, group, geom.out_width).shape[0]
+        return im2col.implicit_plan(geom, band_rows, group, geom.out_width, 4).shape[0]
 
     assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1) == 360
     assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1, stride=2) == 0  # stride

@@ -249,7 +249,20 @@ def test_deep_products_with_a_transposed_left_operand_go_to_blas():
     depth = mk.OWN_GEMM_TRANSPOSED_MIN_DEPTH
     rows = mk.OWN_GEMM_MAX_TRANSPOSED_PRODUCT // depth
     for m, k, n in [(2048, 256, 256), (1152, 128, 784), (rows + 1, depth, 784)]:
-        assert pays(m, k, n) and not pays_t(m, k, n), (m, k, n)
+        assert pays(m, k, n, 4) and not pays_t(m, k, n, 4), (m, k, n)
     for m, k, n in [(1152, 64, 784), (128, 128, 784), (rows, depth, 784), (rows + 1, 64, 784)]:
-        assert pays(m, k, n) and pays_t(m, k, n), (m, k, n)
-    assert not pays(16, 64, 784) and not pays_t(16, 64, 784)
+        assert pays(m, k, n, 4) and pays_t(m, k, n, 4), (m, k, n)
+    assert not pays(16, 64, 784, 4) and not pays_t(16, 64, 784, 4)
+
+
+def test_long_rows_go_to_blas_by_their_bytes():
+    """``own_gemm_pays``' bound on the rows of B and C is in bytes: ResNet's 1x1 layers (3136
+    columns) stay on the micro-kernel in float32 and go to BLAS in float64."""
+    longest = mk.OWN_GEMM_MAX_ROW_BYTES
+    assert mk.own_gemm_pays.py_func(64, 256, longest // 4, 4)
+    assert not mk.own_gemm_pays.py_func(64, 256, longest // 4 + 1, 4)
+    assert mk.own_gemm_pays.py_func(64, 256, longest // 8, 8)
+    assert not mk.own_gemm_pays.py_func(64, 256, longest // 8 + 1, 8)
+    assert mk.own_gemm_pays.py_func(64, 256, 3136, 4) and not mk.own_gemm_pays.py_func(
+        64, 256, 3136, 8
+    )

@@ -13,6 +13,7 @@ from naive import conv2d_windows, padding4
 import numbaconv as nc
 from numbaconv.geometry import make_geometry
 from numbaconv.kernels import im2col
+from numbaconv.kernels import microkernel as mk
 
 # Height-1 images (a conv1d's view): 16 channels x 9 taps = 144 rows of columns, so float32
 # rows wider than about 1800 output columns exceed BAND_BYTES (float64: 900).
@@ -42,11 +43,26 @@ def test_segmented_rows_match_the_reference(cfg, dtype, force_parallel):
     assert_close(y, ref, ref_abs, dtype, f"forward [{cfg}]")
 
 
-@pytest.mark.parametrize("cfg", CASES[:2], ids=str)
+# Rows of 2044 output columns: still segmented in float32 (above about 1820 columns) and whole,
+# short enough for numbaconv's own GEMM in float64 too (microkernel.OWN_GEMM_MAX_ROW_BYTES:
+# 2048 float64 columns; wider whole rows go to BLAS, which rounds otherwise), with a last segment
+# of 224 columns in both dtypes, above the 1e6 M*K*N bound below which BLAS runs.
+BITS_CASES = [
+    Cfg(2, 16, 1, 2044, 32, 1, 9, padding=(0, 4), bias=True, name="same-9"),
+    Cfg(1, 16, 1, 4089, 32, 1, 9, stride=2, padding=(0, 3), name="stride-2"),
+]
+
+
+@pytest.mark.parametrize("cfg", BITS_CASES, ids=str)
 def test_segments_do_not_change_the_bits(cfg, dtype, monkeypatch):
     """numbaconv's own GEMM rounds each column the same whatever columns share its product
     (32 filters x 144 taps: it runs these, the last, ragged segments too, being above its
     1e6 M*K*N bound), so cutting rows into segments changes no bit."""
+    geom, segment = _segment(cfg, dtype)
+    assert segment < geom.out_width and geom.out_width % segment != 0
+    itemsize = np.dtype(dtype).itemsize
+    assert mk.own_gemm_pays.py_func(32, 144, geom.out_width, itemsize)
+    assert mk.own_gemm_pays.py_func(32, 144, geom.out_width % segment, itemsize)
     x, w, b, _ = make_data(cfg, dtype, seed=5)
     segmented = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
     monkeypatch.setattr(im2col, "BAND_BYTES", 2**30)

@@ -263,7 +263,7 @@ def _group_products(w_mat, cols, out, groups):
     for g in range(groups):
         filters = w_mat[g * k_g : (g + 1) * k_g]
         taps_cols = cols[g * taps_g : (g + 1) * taps_g]
-        if own_gemm_pays(k_g, taps_g, cols.shape[1]):
+        if own_gemm_pays(k_g, taps_g, cols.shape[1], out.itemsize):
             gemm_nn(filters, taps_cols, out[g * k_g : (g + 1) * k_g], False)
         else:
             np.dot(filters, taps_cols, out[g * k_g : (g + 1) * k_g])
@@ -472,7 +472,7 @@ def _backward_band(
         if weight_gradient:
             gemm_nt_add(grad[filters], cols[rows], acc[filters])
         if input_gradient:
-            if own_gemm_pays_transposed(taps_g, k_g, grad.shape[1]):
+            if own_gemm_pays_transposed(taps_g, k_g, grad.shape[1], grad.itemsize):
                 gemm_nn(w_mat[filters].T, grad[filters], grad_cols[rows], False)
             else:
                 np.dot(w_mat[filters].T, grad[filters], grad_cols[rows])
@@ -766,7 +766,9 @@ def row_segment(geom: ConvGeometry, itemsize: int, band_rows: int, group: int) -
 IMPLICIT_MAX_WASTE = 0.25
 
 
-def implicit_plan(geom: ConvGeometry, band_rows: int, group: int, segment: int) -> np.ndarray:
+def implicit_plan(
+    geom: ConvGeometry, band_rows: int, group: int, segment: int, itemsize: int
+) -> np.ndarray:
     """The start of each tap's row in the padded planes (int64, one per row of the columns,
     ``(c*R + r)*S + s``), when :func:`fused_forward_kernel` runs implicit GEMM; else empty.
 
@@ -790,7 +792,7 @@ def implicit_plan(geom: ConvGeometry, band_rows: int, group: int, segment: int) 
     padded_w = ow + (geom.filter_width - 1) * geom.dilation_w
     padded_h = oh + (geom.filter_height - 1) * geom.dilation_h
     taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
-    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, oh * padded_w)
+    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, oh * padded_w, itemsize)
     if not pays or (padded_w - ow) > IMPLICIT_MAX_WASTE * padded_w:
         return none
     c, r, s = np.meshgrid(
@@ -812,7 +814,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     segment = row_segment(geom, x.itemsize, band_rows, group)
     jobs = -(-n // group) * -(-oh // band_rows) * -(-ow // segment)
     lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
-    tap_rows = implicit_plan(geom, band_rows, group, segment)
+    tap_rows = implicit_plan(geom, band_rows, group, segment, x.itemsize)
     if tap_rows.shape[0]:
         padded_h = oh + (geom.filter_height - 1) * geom.dilation_h
         padded_w = ow + (geom.filter_width - 1) * geom.dilation_w
@@ -980,7 +982,7 @@ def blocked_input_gradient_kernel(grad_y, w_t, cols, grad_x, block, geo):
         c1 = min(n_chan, c0 + block)
         a = w_t[c0 * taps_c : c1 * taps_c]
         out = cols[c0 * taps_c : c1 * taps_c, n * pixels : (n + 1) * pixels]
-        if own_gemm_pays(a.shape[0], n_filters, pixels):
+        if own_gemm_pays(a.shape[0], n_filters, pixels, out.itemsize):
             gemm_nn(a, grad_y[n], out, False)
         else:
             gemm_nn_into(a, grad_y[n], out)

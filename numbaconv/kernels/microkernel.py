@@ -94,11 +94,16 @@ PACK_MIN_ROW_BLOCKS = 4
 OWN_GEMM_MIN_ROWS = 32
 OWN_GEMM_MIN_PRODUCT = 1536
 
-#: ... and products wider than this went to BLAS, which blocks its panels of B for the cache
-#: where :func:`gemm_nn` streams each row of B and C: 576x64 @ 64x16000 (a 1-D layer's
-#: gradient columns) ran at 77 GFLOP/s against OpenBLAS's 126, 576x64 @ 64x4000 at 152 against
-#: 147. (im2col's forward pass cuts such rows into segments, see ``im2col.row_segment``.)
-OWN_GEMM_MAX_COLUMNS = 4096
+#: ... and products whose rows of B and C are longer than this many bytes went to BLAS, which
+#: blocks its panels of B for the cache where :func:`gemm_nn` streams each row of B and C.
+#: float32: 576x64 @ 64x16000 (a 1-D layer's gradient columns) ran at 77 GFLOP/s against
+#: OpenBLAS's 126, 576x64 @ 64x4000 at 152 against 147 (im2col's forward pass cuts such rows
+#: into segments, see ``im2col.row_segment``). float64, 2 threads, ms forward / backward,
+#: micro-kernel -> BLAS on ResNet's 1x1 layers (56x56 images: 3136 columns, 25 KB rows):
+#: 16x256 -> 64 filters 27.3-27.6 / 54-57 -> 14.8-15.1 / 39.5, 16x64 -> 256 30-31 / 47 ->
+#: 22-24 / 36-37; in float32 (12.5 KB rows) the micro-kernel kept them (forward 10.3-11.0
+#: against 14.5-14.9 ms on BLAS).
+OWN_GEMM_MAX_ROW_BYTES = 16 * 2**10
 
 #: ... and so did products whose left operand exceeds this many elements (the deepest layers:
 #: 512 filters x 4608 taps, at 196 columns 0.86x OpenBLAS, at 49 0.91-0.96x), while 256 x 2304
@@ -320,21 +325,22 @@ VECTOR_BYTES = VECTOR_BITS // 8
 
 
 @njit(cache=True, inline="always")
-def own_gemm_pays(rows, depth, columns):
-    """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product."""
+def own_gemm_pays(rows, depth, columns, itemsize):
+    """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product of
+    ``itemsize``-byte floats."""
     return (
         rows >= OWN_GEMM_MIN_ROWS
         and OWN_GEMM_MIN_PRODUCT <= rows * depth <= OWN_GEMM_MAX_PRODUCT
-        and columns <= OWN_GEMM_MAX_COLUMNS
+        and columns * itemsize <= OWN_GEMM_MAX_ROW_BYTES
         and rows * depth * columns > OWN_GEMM_MIN_VOLUME
     )
 
 
 @njit(cache=True, inline="always")
-def own_gemm_pays_transposed(rows, depth, columns):
+def own_gemm_pays_transposed(rows, depth, columns, itemsize):
     """:func:`own_gemm_pays` for a left operand that is a transposed view (its rows strided,
     its columns contiguous), such as im2col's filters in the input gradient."""
-    return own_gemm_pays(rows, depth, columns) and (
+    return own_gemm_pays(rows, depth, columns, itemsize) and (
         depth < OWN_GEMM_TRANSPOSED_MIN_DEPTH or rows * depth <= OWN_GEMM_MAX_TRANSPOSED_PRODUCT
     )
 

@@ -78,7 +78,7 @@ MAX_LANES = 16
 @njit(cache=True, inline="always")
 def _product(a, b, c, use_blas):
     """``c = a @ b`` (contiguous rows), on the micro-kernel where it pays or without BLAS."""
-    if not use_blas or own_gemm_pays(a.shape[0], a.shape[1], b.shape[1]):
+    if not use_blas or own_gemm_pays(a.shape[0], a.shape[1], b.shape[1], c.itemsize):
         gemm_nn(a, b, c, False)
     else:
         gemm_nn_into(a, b, c)
@@ -87,7 +87,7 @@ def _product(a, b, c, use_blas):
 @njit(cache=True, inline="always")
 def _product_add(a, b, c, use_blas):
     """``c += a @ b`` (contiguous rows, any row strides)."""
-    if not use_blas or own_gemm_pays(a.shape[0], a.shape[1], b.shape[1]):
+    if not use_blas or own_gemm_pays(a.shape[0], a.shape[1], b.shape[1], c.itemsize):
         gemm_nn(a, b, c, True)
     else:
         gemm_nn_add(a, b, c)

@@ -445,7 +445,7 @@ def fused_winograd_kernel(
             for e in range(36):
                 v_e = v[e, : n_chan * count].reshape(n_chan, count)
                 m_e = m[e, : n_filters * count].reshape(n_filters, count)
-                if own_gemm_pays(n_filters, n_chan, count):
+                if own_gemm_pays(n_filters, n_chan, count, m_e.itemsize):
                     gemm_nn(u[e], v_e, m_e, False)
                 else:
                     np.dot(u[e], v_e, m_e)
