@@ -12,7 +12,8 @@ For each case (a layer and a chunk layout) it times, forward (``conv2d``) and ba
   Numba's threads shared out among them (cores // N each), with the input already on the workers
   (``persist``) and the result left there: the computation alone, data movement between workers
   (halos, the weight-gradient tree) included; and ``round trip``, the same with the input sent
-  from this process and the result gathered back into it.
+  from this process and the result gathered back into it; and ``empty graph``, one task per
+  input block that does nothing, persisted the same way: distributed's own cost of a graph.
 
 Each cluster size gets its own cluster and its own rounds: every round times each variant once
 (in memory, threads, the cluster with the data on it), so that whatever else the machine runs
@@ -48,6 +49,9 @@ CASES = {
     "resnet-b32": ((64, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (32, -1, -1, -1)),
     "resnet-b16": ((64, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (16, -1, -1, -1)),
     "resnet-b8": ((64, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (8, -1, -1, -1)),
+    # Large chunks: 160 images of that layer are 128.5 MB in float32, about Dask's default
+    # chunk size (the ``array.chunk-size`` setting, 128 MiB).
+    "resnet-b160": ((320, 64, 56, 56), (64, 64, 3, 3), dict(padding=1), (160, -1, -1, -1)),
     # One large image, 64 channels, in 4 and 16 tiles: the halos cross chunk boundaries.
     "image-t224": ((1, 64, 448, 448), (64, 64, 3, 3), dict(padding=1), (1, -1, 224, 224)),
     "image-t112": ((1, 64, 448, 448), (64, 64, 3, 3), dict(padding=1), (1, -1, 112, 112)),
@@ -138,6 +142,11 @@ def _round_trip(client, timeout, function, *args, **options):
     return futures
 
 
+def _corner(block):
+    """A block's first element: a task that does nothing, to time the scheduling alone."""
+    return block[:1, :1, :1, :1]
+
+
 def _task_count(dask_scheduler=None) -> int:
     return len(dask_scheduler.tasks)
 
@@ -218,6 +227,16 @@ def time_session(case: str, dtype: str, workers: int, repeat: int, timeout: floa
                 ),
                 cleanup,
             ),
+            # distributed's own cost of a graph: one task per input block that does nothing,
+            # persisted and waited for like the runs above.
+            (f"{label}, empty graph", "forward"): (
+                lambda: _persisted(
+                    client,
+                    timeout,
+                    lambda: x_on_workers.map_blocks(_corner, chunks=(1, 1, 1, 1), dtype=x.dtype),
+                ),
+                cleanup,
+            ),
         }
         medians = interleaved_medians(runs, repeat)
         peaks = sorted(client.run(peak_rss_mib).values())
@@ -270,7 +289,8 @@ def main(argv=None) -> int:
             medians, peak = time_session(case, args.dtype, workers, args.repeat, args.timeout)
             times[f"{case} / {workers} workers"] = medians
             peaks[f"{case} / {workers} workers"] = peak
-            for label in dict.fromkeys(label for label, _ in medians):
+            labels = dict.fromkeys(label for label, _ in medians)
+            for label in [label for label in labels if not label.endswith("empty graph")]:
                 cells = []
                 for direction in ("forward", "backward"):
                     seconds = medians[(label, direction)]
@@ -279,6 +299,9 @@ def main(argv=None) -> int:
                         f"{1e3 * seconds:8.1f} ms {per_second / seconds:7.1f} {unit} {ratio:5.2f}"
                     )
                 print(f"  {label:24s} {cells[0]:>28s} {cells[1]:>28s}")
+            for label in [label for label in labels if label.endswith("empty graph")]:
+                seconds = medians[(label, "forward")]
+                print(f"  {label:24s} {1e3 * seconds:8.1f} ms: a no-op task per input block")
             listed = ", ".join(f"{v:.0f}" for v in peak)
             print(f"  peak resident memory per worker: {listed} MiB")
             sys.stdout.flush()
