@@ -20,6 +20,11 @@ CASES = [
     Cfg(2, 64, 8, 8, 128, 3, 3, padding=1, groups=2, name="groups"),
     Cfg(3, 48, 9, 9, 64, 7, 1, padding=(3, 0), bias=False, name="7x1"),
     Cfg(2, 40, 10, 7, 72, 2, 3, padding="same", name="same-even"),
+    # Transposed planes (implicit_transposed): filters wider than tall, and a map taller than
+    # wide; padding above and below that is not the filter's, dilation along the width.
+    Cfg(3, 48, 9, 9, 64, 1, 7, padding=(0, 3), name="1x7-transposed"),
+    Cfg(2, 40, 11, 9, 64, 3, 3, padding=1, bias=False, name="tall-transposed"),
+    Cfg(2, 32, 10, 12, 64, 1, 5, padding=(1, 4), dilation=2, name="1x5-dilated-transposed"),
 ]
 
 
@@ -44,7 +49,7 @@ def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     assert_close(y, ref, ref_abs, dtype, f"forward [{cfg}]")
 
 
-@pytest.mark.parametrize("cfg", CASES[:3], ids=str)
+@pytest.mark.parametrize("cfg", CASES[:3] + CASES[5:], ids=str)
 def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
     which may hold them too, are never in y)."""
@@ -68,6 +73,26 @@ def test_the_plan_says_no_where_it_does_not_apply():
     assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1) == 360
     assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1, stride=2) == 0  # stride
     assert plan((2, 40, 9, 11), (16, 40, 3, 3), padding=1) == 0  # too few filters: BLAS
-    assert plan((2, 48, 9, 9), (64, 48, 1, 7), padding=(0, 3)) == 0  # 6 of 15 columns wasted
+    # 1x7: 6 of 15 columns wasted on the padded width, none on transposed planes.
+    assert plan((2, 48, 9, 9), (64, 48, 1, 7), padding=(0, 3)) == 336
+    assert plan((2, 40, 5, 5), (64, 40, 3, 3), padding=1) == 0  # 2 of 7 either way
     assert plan((2, 64, 9, 9), (64, 64, 1, 1)) == 0  # pointwise: the image is the columns
     assert padding4 is not None
+
+
+def test_transposed_planes_where_the_padded_height_wastes_less():
+    def orientation(x_shape, w_shape, **options):
+        return im2col.implicit_transposed(make_geometry(x_shape, w_shape, **options))
+
+    assert orientation((2, 48, 9, 9), (64, 48, 1, 7), padding=(0, 3))  # 1x7: 6 of 15 wasted
+    assert not orientation((2, 48, 9, 9), (64, 48, 7, 1), padding=(3, 0))  # 7x1: none wasted
+    assert not orientation((2, 40, 9, 9), (64, 40, 3, 3), padding=1)  # square: a tie
+    assert orientation((2, 40, 11, 9), (64, 40, 3, 3), padding=1)  # taller than wide
+    assert not orientation((2, 40, 9, 11), (64, 40, 3, 3), padding=1)  # wider than tall
+    # Transposed planes hold each channel's Wp rows of Hp: tap (c, r, s) starts at
+    # c*Hp*Wp + s*dw*Hp + r*dh. 1x5, dilation 2, on a 10x12 map padded (1, 4): Hp 12, Wp 20.
+    geom = make_geometry((2, 32, 10, 12), (64, 32, 1, 5), padding=(1, 4), dilation=2)
+    band_rows, group = im2col.forward_plan(geom, 4)
+    rows = im2col.implicit_plan(geom, band_rows, group, geom.out_width, 4)
+    np.testing.assert_array_equal(rows[:5], [0, 24, 48, 72, 96])
+    assert rows[5] == 12 * 20

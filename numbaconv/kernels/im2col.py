@@ -286,16 +286,37 @@ def padded_planes(x, n, planes, pad_t, pad_l, padded_h, padded_w):
                 dst[q] = src[q]
 
 
+@njit(cache=True)
+def padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w):
+    """:func:`padded_planes` with each plane transposed: ``padded_w`` rows of ``padded_h``,
+    element (h, w) of the padded plane at ``w * padded_h + h``."""
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    zero_row(planes)
+    plane = padded_h * padded_w
+    for c in range(channels):
+        base = c * plane + pad_l * padded_h + pad_t
+        for h in range(height):
+            src = x[n, c, h]
+            for q in range(width):
+                planes[base + q * padded_h + h] = src[q]
+
+
 @njit(cache=True, inline="always")
-def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_rows):
-    """One image of :func:`fused_forward_kernel`'s implicit-GEMM jobs (stride 1)."""
+def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_rows, transposed):
+    """One image of :func:`fused_forward_kernel`'s implicit-GEMM jobs (stride 1). With
+    ``transposed``, the planes and the product's output are transposed (OW rows on the padded
+    height; see :func:`implicit_transposed`)."""
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
     padded_h = out_h + (filter_h - 1) * dh
     padded_w = out_w + (filter_w - 1) * dw
     n_filters, taps_g = w_mat.shape
     k_g = n_filters // groups
-    padded_planes(x, n, planes_ws, pad_t, pad_l, padded_h, padded_w)
-    wide = out_h * padded_w
+    if transposed:
+        padded_planes_transposed(x, n, planes_ws, pad_t, pad_l, padded_h, padded_w)
+        wide = out_w * padded_h
+    else:
+        padded_planes(x, n, planes_ws, pad_t, pad_l, padded_h, padded_w)
+        wide = out_h * padded_w
     ext = out_ws[: n_filters * wide].reshape(n_filters, wide)
     for g in range(groups):
         gemm_nn_rows(
@@ -304,6 +325,13 @@ def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_row
         )  # fmt: skip
     for k in range(n_filters):
         shift = bias[k]
+        if transposed:
+            dst = y[n, k]
+            for ow in range(out_w):
+                src = ext[k, ow * padded_h : ow * padded_h + out_h]
+                for oh in range(out_h):
+                    dst[oh * out_w + ow] = src[oh] + shift
+            continue
         for oh in range(out_h):
             src = ext[k, oh * padded_w : oh * padded_w + out_w]
             dst = y[n, k, oh * out_w : (oh + 1) * out_w]
@@ -314,7 +342,7 @@ def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_row
 @njit(parallel=True, cache=True)
 def fused_forward_kernel(
     x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, pointwise, group, geo, segment,
-    tap_rows,
+    tap_rows, transposed,
 ):  # fmt: skip
     """The whole forward pass in one parallel region: per band of output rows, the band's
     columns, one single-threaded GEMM per group and the bias, with no pass over the whole batch.
@@ -336,7 +364,8 @@ def fused_forward_kernel(
     (:func:`padded_planes`), and at stride 1 the output on the padded width, OH x Wp, is the
     product of the filters with rows that are windows of those planes, starting at
     ``tap_rows[(c*R + r)*S + s]`` (:func:`~.microkernel.gemm_nn_rows`); its first OW columns of
-    each row are ``y``'s.
+    each row are ``y``'s. With ``transposed``, the planes are stored transposed and the tap rows
+    run down the columns (:func:`implicit_transposed`).
     """
     n_batch = x.shape[0]
     out_h, out_w = geo[2], geo[3]
@@ -360,7 +389,7 @@ def fused_forward_kernel(
             width = (oh1 - oh0) * out_w
             if tap_rows.shape[0] > 0:
                 implicit_image(x, w_mat, bias, y, cols_ws[lane], out_ws[lane], groups, n, geo,
-                               tap_rows)  # fmt: skip
+                               tap_rows, transposed)  # fmt: skip
                 continue
             if segments > 1:
                 ow0 = (job - row_job * segments) * segment
@@ -761,9 +790,20 @@ def row_segment(geom: ConvGeometry, itemsize: int, band_rows: int, group: int) -
     return int(min(out_w, max(MIN_SEGMENT, BAND_BYTES // (taps * itemsize))))
 
 
-#: Implicit GEMM computes OH x Wp outputs for OH x OW: at most this share of them may be the
-#: padding's (see :func:`implicit_plan`).
+#: Implicit GEMM computes OH x Wp outputs for OH x OW (OW x Hp for OW x OH on transposed
+#: planes): at most this share of them may be the padding's (see :func:`implicit_plan`).
 IMPLICIT_MAX_WASTE = 0.25
+
+
+def implicit_transposed(geom: ConvGeometry) -> bool:
+    """Whether implicit GEMM runs on transposed planes (rows along the height): when fewer of the
+    outputs computed on the padded height than on the padded width would be the padding's. On
+    the normal planes the padded width's extra columns are computed and thrown away, the padded
+    height costs only plane rows; transposed, the other way round. Inception's 1x7 on 17x17 maps:
+    6 of every 23 computed outputs wasted on the normal planes, none on the transposed ones."""
+    padded_h = geom.out_height + (geom.filter_height - 1) * geom.dilation_h
+    padded_w = geom.out_width + (geom.filter_width - 1) * geom.dilation_w
+    return (padded_h - geom.out_height) * padded_w < (padded_w - geom.out_width) * padded_h
 
 
 def implicit_plan(
@@ -776,8 +816,9 @@ def implicit_plan(
     whose rows are shorter than a vector and cost as much to build as a third of the GEMM
     (16x256x14x14 3x3: 9.2 ms of columns against 24.7 ms of GEMM on one core). It needs stride
     1 (each tap's window of a padded plane is then a run of consecutive elements on the padded
-    width), a product that numbaconv's own GEMM runs (``own_gemm_pays``), and at most
-    :data:`IMPLICIT_MAX_WASTE` of the computed outputs on the padding."""
+    width, or height on transposed planes: :func:`implicit_transposed`), a product that
+    numbaconv's own GEMM runs (``own_gemm_pays``), and at most :data:`IMPLICIT_MAX_WASTE` of the
+    computed outputs on the padding."""
     none = np.empty(0, dtype=np.int64)
     oh, ow = geom.out_height, geom.out_width
     if (
@@ -791,15 +832,23 @@ def implicit_plan(
         return none
     padded_w = ow + (geom.filter_width - 1) * geom.dilation_w
     padded_h = oh + (geom.filter_height - 1) * geom.dilation_h
+    transposed = implicit_transposed(geom)
+    # The product's rows (the output's on the padded width, or its columns on the padded height)
+    # and the share of their length that is the padding's.
+    row, useful = (padded_h, oh) if transposed else (padded_w, ow)
     taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
-    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, oh * padded_w, itemsize)
-    if not pays or (padded_w - ow) > IMPLICIT_MAX_WASTE * padded_w:
+    wide = (ow if transposed else oh) * row
+    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
+    if not pays or (row - useful) > IMPLICIT_MAX_WASTE * row:
         return none
     c, r, s = np.meshgrid(
         np.arange(geom.in_channels), np.arange(geom.filter_height), np.arange(geom.filter_width),
         indexing="ij",
     )  # fmt: skip
-    rows = c * (padded_h * padded_w) + r * geom.dilation_h * padded_w + s * geom.dilation_w
+    if transposed:
+        rows = c * (padded_h * padded_w) + s * geom.dilation_w * padded_h + r * geom.dilation_h
+    else:
+        rows = c * (padded_h * padded_w) + r * geom.dilation_h * padded_w + s * geom.dilation_w
     return rows.reshape(-1).astype(np.int64)
 
 
@@ -815,15 +864,21 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     jobs = -(-n // group) * -(-oh // band_rows) * -(-ow // segment)
     lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
     tap_rows = implicit_plan(geom, band_rows, group, segment, x.itemsize)
+    transposed = implicit_transposed(geom)
     if tap_rows.shape[0]:
         padded_h = oh + (geom.filter_height - 1) * geom.dilation_h
         padded_w = ow + (geom.filter_width - 1) * geom.dilation_w
-        # The last tap's row reaches (S - 1)*dw past the planes: zeros (never in y).
-        plane_room = (
-            geom.in_channels * padded_h * padded_w + (geom.filter_width - 1) * geom.dilation_w
+        # The last tap's row reaches (S - 1)*dw past the planes ((R - 1)*dh when transposed):
+        # zeros (never in y).
+        overrun = (
+            (geom.filter_height - 1) * geom.dilation_h
+            if transposed
+            else ((geom.filter_width - 1) * geom.dilation_w)
         )
+        plane_room = geom.in_channels * padded_h * padded_w + overrun
         cols = take("im2col.band_columns", (lanes, plane_room), x.dtype)
-        out = take("im2col.band_gemm", (lanes, k * oh * padded_w), x.dtype)
+        wide = ow * padded_h if transposed else oh * padded_w
+        out = take("im2col.band_gemm", (lanes, k * wide), x.dtype)
     elif segment < ow:
         taps = geom.in_channels * geom.filter_height * geom.filter_width
         cols = take("im2col.band_columns", (lanes, taps * segment), x.dtype)
@@ -836,7 +891,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     with single_threaded_blas():
         fused_forward_kernel(
             x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, pointwise,
-            group, geometry_args(geom), segment, tap_rows,
+            group, geometry_args(geom), segment, tap_rows, transposed,
         )  # fmt: skip
     return y.reshape(n, k, oh, ow)
 
