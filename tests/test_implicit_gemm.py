@@ -20,8 +20,14 @@ CASES = [
     Cfg(2, 64, 8, 8, 128, 3, 3, padding=1, groups=2, name="groups"),
     Cfg(3, 48, 9, 9, 64, 7, 1, padding=(3, 0), bias=False, name="7x1"),
     Cfg(2, 40, 10, 7, 72, 2, 3, padding="same", name="same-even"),
-    # Transposed planes (implicit_transposed): filters wider than tall, and a map taller than
-    # wide; padding above and below that is not the filter's, dilation along the width.
+    # A thin product (32 filters x 75 taps) whose bands the plan would cut for BLAS, were the
+    # whole images not implicit (forward_plan).
+    Cfg(2, 3, 32, 32, 32, 5, 5, padding=2, name="thin-whole-images"),
+]
+
+#: Transposed planes (implicit_transposed): filters wider than tall, and a map taller than wide;
+#: padding above and below that is not the filter's, dilation along the width.
+TRANSPOSED_CASES = [
     Cfg(3, 48, 9, 9, 64, 1, 7, padding=(0, 3), name="1x7-transposed"),
     Cfg(2, 40, 11, 9, 64, 3, 3, padding=1, bias=False, name="tall-transposed"),
     Cfg(2, 32, 10, 12, 64, 1, 5, padding=(1, 4), dilation=2, name="1x5-dilated-transposed"),
@@ -36,7 +42,7 @@ def _plan(cfg, dtype):
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-@pytest.mark.parametrize("cfg", CASES, ids=str)
+@pytest.mark.parametrize("cfg", CASES + TRANSPOSED_CASES, ids=str)
 def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     if parallel:
         request.getfixturevalue("force_parallel")
@@ -49,7 +55,7 @@ def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     assert_close(y, ref, ref_abs, dtype, f"forward [{cfg}]")
 
 
-@pytest.mark.parametrize("cfg", CASES[:3] + CASES[5:], ids=str)
+@pytest.mark.parametrize("cfg", CASES[:3] + TRANSPOSED_CASES, ids=str)
 def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
     which may hold them too, are never in y)."""
@@ -96,3 +102,16 @@ def test_transposed_planes_where_the_padded_height_wastes_less():
     rows = im2col.implicit_plan(geom, band_rows, group, geom.out_width, 4)
     np.testing.assert_array_equal(rows[:5], [0, 24, 48, 72, 96])
     assert rows[5] == 12 * 20
+
+
+def test_whole_images_run_implicit_where_thin_products_would_be_cut_for_blas():
+    # first5x5: 32 filters x 75 taps is thin, so columns come in 13-row bands, under
+    # SMALL_GEMM_SIZE for BLAS; implicit GEMM builds no columns and takes the whole image.
+    geom = make_geometry((32, 3, 32, 32), (32, 3, 5, 5), padding=2)
+    assert im2col._band_rows(geom, 4, im2col.PLAN_LANES, 0) == 13
+    for itemsize in (4, 8):
+        assert im2col.forward_plan(geom, itemsize) == (32, 1)
+        assert im2col.implicit_plan(geom, 32, 1, 32, itemsize).shape[0] == 75
+    # At stride 2 there is no implicit GEMM: the bands stay cut.
+    strided = make_geometry((32, 3, 64, 64), (32, 3, 5, 5), padding=2, stride=2)
+    assert im2col.forward_plan(strided, 4)[0] < strided.out_height
