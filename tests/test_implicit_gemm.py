@@ -22,7 +22,10 @@ CASES = [
     Cfg(2, 40, 10, 7, 72, 2, 3, padding="same", name="same-even"),
     # A thin product (32 filters x 75 taps) whose bands the plan would cut for BLAS, were the
     # whole images not implicit (forward_plan).
-    Cfg(2, 3, 32, 32, 32, 5, 5, padding=2, name="thin-whole-images"),
+    Cfg(4, 3, 32, 32, 32, 5, 5, padding=2, name="thin-whole-images"),
+    # Columns that the plan would cut into bands (BAND_BYTES); planes and product that fit
+    # IMPLICIT_IMAGE_BYTES, so whole images.
+    Cfg(4, 64, 24, 24, 64, 3, 3, padding=1, name="banded-columns-whole-images"),
 ]
 
 #: Transposed planes (implicit_transposed): filters wider than tall, and a map taller than wide;
@@ -115,3 +118,20 @@ def test_whole_images_run_implicit_where_thin_products_would_be_cut_for_blas():
     # At stride 2 there is no implicit GEMM: the bands stay cut.
     strided = make_geometry((32, 3, 64, 64), (32, 3, 5, 5), padding=2, stride=2)
     assert im2col.forward_plan(strided, 4)[0] < strided.out_height
+
+
+def test_whole_images_run_implicit_where_their_planes_fit():
+    # ResNet's 16x64x56x56 3x3: columns in 8-row bands; planes and product 1.7 MB in float32.
+    geom = make_geometry((16, 64, 56, 56), (64, 64, 3, 3), padding=1)
+    assert im2col._band_rows(geom, 4, im2col.PLAN_LANES, 0) < 56
+    assert im2col.implicit_image_bytes(geom, 4) == (64 * 58 * 58 + 64 * 56 * 58) * 4
+    assert im2col.forward_plan(geom, 4) == (56, 1)
+    # float64: 3.4 MB, over IMPLICIT_IMAGE_BYTES: bands of columns.
+    assert im2col.forward_plan(geom, 8)[0] < 56
+    # Fewer than 4 images: whole images would leave cores idle, so bands.
+    few = make_geometry((3, 64, 56, 56), (64, 64, 3, 3), padding=1)
+    assert im2col.forward_plan(few, 4)[0] < 56
+    # Transposed planes count the product on the padded height: Inception's 1x7 in float64.
+    inception = make_geometry((16, 128, 17, 17), (128, 128, 1, 7), padding=(0, 3))
+    assert im2col.implicit_image_bytes(inception, 8) == (128 * 17 * 23 + 128 * 17 * 17) * 8
+    assert im2col.forward_plan(inception, 8) == (17, 1)

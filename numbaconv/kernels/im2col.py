@@ -661,13 +661,10 @@ def _backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     return grad_x, grad_w.reshape(w.shape), grad_b
 
 
-def _band_rows(
-    geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: int, thin_cut: bool = True
-) -> int:
+def _band_rows(geom: ConvGeometry, itemsize: int, lanes: int, per_lane_fixed: int) -> int:
     """Output rows per band: the band's columns near :data:`BAND_BYTES`, and all lanes'
     workspace (columns, GEMM result, plus ``per_lane_fixed`` bytes each) under
-    :data:`WORKSPACE_BYTES`; at least one row. With ``thin_cut``, thin GEMMs' bands are cut
-    to fit :data:`SMALL_GEMM_SIZE`."""
+    :data:`WORKSPACE_BYTES`; at least one row."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
     per_row = (taps + geom.out_channels) * geom.out_width * itemsize
     room = (WORKSPACE_BYTES // lanes - per_lane_fixed) // per_row
@@ -675,7 +672,7 @@ def _band_rows(
     # Thin GEMMs (few filters x few taps): bands small enough for BLAS's small-matrix kernels.
     gemm_size = geom.out_channels_per_group * taps // geom.groups
     small = SMALL_GEMM_SIZE // (gemm_size * geom.out_width)
-    if thin_cut and small * geom.out_width >= SMALL_GEMM_MIN_PIXELS:
+    if small * geom.out_width >= SMALL_GEMM_MIN_PIXELS:
         rows = min(rows, small)
     return int(max(1, min(geom.out_height, rows)))
 
@@ -775,13 +772,16 @@ def forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
     # At least 4 jobs remain, so that 2-4 cores stay busy.
     group = small_map_group(geom, itemsize, band_rows, geom.batch // 4)
     oh = geom.out_height
-    if band_rows < oh and _band_rows(geom, itemsize, PLAN_LANES, 0, thin_cut=False) == oh:
-        # The thin-GEMM cut is for BLAS on built columns. Where whole images would run implicit
-        # GEMM, which builds none, they win: first5x5 (32x3x32x32, 32 5x5 filters), float32, 2
-        # threads, 1.26 ms in 13-row bands on BLAS against 0.83-0.90 ms implicit.
-        whole_group = small_map_group(geom, itemsize, oh, geom.batch // 4)
-        if implicit_plan(geom, oh, whole_group, geom.out_width, itemsize).shape[0]:
-            return oh, whole_group
+    if (
+        band_rows < oh
+        and geom.batch >= 4
+        and implicit_image_bytes(geom, itemsize) <= IMPLICIT_IMAGE_BYTES
+        and small_map_group(geom, itemsize, oh, geom.batch // 4) == 1
+        and implicit_plan(geom, oh, 1, geom.out_width, itemsize).shape[0]
+    ):
+        # Bands are sized for their columns; implicit GEMM builds none (see
+        # IMPLICIT_IMAGE_BYTES).
+        return oh, 1
     return band_rows, group
 
 
@@ -805,6 +805,31 @@ def row_segment(geom: ConvGeometry, itemsize: int, band_rows: int, group: int) -
 #: Implicit GEMM computes OH x Wp outputs for OH x OW (OW x Hp for OW x OH on transposed
 #: planes): at most this share of them may be the padding's (see :func:`implicit_plan`).
 IMPLICIT_MAX_WASTE = 0.25
+
+
+#: Whole images run implicit GEMM, rather than the bands :func:`_band_rows` sizes for their
+#: columns, where their padded planes and product take at most this many bytes per lane (and
+#: the batch gives at least 4 jobs): im2col, float32, 2 threads, forward ms, bands of columns
+#: against whole images: first5x5 (32x3x32x32, 32 5x5 filters; 13-row bands cut for BLAS's
+#: small-matrix kernels) 1.22-1.36 against 0.88-0.89, cifar (64x32x32x32 -> 64) 13.5-13.8
+#: against 10.0-10.4, resnet3x3 (16x64x56x56, 1.7 MB) 18.0-18.4 against 14.8-15.2,
+#: 16x256x14x14 17.1-17.4 against 13.3-13.7, DeepLab's 4x256x28x28 dilation 2 (1.9 MB)
+#: 15.8-16.1 against 13.9; float64: Inception's 16x128x17x17 1x7 9.5-9.7 against 7.9-8.2,
+#: 16x256x14x14 33.2-33.4 against 27.2-27.9.
+IMPLICIT_IMAGE_BYTES = 2 * 2**20
+
+
+def implicit_image_bytes(geom: ConvGeometry, itemsize: int) -> int:
+    """Bytes of one lane's workspace for implicit GEMM on whole images: the padded planes and
+    the product on the padded width (or height, transposed)."""
+    padded_h = geom.out_height + (geom.filter_height - 1) * geom.dilation_h
+    padded_w = geom.out_width + (geom.filter_width - 1) * geom.dilation_w
+    planes = geom.in_channels * padded_h * padded_w
+    if implicit_transposed(geom):
+        product = geom.out_channels * geom.out_width * padded_h
+    else:
+        product = geom.out_channels * geom.out_height * padded_w
+    return (planes + product) * itemsize
 
 
 def implicit_transposed(geom: ConvGeometry) -> bool:
