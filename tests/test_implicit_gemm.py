@@ -124,7 +124,8 @@ def test_whole_images_run_implicit_where_their_planes_fit():
     # ResNet's 16x64x56x56 3x3: columns in 8-row bands; planes and product 1.7 MB in float32.
     geom = make_geometry((16, 64, 56, 56), (64, 64, 3, 3), padding=1)
     assert im2col._band_rows(geom, 4, im2col.PLAN_LANES, 0) < 56
-    assert im2col.implicit_image_bytes(geom, 4) == (64 * 58 * 58 + 64 * 56 * 58) * 4
+    # Planes (plus the last tap's 2 elements past them) and the product on the padded width.
+    assert im2col.implicit_image_bytes(geom, 4) == (64 * 58 * 58 + 2 + 64 * 56 * 58) * 4
     assert im2col.forward_plan(geom, 4) == (56, 1)
     # float64: 3.4 MB, over IMPLICIT_IMAGE_BYTES: bands of columns.
     assert im2col.forward_plan(geom, 8)[0] < 56

@@ -777,7 +777,7 @@ def forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
         and geom.batch >= 4
         and implicit_image_bytes(geom, itemsize) <= IMPLICIT_IMAGE_BYTES
         and small_map_group(geom, itemsize, oh, geom.batch // 4) == 1
-        and implicit_plan(geom, oh, 1, geom.out_width, itemsize).shape[0]
+        and implicit_applies(geom, oh, 1, geom.out_width, itemsize)
     ):
         # Bands are sized for their columns; implicit GEMM builds none (see
         # IMPLICIT_IMAGE_BYTES).
@@ -819,17 +819,13 @@ IMPLICIT_MAX_WASTE = 0.25
 IMPLICIT_IMAGE_BYTES = 2 * 2**20
 
 
-def implicit_image_bytes(geom: ConvGeometry, itemsize: int) -> int:
-    """Bytes of one lane's workspace for implicit GEMM on whole images: the padded planes and
-    the product on the padded width (or height, transposed)."""
-    padded_h = geom.out_height + (geom.filter_height - 1) * geom.dilation_h
-    padded_w = geom.out_width + (geom.filter_width - 1) * geom.dilation_w
-    planes = geom.in_channels * padded_h * padded_w
-    if implicit_transposed(geom):
-        product = geom.out_channels * geom.out_width * padded_h
-    else:
-        product = geom.out_channels * geom.out_height * padded_w
-    return (planes + product) * itemsize
+def _padded_extent(geom: ConvGeometry) -> tuple[int, int]:
+    """Height and width of a padded plane of implicit GEMM (stride 1): the output's plus the
+    dilated filter's extent less one."""
+    return (
+        geom.out_height + (geom.filter_height - 1) * geom.dilation_h,
+        geom.out_width + (geom.filter_width - 1) * geom.dilation_w,
+    )
 
 
 def implicit_transposed(geom: ConvGeometry) -> bool:
@@ -838,9 +834,50 @@ def implicit_transposed(geom: ConvGeometry) -> bool:
     the normal planes the padded width's extra columns are computed and thrown away, the padded
     height costs only plane rows; transposed, the other way round. Inception's 1x7 on 17x17 maps:
     6 of every 23 computed outputs wasted on the normal planes, none on the transposed ones."""
-    padded_h = geom.out_height + (geom.filter_height - 1) * geom.dilation_h
-    padded_w = geom.out_width + (geom.filter_width - 1) * geom.dilation_w
+    padded_h, padded_w = _padded_extent(geom)
     return (padded_h - geom.out_height) * padded_w < (padded_w - geom.out_width) * padded_h
+
+
+def implicit_workspace(geom: ConvGeometry) -> tuple[int, int]:
+    """Elements of one lane's workspace for implicit GEMM on whole images: the padded planes
+    (with room for the last tap's row, which reaches ``(S - 1)*dw`` past them, ``(R - 1)*dh``
+    when transposed: zeros, never in y), and the width of the product (per filter: OH x Wp, or
+    OW x Hp transposed)."""
+    padded_h, padded_w = _padded_extent(geom)
+    planes = geom.in_channels * padded_h * padded_w
+    if implicit_transposed(geom):
+        return planes + (geom.filter_height - 1) * geom.dilation_h, geom.out_width * padded_h
+    return planes + (geom.filter_width - 1) * geom.dilation_w, geom.out_height * padded_w
+
+
+def implicit_image_bytes(geom: ConvGeometry, itemsize: int) -> int:
+    """Bytes of :func:`implicit_workspace`: the planes and all filters' product."""
+    planes, wide = implicit_workspace(geom)
+    return (planes + geom.out_channels * wide) * itemsize
+
+
+def implicit_applies(
+    geom: ConvGeometry, band_rows: int, group: int, segment: int, itemsize: int
+) -> bool:
+    """Whether :func:`fused_forward_kernel` runs implicit GEMM (see :func:`implicit_plan`)."""
+    oh, ow = geom.out_height, geom.out_width
+    if (
+        geom.stride_h != 1
+        or geom.stride_w != 1
+        or is_pointwise(geom)
+        or band_rows < oh
+        or group != 1
+        or segment < ow
+    ):
+        return False
+    padded_h, padded_w = _padded_extent(geom)
+    # The product's rows (the output's on the padded width, or its columns on the padded height)
+    # and the share of their length that is the padding's.
+    row, useful = (padded_h, oh) if implicit_transposed(geom) else (padded_w, ow)
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    _, wide = implicit_workspace(geom)
+    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
+    return bool(pays) and (row - useful) <= IMPLICIT_MAX_WASTE * row
 
 
 def implicit_plan(
@@ -856,36 +893,18 @@ def implicit_plan(
     width, or height on transposed planes: :func:`implicit_transposed`), a product that
     numbaconv's own GEMM runs (``own_gemm_pays``), and at most :data:`IMPLICIT_MAX_WASTE` of the
     computed outputs on the padding."""
-    none = np.empty(0, dtype=np.int64)
-    oh, ow = geom.out_height, geom.out_width
-    if (
-        geom.stride_h != 1
-        or geom.stride_w != 1
-        or is_pointwise(geom)
-        or band_rows < oh
-        or group != 1
-        or segment < ow
-    ):
-        return none
-    padded_w = ow + (geom.filter_width - 1) * geom.dilation_w
-    padded_h = oh + (geom.filter_height - 1) * geom.dilation_h
-    transposed = implicit_transposed(geom)
-    # The product's rows (the output's on the padded width, or its columns on the padded height)
-    # and the share of their length that is the padding's.
-    row, useful = (padded_h, oh) if transposed else (padded_w, ow)
-    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
-    wide = (ow if transposed else oh) * row
-    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
-    if not pays or (row - useful) > IMPLICIT_MAX_WASTE * row:
-        return none
+    if not implicit_applies(geom, band_rows, group, segment, itemsize):
+        return np.empty(0, dtype=np.int64)
+    padded_h, padded_w = _padded_extent(geom)
+    dh, dw = geom.dilation_h, geom.dilation_w
     c, r, s = np.meshgrid(
         np.arange(geom.in_channels), np.arange(geom.filter_height), np.arange(geom.filter_width),
         indexing="ij",
     )  # fmt: skip
-    if transposed:
-        rows = c * (padded_h * padded_w) + s * geom.dilation_w * padded_h + r * geom.dilation_h
+    if implicit_transposed(geom):
+        rows = c * (padded_h * padded_w) + s * dw * padded_h + r * dh
     else:
-        rows = c * (padded_h * padded_w) + r * geom.dilation_h * padded_w + s * geom.dilation_w
+        rows = c * (padded_h * padded_w) + r * dh * padded_w + s * dw
     return rows.reshape(-1).astype(np.int64)
 
 
@@ -903,18 +922,8 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     tap_rows = implicit_plan(geom, band_rows, group, segment, x.itemsize)
     transposed = implicit_transposed(geom)
     if tap_rows.shape[0]:
-        padded_h = oh + (geom.filter_height - 1) * geom.dilation_h
-        padded_w = ow + (geom.filter_width - 1) * geom.dilation_w
-        # The last tap's row reaches (S - 1)*dw past the planes ((R - 1)*dh when transposed):
-        # zeros (never in y).
-        overrun = (
-            (geom.filter_height - 1) * geom.dilation_h
-            if transposed
-            else ((geom.filter_width - 1) * geom.dilation_w)
-        )
-        plane_room = geom.in_channels * padded_h * padded_w + overrun
+        plane_room, wide = implicit_workspace(geom)
         cols = take("im2col.band_columns", (lanes, plane_room), x.dtype)
-        wide = ow * padded_h if transposed else oh * padded_w
         out = take("im2col.band_gemm", (lanes, k * wide), x.dtype)
     elif segment < ow:
         taps = geom.in_channels * geom.filter_height * geom.filter_width
