@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from threadprobe import ThreadProbe  # noqa: E402
 
 from numbaconv import _threading  # noqa: E402
+from numbaconv.kernels import microkernel  # noqa: E402
 
 # CI (which sets CI=true) runs hypothesis derandomised: the examples are a function of the test
 # alone, so a failure replays on the next run and on any machine instead of surfacing once on an
@@ -74,6 +75,15 @@ def force_parallel(monkeypatch):
     kernels on all the threads the calling Python thread has (Numba's default: 4 here, see
     above). ``kernel_guard`` reads the module global at each call, from any Python thread."""
     monkeypatch.setattr(_threading, "SERIAL_FLOPS", 0)
+
+
+@pytest.fixture
+def own_gemm_everywhere(monkeypatch):
+    """``microkernel.own_gemm_pays`` as on AVX-512, whatever this machine (on narrower targets
+    it is False: ``OWN_GEMM_ON_THIS_TARGET``, where BLAS measured faster). Its Python function
+    reads the module global at each call, so tests of its size bounds hold on every machine;
+    compiled kernels keep the value they were built with."""
+    monkeypatch.setattr(microkernel, "OWN_GEMM_ON_THIS_TARGET", True)
 
 
 @pytest.fixture

@@ -162,6 +162,21 @@ def test_vector_width_from_features(features, bits):
     assert mk.vector_bits_for(features) == bits
 
 
+def test_own_gemm_runs_on_avx512_targets_only(monkeypatch):
+    """``own_gemm_pays``: the size bounds (measured on AVX-512) on targets at least
+    OWN_GEMM_MIN_VECTOR_BITS wide, BLAS for every product elsewhere; the gate is the vector
+    width, so it too follows the cache key alone."""
+    assert mk.OWN_GEMM_ON_THIS_TARGET == (mk.VECTOR_BITS >= mk.OWN_GEMM_MIN_VECTOR_BITS == 512)
+    shape = (64, 256, 3136, 4)  # ResNet's 1x1 reduce in float32: within every size bound
+    assert mk.own_gemm_size_pays.py_func(*shape)
+    # Compiled first: a compilation reads the module's globals as they are at that moment.
+    assert numba.njit(lambda: mk.own_gemm_pays(64, 256, 3136, 4))() == (mk.VECTOR_BITS >= 512)
+    for target in (True, False):
+        monkeypatch.setattr(mk, "OWN_GEMM_ON_THIS_TARGET", target)
+        assert mk.own_gemm_pays.py_func(*shape) is target
+        assert bool(mk.own_gemm_pays_transposed.py_func(*shape)) is target
+
+
 def test_tiles_follow_the_cache_key_alone():
     """The tile shapes come from nothing but the CPU features of Numba's target, which are in
     every cache entry's key (codegen.magic_tuple()), so a cached kernel built for other tiles is
@@ -191,7 +206,11 @@ _OTHER_CPU = textwrap.dedent(
             ref = a.astype(np.float64) @ b
             scale = np.abs(a).astype(np.float64) @ np.abs(b) + 1
             errors[f"{np.dtype(dtype).name} {m}x{k}x{n}"] = float((np.abs(c - ref) / scale).max())
-    print(json.dumps({"bits": mk.VECTOR_BITS, "errors": errors}))
+    from numba import njit
+
+    # The gate as the compiled kernels see it (a global frozen at compile time).
+    pays = njit(lambda: mk.own_gemm_pays(64, 256, 3136, 4))()
+    print(json.dumps({"bits": mk.VECTOR_BITS, "errors": errors, "own_gemm": bool(pays)}))
     """
 )
 
@@ -202,7 +221,8 @@ _OTHER_CPU = textwrap.dedent(
 )
 def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
     """The AVX2 tiles, and the 128-bit ones that LLVM legalises for any CPU, compiled for those
-    CPUs (in a fresh cache) and run here, which can run their instructions."""
+    CPUs (in a fresh cache) and run here, which can run their instructions; the kernels compiled
+    for them leave every product to BLAS."""
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CACHE_DIR=str(tmp_path))
     if features:
         env["NUMBA_CPU_FEATURES"] = features
@@ -214,6 +234,7 @@ def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["bits"] == bits
+    assert report["own_gemm"] is False  # BLAS measured faster there: OWN_GEMM_MIN_VECTOR_BITS
     for case, error in report["errors"].items():
         limit = 1e-5 if case.startswith("float32") else 1e-13
         assert error < limit, (case, error)
@@ -241,6 +262,7 @@ def test_gemm_nn_rows_is_gemm_nn_on_the_rows_it_names(size, dtype):
     _assert_product(c - start, _reference(a, explicit), a, explicit, k)
 
 
+@pytest.mark.usefixtures("own_gemm_everywhere")
 def test_deep_products_with_a_transposed_left_operand_go_to_blas():
     """``own_gemm_pays_transposed``: BLAS for products at least OWN_GEMM_TRANSPOSED_MIN_DEPTH
     deep with more than OWN_GEMM_MAX_TRANSPOSED_PRODUCT elements on the left, the micro-kernel
@@ -255,6 +277,7 @@ def test_deep_products_with_a_transposed_left_operand_go_to_blas():
     assert not pays(16, 64, 784, 4) and not pays_t(16, 64, 784, 4)
 
 
+@pytest.mark.usefixtures("own_gemm_everywhere")
 def test_long_rows_go_to_blas_by_their_bytes():
     """``own_gemm_pays``' bound on the rows of B and C is in bytes: ResNet's 1x1 layers (3136
     columns) stay on the micro-kernel in float32 and go to BLAS in float64."""

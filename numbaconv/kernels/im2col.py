@@ -50,7 +50,13 @@ from .._workspace import take
 from ..geometry import ConvGeometry
 from ._blas import gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range, zero_row
-from .microkernel import gemm_nn, gemm_nn_rows, own_gemm_pays, own_gemm_pays_transposed
+from .microkernel import (
+    gemm_nn,
+    gemm_nn_rows,
+    own_gemm_pays,
+    own_gemm_pays_transposed,
+    own_gemm_size_pays,
+)
 
 #: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result); one image's
 #: workspace is always allowed. Chunks larger than L2 (2 MiB per core here) cost little, while
@@ -876,7 +882,7 @@ def implicit_applies(
     row, useful = (padded_h, oh) if implicit_transposed(geom) else (padded_w, ow)
     taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
     _, wide = implicit_workspace(geom)
-    pays = own_gemm_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
+    pays = own_gemm_size_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
     return bool(pays) and (row - useful) <= IMPLICIT_MAX_WASTE * row
 
 
@@ -891,8 +897,8 @@ def implicit_plan(
     (16x256x14x14 3x3: 9.2 ms of columns against 24.7 ms of GEMM on one core). It needs stride
     1 (each tap's window of a padded plane is then a run of consecutive elements on the padded
     width, or height on transposed planes: :func:`implicit_transposed`), a product that
-    numbaconv's own GEMM runs (``own_gemm_pays``), and at most :data:`IMPLICIT_MAX_WASTE` of the
-    computed outputs on the padding."""
+    numbaconv's own GEMM runs (``own_gemm_size_pays``, on every target), and at most
+    :data:`IMPLICIT_MAX_WASTE` of the computed outputs on the padding."""
     if not implicit_applies(geom, band_rows, group, segment, itemsize):
         return np.empty(0, dtype=np.int64)
     padded_h, padded_w = _padded_extent(geom)

@@ -13,7 +13,8 @@ block of C, A read by broadcasts at any strides (so ``A`` may be a transposed vi
 contiguous. :func:`gemm_nn` cuts any product into such tiles (blocks of ``K``, panels of ``B``
 packed when reused, ragged edges through a zero-padded panel and plain loops) and is called from
 inside the kernels' parallel regions, one call per lane: it is serial and allocates only a panel
-and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays` says so to the kernels.
+and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays` says so to the kernels
+(for ``im2col``'s columns and ``taps``, on AVX-512 targets only: :data:`OWN_GEMM_MIN_VECTOR_BITS`).
 
 Tile shapes follow the host's vector width: :data:`VECTOR_BITS` comes from the CPU features in
 Numba's own code-generation target (``codegen.magic_tuple()``). Other CPUs get the 128-bit
@@ -121,6 +122,22 @@ OWN_GEMM_MAX_PRODUCT = 2**20
 #: 2048x256 @ 256x256 42 / 64. DCGAN's transposed 4x4 layer ran 7.3-7.4 -> 6.7 ms forward.
 OWN_GEMM_TRANSPOSED_MIN_DEPTH = 128
 OWN_GEMM_MAX_TRANSPOSED_PRODUCT = 2**15
+
+#: The vector widths on which :func:`own_gemm_pays` lets the micro-kernel run: AVX-512, where
+#: every bound here was measured. On AVX2 (``lscpu`` "AMD EPYC", family 25 model 1: Zen 3 under
+#: KVM, 32 KiB L1d, 2 cores; 2026-11-28) the 6 x 2 tile lost to OpenBLAS's Zen kernels on every
+#: product of ``asv_benchmarks/microkernel_gflops.py`` (0.56-0.96x: the cube 70 against 80
+#: GFLOP/s, 256x64 @ 64x3136 31 against 55, 64x64 @ 64x196 43 against 58), and ``im2col``'s
+#: and ``taps``' layers ran up to 3x faster on BLAS (float32, 2 threads, auto, ms, two
+#: alternated rounds: ResNet's 16x256x56x56 1x1 reduce 61-65 -> 19-20 forward, 50-53 -> 39-40
+#: backward; 16x256x14x14 1x1 3.4-4.2 -> 1.7; DeepLab's dilation 12 (taps) 69 -> 32 in one zoo
+#: run). Winograd's products and implicit GEMM ask :func:`own_gemm_size_pays` instead, on every
+#: target: there, two lanes each calling OpenBLAS for many small products lost to the
+#: micro-kernel (same machine, zoo runs, ms: cifar forward 20 against 27, ResNet's 16x64x56x56
+#: 3x3 forward 23 against 30, first5x5 4.3 against 5.3). 128-bit targets follow AVX2. Derived
+#: from :data:`VECTOR_BITS` alone, so from Numba's cache key (see the module's docstring).
+OWN_GEMM_MIN_VECTOR_BITS = 512
+OWN_GEMM_ON_THIS_TARGET = VECTOR_BITS >= OWN_GEMM_MIN_VECTOR_BITS
 
 #: ... and products of M*K*N up to this went to BLAS too: OpenBLAS's AVX-512 builds run them
 #: with kernels that skip packing (see ``im2col.SMALL_GEMM_SIZE``), which beat the tile on
@@ -327,7 +344,14 @@ VECTOR_BYTES = VECTOR_BITS // 8
 @njit(cache=True, inline="always")
 def own_gemm_pays(rows, depth, columns, itemsize):
     """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product of
-    ``itemsize``-byte floats."""
+    ``itemsize``-byte floats, on this target (:data:`OWN_GEMM_ON_THIS_TARGET`)."""
+    return OWN_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)
+
+
+@njit(cache=True, inline="always")
+def own_gemm_size_pays(rows, depth, columns, itemsize):
+    """:func:`own_gemm_pays`' bounds on the product's size (measured on AVX-512), on every
+    target: what Winograd's products and implicit GEMM ask (see OWN_GEMM_MIN_VECTOR_BITS)."""
     return (
         rows >= OWN_GEMM_MIN_ROWS
         and OWN_GEMM_MIN_PRODUCT <= rows * depth <= OWN_GEMM_MAX_PRODUCT
@@ -340,7 +364,7 @@ def own_gemm_pays(rows, depth, columns, itemsize):
 def own_gemm_pays_transposed(rows, depth, columns, itemsize):
     """:func:`own_gemm_pays` for a left operand that is a transposed view (its rows strided,
     its columns contiguous), such as im2col's filters in the input gradient."""
-    return own_gemm_pays(rows, depth, columns, itemsize) and (
+    return (OWN_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)) and (
         depth < OWN_GEMM_TRANSPOSED_MIN_DEPTH or rows * depth <= OWN_GEMM_MAX_TRANSPOSED_PRODUCT
     )
 

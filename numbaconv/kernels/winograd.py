@@ -41,7 +41,7 @@ from .._workspace import take
 from ..geometry import ConvGeometry, make_geometry
 from . import im2col, polyphase
 from ._blas import gemm_nt_add
-from .microkernel import gemm_nn, own_gemm_pays
+from .microkernel import gemm_nn, own_gemm_size_pays
 
 #: Upper bound, in bytes, for the per-chunk workspace (padded and transformed input + GEMM
 #: results); as in :mod:`numbaconv.kernels.im2col`, large enough to keep the fork/joins (3 Numba
@@ -445,7 +445,7 @@ def fused_winograd_kernel(
             for e in range(36):
                 v_e = v[e, : n_chan * count].reshape(n_chan, count)
                 m_e = m[e, : n_filters * count].reshape(n_filters, count)
-                if own_gemm_pays(n_filters, n_chan, count, m_e.itemsize):
+                if own_gemm_size_pays(n_filters, n_chan, count, m_e.itemsize):
                     gemm_nn(u[e], v_e, m_e, False)
                 else:
                     np.dot(u[e], v_e, m_e)
