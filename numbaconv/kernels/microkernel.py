@@ -364,6 +364,8 @@ def own_gemm_size_pays(rows, depth, columns, itemsize):
 def own_gemm_pays_transposed(rows, depth, columns, itemsize):
     """:func:`own_gemm_pays` for a left operand that is a transposed view (its rows strided,
     its columns contiguous), such as im2col's filters in the input gradient."""
+    # The gate is read here, not through own_gemm_pays: called from Python (``py_func``, as the
+    # tests do), this body would reach the compiled own_gemm_pays, whose gate is frozen.
     return (OWN_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)) and (
         depth < OWN_GEMM_TRANSPOSED_MIN_DEPTH or rows * depth <= OWN_GEMM_MAX_TRANSPOSED_PRODUCT
     )
