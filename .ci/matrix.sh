@@ -12,6 +12,11 @@
 # none loads another's cache. It installs numbaconv (editable) with what the tests import: the
 # "test" extra of pyproject.toml less asv, virtualenv and ruff, which only the main job's lint
 # and benchmark smoke run use (a test that needs one of them fails here; it is not skipped).
+# The environments run MATRIX_JOBS (default 2) at a time: most of a run is Numba compiling, on
+# one core per process, so two at once nearly halve the matrix's wall time on 2 cores. Each one's
+# output goes to .venv-matrix/NAME.log, printed whole when it ends. With MATRIX_DEADLINE (a Unix
+# time; .ci/run sets it from CI's 90 minutes) pytest is stopped at that time and the environment
+# fails with exit 124, so that a slow machine gets this table instead of CI's silent timeout.
 # The log ends with a table: the versions each environment got, its threading layer and BLAS
 # path (`numbaconv info`), pytest's summary and the minutes it took. The exit status is 1 if
 # any environment failed, after all of them have run.
@@ -112,22 +117,47 @@ run_env() {
         [[ $name != oldest ]] || python -c "$check_oldest"
         python -c "$versions" > "$dir/versions.txt"
         numbaconv info | tee "$dir/info.txt"
-        python -m pytest -p no:cacheprovider "${pytest_args[@]}" 2>&1 | tee "$dir/pytest.log"
+        stop=()
+        if [[ -n ${MATRIX_DEADLINE:-} ]]; then
+            left=$((MATRIX_DEADLINE - $(date +%s)))
+            [[ $left -gt 60 ]] || { echo "matrix: past MATRIX_DEADLINE, no time left"; exit 124; }
+            stop=(timeout --kill-after=30 "$left")
+        fi
+        "${stop[@]}" python -m pytest -p no:cacheprovider "${pytest_args[@]}" 2>&1 \
+            | tee "$dir/pytest.log"
     )
 }
 
 start=$SECONDS
+at_once=${MATRIX_JOBS:-2}
+mkdir -p .venv-matrix
+for name in "${envs[@]}"; do
+    rm -f ".venv-matrix/$name.log" ".venv-matrix/$name.status"
+done
+for name in "${envs[@]}"; do
+    while [[ $(jobs -rp | wc -l) -ge $at_once ]]; do
+        wait -n || true
+    done
+    echo "=== matrix: $name started ($(((SECONDS - start) / 60)) min in) ==="
+    (
+        began=$SECONDS
+        run_env "$name" > ".venv-matrix/$name.log" 2>&1
+        code=$?
+        echo "$code $(((SECONDS - began + 30) / 60))" > ".venv-matrix/$name.status"
+        echo "=== matrix: $name ended, exit $code, after $(((SECONDS - began + 30) / 60)) min ==="
+        cat ".venv-matrix/$name.log"
+        echo "=== matrix: end of $name's log ==="
+    ) &
+done
+wait
+
 declare -A status minutes
 failed=0
 for name in "${envs[@]}"; do
-    echo "=== matrix: $name ==="
-    began=$SECONDS
-    run_env "$name"
-    status[$name]=$?
-    minutes[$name]=$(((SECONDS - began + 30) / 60))
+    read -r status[$name] minutes[$name] < ".venv-matrix/$name.status" 2> /dev/null \
+        || status[$name]=1 minutes[$name]=-
     [[ ${status[$name]} -eq 0 ]] || failed=1
 done
-
 echo
 echo "=== matrix summary ($(((SECONDS - start + 30) / 60)) min) ==="
 printf '%-8s %-8s %-7s %-7s %-7s %-9s %-5s %-4s %s\n' \

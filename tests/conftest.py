@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 
 # The thread-count determinism tests compare 1 against 2 and 4 Numba threads; make 4 available
 # even on the 2-core CI machines (on larger machines this is Numba's own default, one thread per
@@ -18,7 +23,7 @@ from helpers import DTYPES, KERNELS  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from threadprobe import ThreadProbe  # noqa: E402
 
-from numbaconv import _threading  # noqa: E402
+from numbaconv import _threading, cache  # noqa: E402
 from numbaconv.kernels import microkernel  # noqa: E402
 
 # CI (which sets CI=true) runs hypothesis derandomised: the examples are a function of the test
@@ -42,6 +47,100 @@ if os.environ.get("CI"):
 
 def pytest_report_header(config):
     return f"numbaconv kernels under test: {', '.join(KERNELS)}"
+
+
+# Compiling, not computing, is most of the suite's time: on a 2-core AMD EPYC (Zen 3) the suite
+# took 24 min, of which `numbaconv compile` in test_compile.py took 4.6 min and the first test
+# of each kernel up to 1.5 min. So when this session's Numba cache holds no numbaconv kernel (a
+# fresh clone, a new environment: CI), the session starts with one cold `numbaconv compile`
+# into an empty folder, on both cores at once, and copies what it wrote into this session's
+# cache: the tests then load those kernels instead of compiling them one by one, and
+# test_compile.py checks that cold compile instead of running a second one. What the tests
+# compute is unchanged; kernels the compile does not cover (other types, other CPUs) still
+# compile where a test first calls them. NUMBACONV_TESTS_COMPILE_FIRST=0 turns it off.
+COMPILE_JOBS = 2
+COMPILE_TIMEOUT_S = 1800  # a hang guard: 4.6 min on the machine above, alone
+
+
+class ColdCompile:
+    """One ``numbaconv compile --jobs 2`` into an empty ``NUMBA_CACHE_DIR``: its result and
+    the folder it filled (left as the compile wrote it)."""
+
+    def __init__(self, root: str):
+        self.cache_dir = os.path.join(root, "cache")
+        env = dict(os.environ, NUMBA_CACHE_DIR=self.cache_dir)
+        env.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)
+        command = [sys.executable, "-m", "numbaconv", "compile", "--jobs", str(COMPILE_JOBS)]
+        started = time.perf_counter()
+        try:
+            self.done = subprocess.run(
+                command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, env=env
+            )
+            self.error = None
+        except subprocess.TimeoutExpired as timeout:
+            self.done, self.error = None, f"{command} ran past {COMPILE_TIMEOUT_S} s: {timeout}"
+        self.seconds = time.perf_counter() - started
+
+    @property
+    def ok(self) -> bool:
+        return self.done is not None and self.done.returncode == 0
+
+    def entries(self) -> list[str]:
+        """The cache files (index and code) the compile wrote."""
+        return [
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(self.cache_dir)
+            for name in names
+            if name.endswith((".nbi", ".nbc"))
+        ]
+
+
+def _holds_numbaconv_kernels(folder: str) -> bool:
+    modules = cache._kernel_modules()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(n.endswith(".nbi") and n.split(".", 1)[0] in modules for n in names)
+
+
+#: The session's cold compile, when it ran one (see above); test_compile.py reads it.
+SESSION_COLD_COMPILE: ColdCompile | None = None
+
+
+def pytest_sessionstart(session):
+    global SESSION_COLD_COMPILE
+    if os.environ.get("NUMBACONV_TESTS_COMPILE_FIRST", "1") == "0":
+        return
+    folders = cache.cache_dirs()
+    if len(folders) != 1 or _holds_numbaconv_kernels(folders[0]):
+        return
+    compiled = ColdCompile(tempfile.mkdtemp(prefix="numbaconv-tests-cold-compile-"))
+    SESSION_COLD_COMPILE = compiled
+    if compiled.ok:
+        # Every numbaconv kernel lives in numbaconv/kernels/, so the compile fills one folder.
+        os.makedirs(folders[0], exist_ok=True)
+        for entry in compiled.entries():
+            shutil.copy2(entry, folders[0])
+
+
+def pytest_terminal_summary(terminalreporter):
+    compiled = SESSION_COLD_COMPILE
+    if compiled is not None:
+        outcome = "" if compiled.ok else " and FAILED (test_compile.py says why)"
+        terminalreporter.write_line(
+            f"numbaconv: the kernels were compiled ahead of the tests in {compiled.seconds:.0f} s"
+            f"{outcome} (the Numba cache held none; NUMBACONV_TESTS_COMPILE_FIRST=0 turns it off)"
+        )
+
+
+@pytest.fixture(scope="session")
+def cold_compile(tmp_path_factory) -> ColdCompile:
+    """A cold ``numbaconv compile``: the session's own when it began with one, else a new one
+    into an empty folder."""
+    if SESSION_COLD_COMPILE is not None:
+        return SESSION_COLD_COMPILE
+    return ColdCompile(str(tmp_path_factory.mktemp("cold-compile")))
 
 
 @pytest.fixture(scope="session", params=KERNELS)

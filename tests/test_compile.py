@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,22 +50,19 @@ WORKLOAD = textwrap.dedent(
 )
 
 
-def test_compile_fills_the_cache_for_every_call(tmp_path):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
-    env.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "numbaconv", "compile", "--jobs", "2"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+def test_compile_fills_the_cache_for_every_call(cold_compile, tmp_path):
+    done = cold_compile.done
+    assert done is not None, cold_compile.error
     assert done.returncode == 0, done.stderr[-3000:]
-    assert str(tmp_path / "cache") in done.stdout
+    assert cold_compile.cache_dir in done.stdout
     assert "the cache is in:" in done.stdout
     assert f"{2 * len(cache.TASKS)}/{2 * len(cache.TASKS)}" in done.stderr  # the progress bar
     assert "lost cache entries" not in done.stdout or "written again" in done.stdout
 
+    # A copy: what the compile wrote and nothing else, whatever the session did with its own.
+    cache_dir = shutil.copytree(cold_compile.cache_dir, tmp_path / "cache")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    env.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)
     script = tmp_path / "workload.py"
     script.write_text(WORKLOAD)
     run = subprocess.run(
