@@ -51,8 +51,8 @@ def pytest_report_header(config):
 
 # Compiling, not computing, is most of the suite's time: on a 2-core AMD EPYC (Zen 3) the suite
 # took 24 min, of which `numbaconv compile` in test_compile.py took 4.6 min and the first test
-# of each kernel up to 1.5 min. So when this session's Numba cache holds no numbaconv kernel (a
-# fresh clone, a new environment: CI), the session starts with one cold `numbaconv compile`
+# of each kernel up to 1.5 min. So when this session's Numba cache has not had it yet (a fresh
+# clone, a new environment: CI), the session starts with one cold `numbaconv compile`
 # into an empty folder, on both cores at once, and copies what it wrote into this session's
 # cache: the tests then load those kernels instead of compiling them one by one, and
 # test_compile.py checks that cold compile instead of running a second one. What the tests
@@ -95,17 +95,14 @@ class ColdCompile:
         ]
 
 
-def _holds_numbaconv_kernels(folder: str) -> bool:
-    modules = cache._kernel_modules()
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return False
-    return any(n.endswith(".nbi") and n.split(".", 1)[0] in modules for n in names)
-
-
 #: The session's cold compile, when it ran one (see above); test_compile.py reads it.
 SESSION_COLD_COMPILE: ColdCompile | None = None
+
+
+#: Written into the session's cache folder once a cold compile's files are in it. It holds the
+#: shared helpers' fingerprint: an edit to one of them empties the folder of numbaconv entries
+#: (``cache.guard_shared_helpers``), and the next session compiles first again.
+COMPILED_FIRST_MARK = "numbaconv-tests-compiled-first.stamp"
 
 
 def pytest_sessionstart(session):
@@ -113,15 +110,29 @@ def pytest_sessionstart(session):
     if os.environ.get("NUMBACONV_TESTS_COMPILE_FIRST", "1") == "0":
         return
     folders = cache.cache_dirs()
-    if len(folders) != 1 or _holds_numbaconv_kernels(folders[0]):
+    if len(folders) != 1:
         return
+    # Not "the folder is empty": `numbaconv info`, which CI's matrix runs before the tests,
+    # compiles a few kernels for its one small convolution.
+    mark = os.path.join(folders[0], COMPILED_FIRST_MARK)
+    fingerprint = cache.helpers_fingerprint()
+    try:
+        with open(mark) as handle:
+            if handle.read() == fingerprint:
+                return
+    except OSError:
+        pass
     compiled = ColdCompile(tempfile.mkdtemp(prefix="numbaconv-tests-cold-compile-"))
     SESSION_COLD_COMPILE = compiled
     if compiled.ok:
         # Every numbaconv kernel lives in numbaconv/kernels/, so the compile fills one folder.
+        # A function's index (.nbi) and code files (.nbc) are copied together and replace the
+        # folder's own, so each index names code files that came with it.
         os.makedirs(folders[0], exist_ok=True)
         for entry in compiled.entries():
             shutil.copy2(entry, folders[0])
+        with open(mark, "w") as handle:
+            handle.write(fingerprint)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -130,7 +141,7 @@ def pytest_terminal_summary(terminalreporter):
         outcome = "" if compiled.ok else " and FAILED (test_compile.py says why)"
         terminalreporter.write_line(
             f"numbaconv: the kernels were compiled ahead of the tests in {compiled.seconds:.0f} s"
-            f"{outcome} (the Numba cache held none; NUMBACONV_TESTS_COMPILE_FIRST=0 turns it off)"
+            f"{outcome} (once per Numba cache folder; NUMBACONV_TESTS_COMPILE_FIRST=0 turns it off)"
         )
 
 
