@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 import numba
 import numpy as np
-from naive import conv2d_grads_naive, conv2d_naive, out_shape, padding4
+from naive import (
+    conv2d_grads_naive,
+    conv2d_grads_windows,
+    conv2d_naive,
+    conv2d_windows,
+    out_shape,
+    padding4,
+)
 
 import numbaconv as nc
 
@@ -109,6 +116,16 @@ def naive_reference(cfg: Cfg, x, w, b, gy) -> Reference:
     absb = None if b is None else np.abs(b)
     y_abs = conv2d_naive(np.abs(x), np.abs(w), absb, **kw)
     gx_abs, gw_abs, gb_abs = conv2d_grads_naive(np.abs(gy), np.abs(x), np.abs(w), **kw)
+    return Reference(y, gx, gw, gb, y_abs, gx_abs, gw_abs, gb_abs)
+
+
+def windows_reference(cfg: Cfg, x, w, b, gy) -> Reference:
+    """:func:`naive_reference` by sliding windows and einsum (``naive.conv2d_windows``,
+    ``naive.conv2d_grads_windows``): for layers where the loops take minutes.
+    ``tests/test_reference.py`` checks it against the loops."""
+    args = (cfg.stride, cfg.pad4, cfg.dilation, cfg.groups)
+    y, y_abs = conv2d_windows(x, w, b, *args)
+    (gx, gw, gb), (gx_abs, gw_abs, gb_abs) = conv2d_grads_windows(gy, x, w, *args)
     return Reference(y, gx, gw, gb, y_abs, gx_abs, gw_abs, gb_abs)
 
 

@@ -316,3 +316,54 @@ def conv2d_windows(x, w, b, stride, pad4, dilation, groups):
             y = y + bs.astype(np.float64)[None, :, None, None]
         results.append(y)
     return results
+
+
+def conv2d_grads_windows(grad_y, x, w, stride, pad4, dilation, groups):
+    """:func:`conv2d_grads_naive` by sliding windows and einsum, for sizes where its loops take
+    minutes (each of its passes is one Python step per multiply-add); returns ``(grad_x,
+    grad_w, grad_b)`` and the same computed from the absolute values (the rounding scale).
+
+    grad_w correlates ``grad_y`` with the input's windows; grad_x adds, for each filter tap
+    ``(r, s)``, ``grad_y`` times that tap's weights onto the padded input rows and columns the
+    tap read (``r * dh + sh * oh``, ``s * dw + sw * ow``), then drops the padding."""
+    sh, sw = (stride, stride) if np.isscalar(stride) else stride
+    dh, dw = (dilation, dilation) if np.isscalar(dilation) else dilation
+    top, bottom, left, right = pad4
+    n, c, h, wd = x.shape
+    k, cg, r_, s_ = w.shape
+    kg = k // groups
+    _, _, oh_, ow_ = grad_y.shape
+    results = []
+    for gys, xs, ws in ((grad_y, x, w), (np.abs(grad_y), np.abs(x), np.abs(w))):
+        gys, ws = gys.astype(np.float64), ws.astype(np.float64)
+        padded = np.pad(xs.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+        span = (dh * (r_ - 1) + 1, dw * (s_ - 1) + 1)
+        win = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(2, 3))
+        win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh_, :ow_]  # (n, c, oh, ow, r, s)
+        grad_w = np.concatenate(
+            [
+                np.einsum(
+                    "nkhw,nchwrs->kcrs",
+                    gys[:, g * kg : (g + 1) * kg],
+                    win[:, g * cg : (g + 1) * cg],
+                )
+                for g in range(groups)
+            ]
+        )
+        grad_padded = np.zeros(padded.shape)
+        for r in range(r_):
+            for s in range(s_):
+                for g in range(groups):
+                    grad_padded[
+                        :,
+                        g * cg : (g + 1) * cg,
+                        r * dh : r * dh + sh * (oh_ - 1) + 1 : sh,
+                        s * dw : s * dw + sw * (ow_ - 1) + 1 : sw,
+                    ] += np.einsum(
+                        "nkhw,kc->nchw",
+                        gys[:, g * kg : (g + 1) * kg],
+                        ws[g * kg : (g + 1) * kg, :, r, s],
+                    )
+        grad_x = grad_padded[:, :, top : top + h, left : left + wd]
+        results.append((grad_x, grad_w, gys.sum(axis=(0, 2, 3))))
+    return results

@@ -9,7 +9,9 @@ from naive import (
     col2im,
     col2im_naive,
     conv2d_grads_naive,
+    conv2d_grads_windows,
     conv2d_naive,
+    conv2d_windows,
     im2col,
     im2col_naive,
     out_shape,
@@ -79,6 +81,30 @@ def test_grads_naive_are_the_adjoint(case):
     assert lhs == pytest.approx(np.sum(x * gx), rel=1e-12)
     assert lhs == pytest.approx(np.sum(w * gw), rel=1e-12)
     np.testing.assert_allclose(gb, g.sum(axis=(0, 2, 3)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_window_forms_match_the_loops(case):
+    """The einsum forms (for layers too large for the loops) against the loops, values and
+    magnitudes."""
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    pad4 = padding4(padding, w_shape[2:], stride, dilation)
+    args = (stride, pad4, dilation, groups)
+    y, y_abs = conv2d_windows(x, w, b, *args)
+    np.testing.assert_allclose(y, conv2d_naive(x, w, b, *args), rtol=1e-12, atol=1e-12)
+    magnitudes = (np.abs(x), np.abs(w), np.abs(b))
+    np.testing.assert_allclose(y_abs, conv2d_naive(*magnitudes, *args), rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(y.shape)
+    values, scales = conv2d_grads_windows(g, x, w, *args)
+    for got, want in zip(values, conv2d_grads_naive(g, x, w, *args), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    loops = conv2d_grads_naive(np.abs(g), np.abs(x), np.abs(w), *args)
+    for got, want in zip(scales, loops, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_same_padding_split_like_pytorch():
