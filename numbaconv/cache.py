@@ -75,6 +75,18 @@ def warm(kernel: str, dtype: str, path: str) -> str:
             x[0, 0, 0, 0] = np.nan
             y = functional.conv2d(x, w, b, kernel=kernel, **options)
             functional.conv2d_backward(y, x, w, kernel=kernel, **options)
+    if kernel == "im2col":
+        # The sub-pixel form of strided transposed convolutions (its weight and shuffle
+        # copies; registry.transposed_via_subpixel): 32 output channels, the least it takes;
+        # the forward pass of a 4x4 stride-2 filter with and without a bias, the backward pass
+        # of a 2x2 one.
+        x = rng.standard_normal((1, 2, 8, 8)).astype(dtype)
+        for r in (4, 2):
+            w = rng.standard_normal((2, 32, r, r)).astype(dtype)
+            b = rng.standard_normal(32).astype(dtype)
+            y = functional.conv_transpose2d(x, w, b, stride=2, padding=r // 4, kernel="auto")
+            functional.conv_transpose2d(x, w, stride=2, padding=r // 4, kernel="auto")
+            functional.conv_transpose2d_backward(y, x, w, stride=2, padding=r // 4, kernel="auto")
     if path == "chunked":
         x = rng.standard_normal((2, 3, 6, 5)).astype(dtype)
         cols = functional.im2col(x, 3, 3, 6, 5, 1, 1)

@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from .geometry import ConvGeometry
-from .kernels import direct, im2col, taps, teaching, winograd
+from .kernels import direct, im2col, subpixel, taps, teaching, winograd
 
 ENV_VAR = "NUMBACONV_KERNEL"
 BUILTIN_DEFAULT = "auto"
@@ -165,6 +165,56 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     ):
         return "winograd"
     return "im2col"
+
+
+#: ``'auto'`` computes a strided transposed convolution whose filter sizes are multiples of its
+#: strides in sub-pixel form (:mod:`numbaconv.kernels.subpixel`: one stride-1 convolution with
+#: ``s_h * s_w`` times the filters and ``T = R / s`` taps per axis, then a depth-to-space copy)
+#: where that measured faster than the adjoint kernels' input gradient: with at least this many
+#: output channels ...
+SUBPIXEL_MIN_CHANNELS = 32
+#: ... where at least this fraction of the stride-1 convolution's outputs are kept (its padding
+#: of ``T - 1`` computes ``(H + T - 1) * (W + T - 1)`` outputs per phase for ``H * W``); the
+#: forward pass with more than one tap per phase (where the adjoint scatter's taps overlap), the
+#: backward pass with one (``R == s``: a 1x1 convolution's backward pass on the gathered
+#: gradient). float32 / float64, 2 threads, AMD EPYC Zen 5 (AVX-512), medians of 9 / 7
+#: interleaved rounds, ms, adjoint ``im2col`` -> sub-pixel, forward | backward: DCGAN's
+#: 16x256x8x8 -> 128 4x4 (kept 0.79, ``taps`` inside) 6.58 -> 3.95 / 11.9 -> 7.86 | 11.7 ->
+#: 11.2 / 19.7 -> 19.2 (noise: not taken); 16x128x16x16 -> 64 4x4 (0.89) 6.58 -> 3.66 / 10.8 ->
+#: 7.0; U-Net's 16x128x28x28 -> 64 2x2 | 11.9 -> 7.31 / 20.1 -> 13.8. Not taken: U-Net's
+#: forward pass, 3.73 -> 3.27 in a loop of single calls but 4.1-4.9 -> 5.3-10 in 200 ms bursts
+#: (``bench.time_turn``: its 13 MB stride-1 product is a second fresh allocation per call, and
+#: the bursts paid its page faults; float64 lost in the loop too, 6.43 -> 8.94);
+#: 16x512x4x4 -> 256 4x4 (kept 0.64) 6.20 -> 9.37; 16x64x32x32 -> 3 4x4 (12 stacked filters)
+#: 1.03 -> 1.83.
+SUBPIXEL_MIN_KEPT = 0.75
+
+
+def transposed_via_subpixel(geom: ConvGeometry, dtype=None, direction: str = "forward") -> bool:
+    """Whether ``'auto'`` runs the transposed convolution whose adjoint convolution is ``geom``
+    in sub-pixel form (see :data:`SUBPIXEL_MIN_CHANNELS`); a function of the geometry alone
+    (``dtype`` is accepted for the cost model's signature; both dtypes measured the same way)."""
+    if not subpixel.applies(geom) or geom.in_channels < SUBPIXEL_MIN_CHANNELS:
+        return False
+    taps_h = geom.filter_height // geom.stride_h
+    taps_w = geom.filter_width // geom.stride_w
+    kept = (geom.out_height * geom.out_width) / (
+        (geom.out_height + taps_h - 1) * (geom.out_width + taps_w - 1)
+    )
+    if kept < SUBPIXEL_MIN_KEPT:
+        return False
+    one_tap = taps_h == taps_w == 1
+    return one_tap if direction == "backward" else not one_tap
+
+
+def subpixel_forward_kernel(sub_geom: ConvGeometry, dtype) -> str:
+    """The kernel of a sub-pixel form's stride-1 convolution: ``taps`` where at most
+    :data:`TAPS_MAX_USEFUL` of ``im2col``'s products would meet the image (its padding of
+    ``T - 1`` on small maps; DCGAN's 8x8: 3.95 against 4.94 ms float32, 7.86 against 11.0
+    float64, the measurements above), else what :func:`choose` picks."""
+    if taps.useful_fraction(sub_geom) <= TAPS_MAX_USEFUL:
+        return "taps"
+    return choose(sub_geom, dtype, "forward")
 
 
 class _Auto:

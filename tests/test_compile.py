@@ -40,6 +40,14 @@ WORKLOAD = textwrap.dedent(
                         w = rng.standard_normal(w_shape).astype(dtype)
                         y = nc.conv2d(x, w, kernel=kernel, **options)
                         nc.conv2d_backward(y, x, w, kernel=kernel, **options)
+                    # Transposed: each kernel's input gradient alone, and auto's sub-pixel
+                    # form both ways (registry.transposed_via_subpixel).
+                    xt = rng.standard_normal((2, 3, 7, 7)).astype(dtype)
+                    for r in (4, 2):
+                        wt = rng.standard_normal((3, 32, r, r)).astype(dtype)
+                        options = dict(stride=2, padding=r // 4)
+                        yt = nc.conv_transpose2d(xt, wt, kernel=kernel, **options)
+                        nc.conv_transpose2d_backward(yt, xt, wt, kernel=kernel, **options)
                 layer = nc.ConvLayer(3, 9, 9, 4, 3, 3, 1, 1, dtype=dtype)
                 layer.backward(layer.forward(rng.standard_normal((5, 3, 9, 9)).astype(dtype)))
                 cols = nc.im2col(x, 5, 3, 7, 4, (2, 3), 2)

@@ -1,0 +1,143 @@
+"""The sub-pixel form of strided transposed convolutions (numbaconv.kernels.subpixel), which
+``auto`` runs: against the scatter-loop reference on geometries where it applies, forward and
+backward with the route forced on in both directions; which geometries take it; NaN/Inf and
+bitwise agreement across thread counts."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from helpers import assert_close
+from naive_family import conv_transpose2d_grads_naive, conv_transpose2d_naive
+
+import numbaconv as nc
+from numbaconv import functional as F
+from numbaconv import registry
+from numbaconv.geometry import make_transposed_geometry
+from numbaconv.kernels import subpixel
+
+# (n, c_in, h, w, c_out, r, s, stride, padding, output_padding): filter sizes multiples of the
+# strides; paddings that drop whole phases at the edges, and more than the filter reaches.
+CASES = [
+    (2, 3, 4, 4, 2, 4, 4, (2, 2), (1, 1), (0, 0)),  # DCGAN's geometry
+    (2, 4, 3, 4, 3, 2, 2, (2, 2), (0, 0), (1, 1)),  # U-Net's, with output_padding
+    (1, 2, 3, 5, 3, 4, 6, (2, 3), (1, 2), (1, 2)),  # different strides and taps per axis
+    (2, 3, 1, 6, 2, 1, 4, (1, 2), (0, 1), (0, 1)),  # one row: conv_transpose1d's case
+    (1, 2, 4, 3, 2, 6, 3, (3, 1), (4, 2), (2, 0)),  # padding past the sub-filters' reach
+    (1, 3, 2, 2, 4, 3, 3, (3, 3), (0, 0), (2, 2)),  # taps 1, output_padding: uncovered pixels
+]
+
+
+def data(case, dtype, seed=0):
+    n, c_in, h, w, c_out, r, s, stride, padding, output_padding = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
+    wt = rng.standard_normal((c_in, c_out, r, s)).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype)
+    options = dict(stride=stride, padding=padding, output_padding=output_padding)
+    out = make_transposed_geometry(x.shape, wt.shape, **options).input_shape
+    gy = rng.standard_normal(out).astype(dtype)
+    return x, wt, b, gy, options
+
+
+@pytest.fixture
+def subpixel_both_ways(monkeypatch):
+    """The sub-pixel route wherever it applies, both ways, whatever the sizes and dtype."""
+    monkeypatch.setattr(
+        registry, "transposed_via_subpixel", lambda geom, *_: subpixel.applies(geom)
+    )
+
+
+@pytest.mark.usefixtures("subpixel_both_ways")
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_against_the_reference(case, dtype):
+    x, w, b, gy, options = data(case, dtype)
+    geom = make_transposed_geometry(x.shape, w.shape, **options)
+    assert subpixel.applies(geom)
+    got = (
+        nc.conv_transpose2d(x, w, b, kernel="auto", **options),
+        *nc.conv_transpose2d_backward(gy, x, w, kernel="auto", **options),
+    )
+    want = (
+        conv_transpose2d_naive(x, w, b, **options),
+        *conv_transpose2d_grads_naive(gy, x, w, **options),
+    )
+    scale = (
+        conv_transpose2d_naive(np.abs(x), np.abs(w), np.abs(b), **options),
+        *conv_transpose2d_grads_naive(np.abs(gy), np.abs(x), np.abs(w), **options),
+    )
+    for name, g, v, m in zip(("y", "grad_x", "grad_w", "grad_b"), got, want, scale, strict=True):
+        assert g.shape == v.shape and g.dtype == dtype, name
+        assert_close(g, v, m, dtype, f"{name} {case}")
+
+
+def test_which_geometries_take_it():
+    """The measured rule (registry.SUBPIXEL_*), on the zoo's layers and its edges."""
+
+    def route(x_shape, c_out, r, dtype=np.float32, **options):
+        w_shape = (x_shape[1], c_out // options.get("groups", 1), r, r)
+        geom = make_transposed_geometry(x_shape, w_shape, **options)
+        return (
+            registry.transposed_via_subpixel(geom, dtype, "forward"),
+            registry.transposed_via_subpixel(geom, dtype, "backward"),
+        )
+
+    dcgan, unet = (16, 256, 8, 8), (16, 128, 28, 28)
+    assert route(dcgan, 128, 4, stride=2, padding=1) == (True, False)  # 2x2 taps per phase
+    assert route(unet, 64, 2, stride=2) == (False, True)  # one tap: a 1x1 convolution
+    assert route(unet, 64, 2, np.float64, stride=2) == (False, True)
+    assert route(dcgan, 128, 4, np.float64, stride=2, padding=1) == (True, False)
+    assert route((16, 512, 4, 4), 256, 4, stride=2, padding=1) == (False, False)  # kept 0.64
+    assert route((16, 64, 32, 32), 3, 4, stride=2, padding=1) == (False, False)  # 3 channels
+    assert route(dcgan, 128, 3, stride=2, padding=1) == (False, False)  # 3 % 2
+    assert route(dcgan, 128, 3) == (False, False)  # stride 1
+    assert route(dcgan, 128, 4, stride=2, dilation=2) == (False, False)
+    assert route(dcgan, 128, 4, stride=2, groups=2) == (False, False)
+    plan = subpixel.plan(make_transposed_geometry(dcgan, (256, 128, 4, 4), stride=2), dcgan)
+    sub_geom = F._subpixel_geometry(plan)
+    assert registry.subpixel_forward_kernel(sub_geom, np.float32) == "taps"  # 64 of 81 kept
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_stacked_weights_round_trip(case):
+    x, w, _, _, options = data(case, np.float64)
+    plan = subpixel.plan(make_transposed_geometry(x.shape, w.shape, **options), x.shape)
+    stacked = subpixel.stacked_weights(w, plan)
+    assert stacked.shape == (plan.stacked, w.shape[0], plan.taps_h, plan.taps_w)
+    np.testing.assert_array_equal(subpixel.weights_from_stacked(stacked, plan), w)
+    # shuffle and unshuffle are adjoint: <shuffle(z), g> == <z, unshuffle(g)>
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((x.shape[0], plan.stacked, plan.out_h, plan.out_w))
+    g = rng.standard_normal(plan.geom.input_shape)
+    lhs = float(np.sum(subpixel.shuffle(z, plan) * g))
+    assert lhs == pytest.approx(float(np.sum(z * subpixel.unshuffle(g, plan))), rel=1e-12)
+
+
+@pytest.mark.usefixtures("subpixel_both_ways")
+def test_nan_and_inf_reach_what_the_scatter_reaches(dtype):
+    x, w, _, gy, options = data(CASES[0], dtype, 2)
+    x[0, 1, 1, 2] = np.nan
+    x[1, 0, 3, 3] = np.inf
+    with np.errstate(invalid="ignore"):
+        want = conv_transpose2d_naive(x, w, None, **options)
+        got = nc.conv_transpose2d(x, w, kernel="auto", **options)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert np.isnan(got).any() and not np.isnan(got).all()
+
+
+@pytest.mark.usefixtures("subpixel_both_ways", "force_parallel", "restore_num_threads")
+def test_same_bits_on_any_thread_count():
+    x, w, b, gy, options = data((3, 8, 6, 5, 6, 4, 4, (2, 2), (1, 1), (1, 0)), np.float32, 4)
+    results = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        results.append(
+            (
+                nc.conv_transpose2d(x, w, b, kernel="auto", **options),
+                *nc.conv_transpose2d_backward(gy, x, w, kernel="auto", **options),
+            )
+        )
+    for one, many in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, many)
