@@ -213,6 +213,9 @@ class BundledOpenBLAS:
     get: Callable[[], int]  #: ``openblas_get_num_threads``, under the library's own name
     set: Callable[[int], None]  #: ``openblas_set_num_threads``, likewise
     symbol: str  #: the name ``set`` was found under, e.g. ``"scipy_openblas_set_num_threads"``
+    #: ``openblas_get_corename()``: the kernels OpenBLAS chose for this CPU ("Haswell",
+    #: "SkylakeX", ...), or None where the library does not say
+    core: str | None = None
 
 
 def _scipy_library_folders(scipy_root: Path) -> list[Path]:
@@ -274,6 +277,34 @@ def _import_cython_blas():
     return module
 
 
+def _corename(lib, prefix: str) -> str | None:
+    """``openblas_get_corename()`` of ``lib`` under its ``prefix``, or None."""
+    for suffix in ("", "64_"):
+        try:
+            function = getattr(lib, f"{prefix}get_corename{suffix}")
+        except AttributeError:
+            continue
+        function.restype, function.argtypes = ctypes.c_char_p, []
+        name = function()
+        return name.decode("ascii", "replace").strip() or None if name else None
+    return None
+
+
+#: OpenBLAS's cores (``openblas_get_corename``, lower case) whose GEMM kernels use AVX-512.
+#: OpenBLAS 0.3.30-31 picks ``SkylakeX`` on AMD's Zen 5 and Intel's Sapphire Rapids; an AVX-512
+#: CPU it does not know, or ``OPENBLAS_CORETYPE=Haswell`` (set on this project's development
+#: machines), gives its AVX2 ``Haswell`` kernels (see
+#: :func:`numbaconv.kernels.microkernel.own_weight_gradient`).
+_AVX512_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+
+
+def blas_runs_avx512() -> bool:
+    """Whether SciPy's bundled OpenBLAS runs AVX-512 GEMM kernels on this CPU (False where it
+    is not found or does not say)."""
+    found = _openblas()
+    return found is not None and (found.core or "").lower() in _AVX512_CORES
+
+
 def _lookup_scipy_openblas() -> tuple[BundledOpenBLAS | None, str]:
     """SciPy's bundled OpenBLAS and a description, or None and why it cannot be used."""
     try:
@@ -302,7 +333,9 @@ def _lookup_scipy_openblas() -> tuple[BundledOpenBLAS | None, str]:
                     get.restype, get.argtypes = ctypes.c_int, []
                     set_.restype, set_.argtypes = None, [ctypes.c_int]
                     symbol = f"{prefix}set_num_threads{suffix}"
-                    return BundledOpenBLAS(str(path), get, set_, symbol), f"{path.name}, {symbol}"
+                    found = BundledOpenBLAS(str(path), get, set_, symbol, _corename(lib, prefix))
+                    core = f", {found.core} kernels" if found.core else ""
+                    return found, f"{path.name}, {symbol}{core}"
     where = " or ".join(str(folder) for folder in folders)
     if seen:
         why = f"{', '.join(seen)} in {where}: not loaded by scipy.linalg, or no thread control"

@@ -13,9 +13,12 @@ The GEMMs: the forward and gradient-column products run on numbaconv's own micro
 (:mod:`.microkernel`) where :func:`~.microkernel.own_gemm_pays` says it beats BLAS, else on
 ``np.dot``, which Numba binds to SciPy's BLAS, held to one thread by
 :func:`numbaconv._threading.single_threaded_blas`. The grad-w product (``grad_y @ columns.T``)
-stays on BLAS: OpenBLAS ran it at 150-200 GFLOP/s per core where the micro-kernel, packing the
-transposed columns, reached 110-150. It is called through :func:`._blas.gemm_nt_add` with
-``beta = 1``, adding into the lane's sum (``np.dot`` overwrites its output, and adding each
+runs on the micro-kernel only where OpenBLAS does not run its AVX-512 kernels on an AVX-512 host
+(:func:`~.microkernel.own_weight_gradient`: its AVX2 ones ran at about half the micro-kernel's
+speed); elsewhere on BLAS, where OpenBLAS's AVX-512 kernels ran it at 150-200 GFLOP/s per core
+and the micro-kernel, packing the transposed columns, at 110-150 (Sapphire Rapids), and the two
+drew on AMD's Zen 5. Either way it adds into the lane's sum: on BLAS through
+:func:`._blas.gemm_nt_add` with ``beta = 1`` (``np.dot`` overwrites its output, and adding each
 band's product to the sum afterwards cost 8-18 % of the backward pass: float32, 2 threads,
 DeepLab's 4x256x33x33 dilation-12 layer 56.7 -> 51.9 ms, 4x256x28x28 dilation 2 34.7 -> 29.0,
 ResNet's 16x256x14x14 grad-w with Winograd's grad-x 29.5 -> 24.3).
@@ -56,6 +59,7 @@ from .microkernel import (
     own_gemm_pays,
     own_gemm_pays_transposed,
     own_gemm_size_pays,
+    own_weight_gradient,
 )
 
 #: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result); one image's
@@ -446,7 +450,7 @@ def fused_forward_kernel(
 @njit(cache=True, inline="always")
 def _backward_band(
     grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, acc, bias_acc, cols_ws, grad_ws,
-    n, band, images, groups, band_rows, pointwise, whole, geo,
+    n, band, images, groups, band_rows, pointwise, whole, geo, own,
 ):  # fmt: skip
     """One band of :func:`fused_backward_kernel`: the band's columns and ``grad_y`` rows, one
     GEMM per group adding the band's grad-w into ``acc``, one for the gradient columns, then
@@ -505,7 +509,10 @@ def _backward_band(
         filters = slice(g * k_g, (g + 1) * k_g)
         rows = slice(g * taps_g, (g + 1) * taps_g)
         if weight_gradient:
-            gemm_nt_add(grad[filters], cols[rows], acc[filters])
+            if own:
+                gemm_nn(grad[filters], cols[rows].T, acc[filters], True)
+            else:
+                gemm_nt_add(grad[filters], cols[rows], acc[filters])
         if input_gradient:
             if own_gemm_pays_transposed(taps_g, k_g, grad.shape[1], grad.itemsize):
                 gemm_nn(w_mat[filters].T, grad[filters], grad_cols[rows], False)
@@ -520,7 +527,7 @@ def _backward_band(
 @njit(parallel=True, cache=True)
 def fused_backward_kernel(
     grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, grad_w_lanes, grad_b_lanes, cols_ws,
-    grad_ws, groups, band_rows, pointwise, geo, phases, phase, group,
+    grad_ws, groups, band_rows, pointwise, geo, phases, phase, group, own,
 ):  # fmt: skip
     """grad-w and grad-b (per lane, in ``grad_w_lanes`` and the float64 ``grad_b_lanes``) and, if
     ``input_gradient``, grad-x in one parallel region, band by band (:func:`_backward_band`).
@@ -564,7 +571,7 @@ def fused_backward_kernel(
                         grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, acc,
                         bias_acc, cols_ws[lane],
                         grad_ws[lane], n, band, images, groups, band_rows, pointwise, whole,
-                        geo,
+                        geo, own,
                     )  # fmt: skip
         else:
             jobs = n_batch * per_image
@@ -574,7 +581,7 @@ def fused_backward_kernel(
                 _backward_band(
                     grad_y, x, w_mat, grad_x, input_gradient, weight_gradient, acc, bias_acc,
                     cols_ws[lane],
-                    grad_ws[lane], n, band, 1, groups, band_rows, pointwise, whole, geo,
+                    grad_ws[lane], n, band, 1, groups, band_rows, pointwise, whole, geo, own,
                 )  # fmt: skip
 
 
@@ -1027,7 +1034,7 @@ def _fused_backward(
             fused_backward_kernel(
                 grad_y.reshape(n, k, oh * ow), x, w_mat, grad_x, input_gradient, weight_gradient,
                 sums, bias_sums, cols, grads, geom.groups, band_rows, pointwise,
-                geometry_args(geom), phases, phase, group,
+                geometry_args(geom), phases, phase, group, own_weight_gradient(),
             )  # fmt: skip
     if not weight_gradient:
         return grad_x, None, None
@@ -1047,25 +1054,40 @@ BLOCKED_JOBS = 4
 
 
 @njit(parallel=True, cache=True)
-def blocked_weight_gradient_kernel(grad_y, x, cols, grad_w, grad_b, block, bias_block, geo):
-    """grad-w by blocks of ``block`` input channels: a job builds its channels' rows of the
-    columns of every image, then ``grad_w[:, taps] = sum_n grad_y[n] @ cols[taps, image n].T``
-    over their taps, and ``grad_b`` (float64) for a block of ``bias_block`` filters. Each job
-    owns its elements, summing the images in order, so nothing is reduced across lanes.
-    (Blocks of filters instead gave BLAS products of 32 rows, single-threaded 1.8x slower than
-    blocks of taps on ResNet's 1x128x28x28 layer.)"""
+def blocked_weight_gradient_kernel(
+    grad_y, x, grad_t, cols, grad_w, grad_b, block, bias_block, geo, own
+):  # fmt: skip
+    """grad-w by blocks of ``block`` input channels over the whole batch at once: a job builds
+    its channels' rows of the columns of every image, then one product over all the batch's
+    pixels, ``grad_w[:, taps] = grad_t @ cols[taps].T``, ``grad_t`` being ``grad_y`` as
+    (K, N*P) (gathered here when N > 1; with one image the caller passes ``grad_y[0]``); and
+    ``grad_b`` (float64) for a block of ``bias_block`` filters. Each job owns its elements, so
+    nothing is reduced across lanes. The product runs on the micro-kernel when ``own``
+    (:func:`~.microkernel.own_weight_gradient`), else on BLAS. (Blocks of filters instead gave
+    BLAS products of 32 rows, single-threaded 1.8x slower than blocks of taps on ResNet's
+    1x128x28x28 layer.)"""
     n_batch, n_filters, pixels = grad_y.shape
+    if n_batch > 1:
+        for k in prange(n_filters):
+            for n in range(n_batch):
+                dst = grad_t[k, n * pixels : (n + 1) * pixels]
+                src = grad_y[n, k]
+                for q in range(pixels):
+                    dst[q] = src[q]
     n_chan = x.shape[1]
     taps_c = geo[0] * geo[1]
     for job in prange(-(-n_chan // block)):
         c0 = job * block
         c1 = min(n_chan, c0 + block)
         t0, t1 = c0 * taps_c, c1 * taps_c
-        grad_w[:, t0:t1] = 0
         for n in range(n_batch):
             for c in range(c0, c1):
                 channel_columns(x, n, c, 0, geo[2], 0, geo[3], cols, n * pixels, geo)
-            gemm_nt_add(grad_y[n], cols[t0:t1, n * pixels : (n + 1) * pixels], grad_w[:, t0:t1])
+        if own:
+            gemm_nn(grad_t, cols[t0:t1].T, grad_w[:, t0:t1], False)
+        else:
+            grad_w[:, t0:t1] = 0
+            gemm_nt_add(grad_t, cols[t0:t1], grad_w[:, t0:t1])
         for k in range(job * bias_block, min(n_filters, (job + 1) * bias_block)):
             total = 0.0
             for n in range(n_batch):
@@ -1104,19 +1126,42 @@ def blocked_input_gradient_kernel(grad_y, w_t, cols, grad_x, block, geo):
 BLOCKED_MIN_CHANNELS = 16
 
 
-def blocked_fits(geom: ConvGeometry, itemsize: int) -> bool:
-    """Whether :func:`blocked_backward` runs: batches smaller than :data:`SMALL_BATCH_LANES`
-    (where the fused pass splits images into narrow bands, each lane summing its own grad-w)
-    of one group with at least :data:`BLOCKED_MIN_CHANNELS` input channels, whose columns for
-    the whole batch fit in :data:`WORKSPACE_BYTES`."""
+def batch_columns_fit(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether :func:`blocked_backward` can run: one group with at least
+    :data:`BLOCKED_MIN_CHANNELS` input channels, whose columns for the whole batch fit in
+    :data:`WORKSPACE_BYTES`."""
     taps = geom.in_channels * geom.filter_height * geom.filter_width
     pixels = geom.batch * geom.out_height * geom.out_width
     return (
-        0 < geom.batch < SMALL_BATCH_LANES
-        and geom.groups == 1
+        geom.groups == 1
         and geom.in_channels >= BLOCKED_MIN_CHANNELS
         and taps * pixels * itemsize <= WORKSPACE_BYTES
     )
+
+
+def batch_weight_gradient(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether grad-w alone (a transposed convolution's backward pass, Winograd's) runs in
+    :func:`blocked_backward`, one product over the whole batch's pixels per block of channels,
+    rather than in the fused bands, a product per image summed per lane: for small maps (fewer
+    than :data:`MIN_GEMM_COLUMNS` output pixels an image, whose products are short) whose
+    columns fit (:func:`batch_columns_fit`).
+
+    Measured (grad-w alone, medians of 3 rounds of 15 calls, AMD EPYC Zen 5, 2 threads, ms, fused
+    -> whole batch; OpenBLAS's AVX-512 kernels / with ``OPENBLAS_CORETYPE=Haswell``, where both
+    paths run the micro-kernel, :func:`~.microkernel.own_weight_gradient`): DCGAN's 16x256x8x8 4x4
+    stride-2 layer, 64 pixels, float32 4.57 -> 4.16 / 4.56 -> 3.86, float64 8.49 -> 8.04 / 8.67
+    -> 6.96; 16x128x8x8 <- 16x64x16x16 4x4, float32 1.47 -> 1.46 / 1.49 -> 1.38, float64 2.52 ->
+    2.22 / 2.38 -> 1.96. Larger maps lost: U-Net's 2x2 stride-2 layer, 784 pixels, float32 4.92
+    -> 5.53 / 4.69 -> 5.60; ResNet's 16x256x14x14 3x3, 196 pixels, 11.3 -> 12.2 / 11.7 -> 13.1."""
+    small = geom.out_height * geom.out_width < MIN_GEMM_COLUMNS
+    return small and batch_columns_fit(geom, itemsize)
+
+
+def blocked_fits(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether :func:`blocked_backward` runs for a full backward pass: batches smaller than
+    :data:`SMALL_BATCH_LANES` (where the fused pass splits images into narrow bands, each lane
+    summing its own grad-w) whose columns fit (:func:`batch_columns_fit`)."""
+    return 0 < geom.batch < SMALL_BATCH_LANES and batch_columns_fit(geom, itemsize)
 
 
 def blocked_backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool, weight_gradient: bool):
@@ -1143,9 +1188,11 @@ def blocked_backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool, wei
         grad_w = np.empty((k, taps), dtype)
         grad_b = np.empty(k, np.float64)
         bias_block = -(-k // -(-geom.in_channels // block))
+        grad_t = grad_flat[0] if n == 1 else take("im2col.blocked_grad_t", (k, n * oh * ow), dtype)
         with single_threaded_blas():
             blocked_weight_gradient_kernel(
-                grad_flat, x, cols, grad_w, grad_b, block, bias_block, geo
+                grad_flat, x, grad_t, cols, grad_w, grad_b, block, bias_block, geo,
+                own_weight_gradient(),
             )  # fmt: skip
         grad_w = grad_w.reshape(w.shape)
         grad_b = grad_b.astype(dtype)
@@ -1161,7 +1208,8 @@ def blocked_backward(grad_y, x, w, geom: ConvGeometry, input_gradient: bool, wei
 
 
 def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
-    if blas_inside_kernels() and blocked_fits(geom, x.itemsize):
+    weight_alone = not input_gradient and batch_weight_gradient(geom, x.itemsize)
+    if blas_inside_kernels() and (blocked_fits(geom, x.itemsize) or weight_alone):
         return blocked_backward(grad_y, x, w, geom, input_gradient, True)
     lanes = _backward_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
     if lanes == 0:

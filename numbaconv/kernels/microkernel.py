@@ -47,6 +47,8 @@ from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
+from .._threading import blas_runs_avx512
+
 
 def _target_features() -> str:
     """The CPU features Numba compiles for (``NUMBA_CPU_FEATURES`` or the host's), exactly as
@@ -346,6 +348,26 @@ def own_gemm_pays(rows, depth, columns, itemsize):
     """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product of
     ``itemsize``-byte floats, on this target (:data:`OWN_GEMM_ON_THIS_TARGET`)."""
     return OWN_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)
+
+
+def own_weight_gradient() -> bool:
+    """Whether the grad-w products (``grad_y @ columns.T``) of im2col and taps run on the
+    micro-kernel rather than BLAS: on AVX-512 targets (:data:`OWN_GEMM_ON_THIS_TARGET`) whose
+    OpenBLAS does not run its AVX-512 kernels (:func:`numbaconv._threading.blas_runs_avx512`).
+
+    Measured on AMD EPYC Zen 5, 2 threads: products alone (4 jobs of single-threaded products,
+    GFLOP/s, BLAS / micro-kernel), with OpenBLAS's AVX2 ``Haswell`` kernels, float32 256x128 @
+    128x2048 232 / 448, 512x49 @ 49x4608 201 / 463, 64x784 @ 784x576 197 / 278, 64x12544 @
+    12544x256 179 / 213, float64 91-119 / 161-233; with its AVX-512 ``SkylakeX`` kernels, float32
+    364 / 420, 274 / 425, 300 / 262, 295 / 253 (mixed), float64 123-177 / 149-226. grad-w alone in
+    the fused bands, ms, BLAS -> micro-kernel: under ``Haswell`` DCGAN's 16x256x8x8 4x4 stride-2
+    layer 6.53 -> 4.56, U-Net's 2x2 6.34 -> 4.69, ResNet's 16x256x14x14 3x3 18.6 -> 11.7 (float64
+    12.3 -> 8.7, 11.7 -> 8.4, 33.8 -> 21.3); under ``SkylakeX`` 4.57 / 4.73, 4.92 / 4.80, 11.3 /
+    11.6 (float64 8.5 / 8.9, 9.8 / 9.0, 21.5 / 20.0): a draw, so BLAS stays there, as on
+    Sapphire Rapids, where its AVX-512 kernels ran im2col's band products at 150-200 GFLOP/s per
+    core against 110-150. The BLAS a process loads is a run-time fact, not in Numba's cache key,
+    so the kernels take the answer as an argument."""
+    return OWN_GEMM_ON_THIS_TARGET and not blas_runs_avx512()
 
 
 @njit(cache=True, inline="always")

@@ -54,7 +54,7 @@ from ..geometry import ConvGeometry
 from ._blas import gemm_nn_add, gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range
 from .direct import grad_bias_kernel
-from .microkernel import gemm_nn, own_gemm_pays
+from .microkernel import gemm_nn, own_gemm_pays, own_weight_gradient
 
 #: A band's window copy (channels x band pixels) is kept near this many bytes. Smaller bands were
 #: slower: DeepLab's 4x256x33x33 dilation-12 layer (34 KB an output row in float32, so whole
@@ -110,8 +110,8 @@ def _group_products(tap, src, dst, f0, f1, per_src, per_dst, accumulate, use_bla
 
 @njit(cache=True, inline="always")
 def _product_nt_add(a, b, c, use_blas):
-    """``c += a @ b.T`` (contiguous rows): BLAS (grad-w's products measured faster there, see
-    :mod:`.im2col`), or the micro-kernel without BLAS."""
+    """``c += a @ b.T`` (contiguous rows): BLAS, or the micro-kernel without it or where it is
+    the faster (:func:`~.microkernel.own_weight_gradient`)."""
     if use_blas:
         gemm_nt_add(a, b, c)
     else:
@@ -491,7 +491,8 @@ def weight_gradient(grad_y, x, w, geom: ConvGeometry) -> np.ndarray:
     outs = take("taps.windows", (lanes, k_g, pixels), x.dtype)
     ins = take("taps.results", (lanes, c_g, pixels), x.dtype)
     parts = np.empty((chunks, r * s, k, c_g), dtype=x.dtype)
-    use_blas = blas_inside_kernels()
+    # (grad-w's only products: on BLAS unless the micro-kernel is the faster there)
+    use_blas = blas_inside_kernels() and not own_weight_gradient()
     with _blas_held(use_blas):
         taps_grad_weight_kernel(
             grad_y, x, parts, outs, ins, _geometry(geom), geom.groups, band_rows, use_blas
