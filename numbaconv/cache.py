@@ -53,8 +53,9 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     ]
     if kernel == "winograd":
         layers.append(((2, 4, 10, 9), (3, 4, 3, 3), dict(padding=(2, 1))))
-    if kernel == "direct":  # depthwise 3x3 at column stride 2: its own forward kernel
+    if kernel == "direct":  # depthwise 3x3 at column stride 2, and "same": their own kernels
         layers.append(((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)))
+        layers.append(((2, 4, 7, 6), (4, 1, 3, 3), dict(padding=1, groups=4)))
     if kernel in ("im2col", "winograd"):  # a small batch of 16 channels: im2col's blocked backward
         layers.append(((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)))
     return layers

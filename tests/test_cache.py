@@ -29,6 +29,7 @@ WORKLOAD = textwrap.dedent(
             ((2, 4, 6, 6), (4, 2, 3, 3), dict(padding=1, groups=2)),
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, dilation=2, groups=4)),
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)),
+            ((2, 4, 7, 6), (4, 1, 3, 3), dict(padding=1, groups=4)),  # depthwise "same"
             ((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)),
             ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),  # last: the im2col call below uses it
         ]

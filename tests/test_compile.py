@@ -28,6 +28,7 @@ WORKLOAD = textwrap.dedent(
         ((3, 16, 12, 11), (16, 16, 3, 3), dict(padding="same")),
         ((2, 8, 20, 20), (8, 8, 1, 1), {}),
         ((2, 6, 9, 10), (6, 1, 3, 3), dict(stride=2, padding=1, groups=6)),
+        ((2, 5, 8, 7), (5, 1, 3, 3), dict(padding=1, groups=5)),
         # Last: the teaching im2col below takes this x.
         ((1, 6, 13, 9), (12, 3, 5, 3), dict(stride=(2, 3), padding=2, dilation=2, groups=2)),
     ]
