@@ -227,32 +227,15 @@ def depthwise_same_kernel(x, w, bias, y, filters_per_group, workspace):
             for m in range(filters_per_group):
                 o = c * filters_per_group + m
                 out = y[n, o].reshape(plane)
-                start = bias[o]
-                if k == 3:  # the bias and all nine taps in one pass, one store per pixel
-                    row = width
-                    d = stride + 1
-                    a0, a1, a2 = buf[0:plane], buf[d : d + plane], buf[2 * d : 2 * d + plane]
-                    b0 = buf[row : row + plane]
-                    b1 = buf[row + d : row + d + plane]
-                    b2 = buf[row + 2 * d : row + 2 * d + plane]
-                    c0 = buf[2 * row : 2 * row + plane]
-                    c1 = buf[2 * row + d : 2 * row + d + plane]
-                    c2 = buf[2 * row + 2 * d : 2 * row + 2 * d + plane]
-                    t0, t1, t2 = w[o, 0, 0, 0], w[o, 0, 0, 1], w[o, 0, 0, 2]
-                    t3, t4, t5 = w[o, 0, 1, 0], w[o, 0, 1, 1], w[o, 0, 1, 2]
-                    t6, t7, t8 = w[o, 0, 2, 0], w[o, 0, 2, 1], w[o, 0, 2, 2]
-                    for q in range(plane):
-                        out[q] = start + (
-                            (t0 * a0[q] + t1 * a1[q] + t2 * a2[q])
-                            + (t3 * b0[q] + t4 * b1[q] + t5 * b2[q])
-                            + (t6 * c0[q] + t7 * c1[q] + t8 * c2[q])
-                        )
-                    continue
-                for q in range(plane):
-                    out[q] = start
                 for r in range(k):
                     for s in range(k):
                         taps[r * k + s] = w[o, 0, r, s]
+                if k == 3:  # the bias and all nine taps in one pass, one store per pixel
+                    _nine_taps(out, buf, width, taps, 1, stride + 1, bias[o], False)
+                    continue
+                start = bias[o]
+                for q in range(plane):
+                    out[q] = start
                 _taps(out, buf, width, taps, k, k, 1, stride + 1)
 
 
@@ -392,28 +375,44 @@ def _place_interior(src, padded, padded_w, padded_h, row0, col0):
 
 
 @njit(cache=True, inline="always", fastmath=FASTMATH)
-def _taps(acc, padded, padded_w, taps, taps_h, taps_w, dh, dw):
-    """``acc[q] += sum_{r, s} taps[r*taps_w + s] * padded[q + r*dh*padded_w + s*dw]``, up to
-    three taps of a filter row per pass over ``acc`` (fewer loads and stores of ``acc``)."""
+def _nine_taps(acc, padded, padded_w, taps, dh, dw, start, accumulate):
+    """A 3x3 filter's :func:`_taps` in one pass: ``acc[q] += sum`` when ``accumulate``, else
+    ``acc[q] = start + sum``, the sum being the three filter rows' partial sums added in order."""
     size = acc.shape[0]
-    if taps_h == 3 and taps_w == 3:
-        # All nine in one pass: one load and store of ``acc`` instead of three.
-        row = dh * padded_w
-        a0, a1, a2 = padded[0:size], padded[dw : dw + size], padded[2 * dw : 2 * dw + size]
-        b0 = padded[row : row + size]
-        b1 = padded[row + dw : row + dw + size]
-        b2 = padded[row + 2 * dw : row + 2 * dw + size]
-        c0 = padded[2 * row : 2 * row + size]
-        c1 = padded[2 * row + dw : 2 * row + dw + size]
-        c2 = padded[2 * row + 2 * dw : 2 * row + 2 * dw + size]
-        t0, t1, t2, t3, t4 = taps[0], taps[1], taps[2], taps[3], taps[4]
-        t5, t6, t7, t8 = taps[5], taps[6], taps[7], taps[8]
+    row = dh * padded_w
+    a0, a1, a2 = padded[0:size], padded[dw : dw + size], padded[2 * dw : 2 * dw + size]
+    b0 = padded[row : row + size]
+    b1 = padded[row + dw : row + dw + size]
+    b2 = padded[row + 2 * dw : row + 2 * dw + size]
+    c0 = padded[2 * row : 2 * row + size]
+    c1 = padded[2 * row + dw : 2 * row + dw + size]
+    c2 = padded[2 * row + 2 * dw : 2 * row + 2 * dw + size]
+    t0, t1, t2, t3, t4 = taps[0], taps[1], taps[2], taps[3], taps[4]
+    t5, t6, t7, t8 = taps[5], taps[6], taps[7], taps[8]
+    if accumulate:
         for q in range(size):
             acc[q] += (
                 (t0 * a0[q] + t1 * a1[q] + t2 * a2[q])
                 + (t3 * b0[q] + t4 * b1[q] + t5 * b2[q])
                 + (t6 * c0[q] + t7 * c1[q] + t8 * c2[q])
             )
+    else:
+        for q in range(size):
+            acc[q] = start + (
+                (t0 * a0[q] + t1 * a1[q] + t2 * a2[q])
+                + (t3 * b0[q] + t4 * b1[q] + t5 * b2[q])
+                + (t6 * c0[q] + t7 * c1[q] + t8 * c2[q])
+            )
+
+
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _taps(acc, padded, padded_w, taps, taps_h, taps_w, dh, dw):
+    """``acc[q] += sum_{r, s} taps[r*taps_w + s] * padded[q + r*dh*padded_w + s*dw]``, up to
+    three taps of a filter row per pass over ``acc`` (fewer loads and stores of ``acc``)."""
+    size = acc.shape[0]
+    if taps_h == 3 and taps_w == 3:
+        # All nine in one pass: one load and store of ``acc`` instead of three.
+        _nine_taps(acc, padded, padded_w, taps, dh, dw, 0.0, True)
         return
     for r in range(taps_h):
         s = 0
