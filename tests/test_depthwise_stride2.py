@@ -1,8 +1,9 @@
-"""``direct``'s fused depthwise 3x3 column-stride-2 forward kernel
-(``direct.depthwise3x3_stride2_kernel``): every tap of a row at once in the image's interior,
-tap by tap at the edges. Against the loop reference on ragged sizes, paddings past the filter's
-reach, channel multipliers, row strides 1-3; NaN/Inf where a plain sum puts them; the same bits
-on 1 and 2 threads."""
+"""``direct``'s fused depthwise 3x3 column-stride-2 kernels: the forward pass
+(``direct.depthwise3x3_stride2_kernel``: every tap of a row at once in the image's interior,
+tap by tap at the edges) and grad-x (``direct.depthwise3x3_stride2_grad_input_kernel``: pairs
+of input columns per filter row, column by column at the edges). Against the loop reference on
+ragged sizes, paddings past the filter's reach, channel multipliers, row strides 1-3; NaN/Inf
+where a plain sum puts them; the same bits on 1 and 2 threads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from helpers import (
     check_against_reference,
     make_data,
 )
-from naive import conv2d_naive
+from naive import conv2d_grads_naive, conv2d_naive
 
 import numbaconv as nc
 from numbaconv.geometry import make_geometry
@@ -58,6 +59,24 @@ def test_nan_and_inf_reach_what_a_plain_sum_reaches(dtype):
         got = nc.conv2d(x, w, b, kernel="direct", **cfg.kwargs)
     finite = np.isfinite(want)
     assert_close(got[finite], want[finite], np.abs(want[finite]), dtype)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert np.isnan(got).any() and np.isinf(got).any()
+
+
+@pytest.mark.parametrize("cfg", [CASES[0], CASES[1]], ids=str)
+def test_nan_in_grad_y_reaches_what_a_plain_sum_reaches(cfg):
+    x, w, _, gy = make_data(cfg, np.float64, 6)
+    _, _, oh, ow = gy.shape
+    gy[0, 1, 0, 0] = np.nan  # a corner: the edge columns
+    gy[1, 0, oh - 1, ow // 2] = np.inf  # the last row, the paired columns
+    with np.errstate(invalid="ignore"):
+        want = conv2d_grads_naive(
+            gy, x, w, stride=cfg.stride, padding4=cfg.pad4, groups=cfg.groups
+        )[0]
+        got = nc.conv2d_backward(gy, x, w, kernel="direct", **cfg.kwargs)[0]
+    finite = np.isfinite(want)
+    assert_close(got[finite], want[finite], np.abs(want[finite]), np.float64)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     assert np.isnan(got).any() and np.isinf(got).any()

@@ -181,6 +181,89 @@ def depthwise3x3_stride2_kernel(x, w, bias, y, sh, pad_t, pad_l, filters_per_gro
                 row[ow] = total
 
 
+@njit(cache=True, inline="always", fastmath=FASTMATH)
+def _stride2_column(g, w, k, r, iw, pad_l, out_w):
+    """``sum_s w[k, 0, r, s] * g[ow]`` over the filter columns ``s`` whose output column
+    ``ow = (iw + pad_l - s) / 2`` is whole and inside ``g``: one input column's share of a
+    grad-y row at column stride 2."""
+    total = 0.0
+    for s in range(3):
+        t = iw + pad_l - s
+        if t >= 0 and t % 2 == 0 and t // 2 < out_w:
+            total += w[k, 0, r, s] * g[t // 2]
+    return total
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def depthwise3x3_stride2_grad_input_kernel(grad_y, w, grad_x, sh, pad_t, pad_l, filters_per_group):
+    """grad-x of :func:`depthwise3x3_stride2_kernel`'s convolution, overwritten: input pixel
+    (ih, iw) gathers ``w[k, 0, r, s] * grad_y[n, k, oh, ow]`` over ``oh*sh - pad_t + r == ih``
+    and ``2*ow - pad_l + s == iw``, for its channel's ``filters_per_group`` filters ``k``.
+
+    Per input row, one pass per (filter, filter row) that reaches it, over pairs of columns
+    (2i, 2i + 1) of the row: one column of a pair reads filter column 1 of grad-y column i + h,
+    the other filter columns 0 and 2 of grad-y columns i + h (+ 1) and i + h (- 1), h being
+    ``pad_l // 2`` (which of the two, by ``pad_l``'s parity), so the pass is a vector loop with
+    unit-stride loads and interleaved stores. The pairs whose grad-y columns are not all inside
+    (the edges) take :func:`_stride2_column`. A job is one input plane.
+    """
+    n_batch, n_chan, height, width = grad_x.shape
+    out_h, out_w = grad_y.shape[2], grad_y.shape[3]
+    h = pad_l // 2
+    odd = pad_l % 2 == 1
+    # grad-y column offsets (from i) that a pair reads: h - 1 .. h (even pad_l), h .. h + 1.
+    lo_off = h if odd else h - 1
+    hi_off = h + 1 if odd else h
+    i_lo = min(max(0, -lo_off), width // 2)
+    i_hi = max(i_lo, min(width // 2, out_w - hi_off))
+    for job in prange(n_batch * n_chan):
+        n = job // n_chan
+        c = job - n * n_chan
+        plane = grad_x[n, c]
+        for ih in range(height):
+            row = plane[ih]
+            first = True
+            for m in range(filters_per_group):
+                k = c * filters_per_group + m
+                for r in range(3):
+                    t = ih + pad_t - r
+                    if t < 0 or t % sh != 0 or t // sh >= out_h:
+                        continue
+                    g = grad_y[n, k, t // sh]
+                    w0, w1, w2 = w[k, 0, r, 0], w[k, 0, r, 1], w[k, 0, r, 2]
+                    d = row[2 * i_lo : 2 * i_hi]
+                    ga = g[i_lo + h :]  # column i + h
+                    if odd:  # even columns: filter column 1; odd ones: 0 and 2
+                        gb = g[i_lo + h + 1 :]
+                        if first:
+                            for i in range(i_hi - i_lo):
+                                d[2 * i] = w1 * ga[i]
+                                d[2 * i + 1] = w0 * gb[i] + w2 * ga[i]
+                        else:
+                            for i in range(i_hi - i_lo):
+                                d[2 * i] += w1 * ga[i]
+                                d[2 * i + 1] += w0 * gb[i] + w2 * ga[i]
+                    else:  # even columns: 0 and 2; odd ones: 1
+                        gb = g[i_lo + h - 1 :]
+                        if first:
+                            for i in range(i_hi - i_lo):
+                                d[2 * i] = w0 * ga[i] + w2 * gb[i]
+                                d[2 * i + 1] = w1 * ga[i]
+                        else:
+                            for i in range(i_hi - i_lo):
+                                d[2 * i] += w0 * ga[i] + w2 * gb[i]
+                                d[2 * i + 1] += w1 * ga[i]
+                    for iw in range(2 * i_lo):
+                        part = _stride2_column(g, w, k, r, iw, pad_l, out_w)
+                        row[iw] = part if first else row[iw] + part
+                    for iw in range(2 * i_hi, width):
+                        part = _stride2_column(g, w, k, r, iw, pad_l, out_w)
+                        row[iw] = part if first else row[iw] + part
+                    first = False
+            if first:  # no filter row reaches this input row
+                zero_row(row)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def depthwise_same_kernel(x, w, bias, y, filters_per_group, workspace):
     """Depthwise k x k filters (odd k, one input channel per group), stride 1, no dilation,
@@ -820,11 +903,15 @@ def _taps_workspace(workspace, geom: ConvGeometry, dtype):
 
 
 def _depthwise3x3_stride2(geom: ConvGeometry) -> bool:
-    """:func:`depthwise3x3_stride2_kernel` runs the forward pass: depthwise (channel multiplier
-    or not) 3x3, column stride 2, no dilation (any row stride, any padding). float32 / float64,
+    """:func:`depthwise3x3_stride2_kernel` runs the forward pass (and its sibling grad-x):
+    depthwise (channel multiplier or not) 3x3, column stride 2, no dilation (any row stride, any
+    padding). float32 / float64,
     2 threads, AMD EPYC Zen 5, forward ms, plane kernel -> it, medians of 3 turns: MobileNetV2's
     16x144x56x56 5.2-10.8 -> 1.4-1.6 / 8.5-12.5 -> 1.8-3.2; 16x96x57x31 2.19 -> 0.86 / 3.24 ->
-    0.95. At stride 1 the plane kernel won on small maps (16x384x14x14 0.56 against 1.39)."""
+    0.95. At stride 1 the plane kernel won on small maps (16x384x14x14 0.56 against 1.39).
+    grad-x (:func:`depthwise3x3_stride2_grad_input_kernel`) likewise, without a channel
+    multiplier or with one, by phases -> it, medians of 3 x 15 calls: 16x144x56x56 5.40 -> 2.24 /
+    9.55 -> 4.73, 16x96x57x31 1.87 -> 1.32 / 3.42 -> 1.45."""
     return (
         geom.in_channels == geom.groups
         and geom.filter_height == geom.filter_width == 3
@@ -906,6 +993,11 @@ def input_gradient(grad_y, w, geom: ConvGeometry):
         zeros = np.zeros(c, dtype=w.dtype)
         workspace = depthwise_same_workspace(geom, w.dtype)
         depthwise_same_kernel(grad_y, flipped, zeros, grad_x, 1, workspace)
+    elif _depthwise3x3_stride2(geom):
+        depthwise3x3_stride2_grad_input_kernel(
+            grad_y, w, grad_x, geom.stride_h, geom.pad_top, geom.pad_left,
+            geom.out_channels // geom.groups,
+        )  # fmt: skip
     elif _flat_forward(geom):
         # By the phases of the stride (one at stride 1). float32, 2 threads, MobileNetV2's
         # 16x144x56x56 depthwise stride 2: 5.9 ms by rows, 5.1 by phases.
