@@ -1,9 +1,11 @@
 """``direct``'s fused depthwise 3x3 column-stride-2 kernels: the forward pass
 (``direct.depthwise3x3_stride2_kernel``: every tap of a row at once in the image's interior,
-tap by tap at the edges) and grad-x (``direct.depthwise3x3_stride2_grad_input_kernel``: pairs
-of input columns per filter row, column by column at the edges). Against the loop reference on
-ragged sizes, paddings past the filter's reach, channel multipliers, row strides 1-3; NaN/Inf
-where a plain sum puts them; the same bits on 1 and 2 threads."""
+tap by tap at the edges), grad-x (``direct.depthwise3x3_stride2_grad_input_kernel``: pairs of
+input columns per filter row, column by column at the edges) and grad-w
+(``direct.depthwise3x3_stride2_grad_weight_kernel``: the nine sums of a row's interior at
+once). Against the loop reference on ragged sizes, paddings past the filter's reach, channel
+multipliers, row strides 1-3; NaN/Inf where a plain sum puts them; the same bits on 1 and 2
+threads."""
 
 from __future__ import annotations
 
@@ -66,20 +68,23 @@ def test_nan_and_inf_reach_what_a_plain_sum_reaches(dtype):
 
 @pytest.mark.parametrize("cfg", [CASES[0], CASES[1]], ids=str)
 def test_nan_in_grad_y_reaches_what_a_plain_sum_reaches(cfg):
+    """grad-x (pairs of columns and edges) and grad-w (the fused sums and edges)."""
     x, w, _, gy = make_data(cfg, np.float64, 6)
     _, _, oh, ow = gy.shape
     gy[0, 1, 0, 0] = np.nan  # a corner: the edge columns
     gy[1, 0, oh - 1, ow // 2] = np.inf  # the last row, the paired columns
     with np.errstate(invalid="ignore"):
-        want = conv2d_grads_naive(
+        wants = conv2d_grads_naive(
             gy, x, w, stride=cfg.stride, padding4=cfg.pad4, groups=cfg.groups
-        )[0]
-        got = nc.conv2d_backward(gy, x, w, kernel="direct", **cfg.kwargs)[0]
-    finite = np.isfinite(want)
-    assert_close(got[finite], want[finite], np.abs(want[finite]), np.float64)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-    assert np.isnan(got).any() and np.isinf(got).any()
+        )
+        gots = nc.conv2d_backward(gy, x, w, kernel="direct", **cfg.kwargs)
+    for name, got, want in zip(("grad_x", "grad_w", "grad_b"), gots, wants, strict=True):
+        finite = np.isfinite(want)
+        assert_close(got[finite], want[finite], np.abs(want[finite]), np.float64, name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), name)
+    assert np.isnan(gots[0]).any() and np.isinf(gots[0]).any()
+    assert np.isnan(gots[1]).any()
 
 
 @pytest.mark.usefixtures("force_parallel", "restore_num_threads")

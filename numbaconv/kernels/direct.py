@@ -265,6 +265,77 @@ def depthwise3x3_stride2_grad_input_kernel(grad_y, w, grad_x, sh, pad_t, pad_l, 
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
+def depthwise3x3_stride2_grad_weight_kernel(
+    grad_y, x, grad_w, sh, pad_t, pad_l, filters_per_group, totals
+):  # fmt: skip
+    """grad-w of :func:`depthwise3x3_stride2_kernel`'s convolution, overwritten: ``grad_w[k, 0,
+    r, s]`` sums ``grad_y[n, k, oh, ow] * x[n, c, oh*sh - pad_t + r, 2*ow - pad_l + s]`` over the
+    pixels inside the image, ``c`` being ``k // filters_per_group``.
+
+    A job is one filter: per output row whose three input rows are inside, the nine sums over
+    the row's interior columns (those :func:`depthwise3x3_stride2_kernel` fuses) in one vector
+    loop with stride-2 loads, each a float64 reduction added to the filter's float64 total in
+    ``totals[k]``; the rest tap by tap. Rows, images and columns in a fixed order: the same bits
+    on any number of threads."""
+    n_batch, n_filters, out_h, out_w = grad_y.shape
+    height, width = x.shape[2], x.shape[3]
+    lo = min(out_w, (pad_l + 1) // 2)
+    hi = max(lo, min(out_w, (width - 3 + pad_l) // 2 + 1))
+    for k in prange(n_filters):
+        c = k // filters_per_group
+        tot = totals[k]
+        for t in range(9):
+            tot[t] = 0.0
+        for n in range(n_batch):
+            plane = x[n, c]
+            for oh in range(out_h):
+                g = grad_y[n, k, oh]
+                ih = oh * sh - pad_t
+                edge_lo, edge_hi = out_w, out_w  # the columns the edge loop takes
+                if ih >= 0 and ih + 2 < height and hi > lo:
+                    first = 2 * lo - pad_l
+                    r0 = plane[ih, first:]
+                    r1 = plane[ih + 1, first:]
+                    r2 = plane[ih + 2, first:]
+                    gg = g[lo:hi]
+                    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = 0.0
+                    for i in range(hi - lo):
+                        j = 2 * i
+                        v = gg[i]
+                        s0 += v * r0[j]
+                        s1 += v * r0[j + 1]
+                        s2 += v * r0[j + 2]
+                        s3 += v * r1[j]
+                        s4 += v * r1[j + 1]
+                        s5 += v * r1[j + 2]
+                        s6 += v * r2[j]
+                        s7 += v * r2[j + 1]
+                        s8 += v * r2[j + 2]
+                    tot[0] += s0
+                    tot[1] += s1
+                    tot[2] += s2
+                    tot[3] += s3
+                    tot[4] += s4
+                    tot[5] += s5
+                    tot[6] += s6
+                    tot[7] += s7
+                    tot[8] += s8
+                    edge_lo, edge_hi = lo, hi
+                for e in range(edge_lo + out_w - edge_hi):
+                    ow = e if e < edge_lo else edge_hi + e - edge_lo
+                    v = g[ow]
+                    for r in range(3):
+                        if 0 <= ih + r < height:
+                            for s in range(3):
+                                iw = 2 * ow - pad_l + s
+                                if 0 <= iw < width:
+                                    tot[r * 3 + s] += v * plane[ih + r, iw]
+        for r in range(3):
+            for s in range(3):
+                grad_w[k, 0, r, s] = tot[r * 3 + s]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
 def depthwise_same_kernel(x, w, bias, y, filters_per_group, workspace):
     """Depthwise k x k filters (odd k, one input channel per group), stride 1, no dilation,
     padding ``k // 2`` on every side ("same"): ``y[n, o] = bias[o] + conv(x[n, o //
@@ -903,15 +974,14 @@ def _taps_workspace(workspace, geom: ConvGeometry, dtype):
 
 
 def _depthwise3x3_stride2(geom: ConvGeometry) -> bool:
-    """:func:`depthwise3x3_stride2_kernel` runs the forward pass (and its sibling grad-x):
-    depthwise (channel multiplier or not) 3x3, column stride 2, no dilation (any row stride, any
-    padding). float32 / float64,
-    2 threads, AMD EPYC Zen 5, forward ms, plane kernel -> it, medians of 3 turns: MobileNetV2's
-    16x144x56x56 5.2-10.8 -> 1.4-1.6 / 8.5-12.5 -> 1.8-3.2; 16x96x57x31 2.19 -> 0.86 / 3.24 ->
-    0.95. At stride 1 the plane kernel won on small maps (16x384x14x14 0.56 against 1.39).
-    grad-x (:func:`depthwise3x3_stride2_grad_input_kernel`) likewise, without a channel
-    multiplier or with one, by phases -> it, medians of 3 x 15 calls: 16x144x56x56 5.40 -> 2.24 /
-    9.55 -> 4.73, 16x96x57x31 1.87 -> 1.32 / 3.42 -> 1.45."""
+    """:func:`depthwise3x3_stride2_kernel` runs the forward pass (and its siblings grad-x and
+    grad-w): depthwise (channel multiplier or not) 3x3, column stride 2, no dilation (any row
+    stride, any padding). float32 / float64, 2 threads, AMD EPYC Zen 5, forward ms, plane kernel
+    -> it, medians of 3 turns: MobileNetV2's 16x144x56x56 5.2-10.8 -> 1.4-1.6 / 8.5-12.5 ->
+    1.8-3.2; 16x96x57x31 2.19 -> 0.86 / 3.24 -> 0.95. At stride 1 the plane kernel won on small
+    maps (16x384x14x14 0.56 against 1.39). grad-x (:func:`depthwise3x3_stride2_grad_input_kernel`)
+    likewise, by phases -> it, medians of 3 x 15 calls: 16x144x56x56 5.40 -> 2.24 / 9.55 -> 4.73,
+    16x96x57x31 1.87 -> 1.32 / 3.42 -> 1.45."""
     return (
         geom.in_channels == geom.groups
         and geom.filter_height == geom.filter_width == 3
@@ -1021,7 +1091,16 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     grad_w = np.empty_like(w)
     grad_b = np.empty(geom.out_channels, dtype=x.dtype)
     c = geom.input_shape[1]
-    if _flat_forward(geom):  # the same phases as the forward pass
+    if _depthwise3x3_stride2(geom):
+        # ms, as for grad-x (see _depthwise3x3_stride2), the plane kernel -> this: 16x144x56x56
+        # grad-w 6.8 -> 3.2 / 9.7 -> 4.6 (the stride-2 loads vectorise the sums: a version
+        # summing into per-column arrays instead ran float32 at 4.9).
+        totals = take("direct.stride2_sums", (geom.out_channels, 9), np.float64)
+        depthwise3x3_stride2_grad_weight_kernel(
+            grad_y, x, grad_w, geom.stride_h, geom.pad_top, geom.pad_left,
+            geom.out_channels // geom.groups, totals,
+        )  # fmt: skip
+    elif _flat_forward(geom):  # the same phases as the forward pass
         _, k, oh, ow = geom.output_shape
         images = images_per_job(geom.batch, oh, ow, geom)
         workspace = _flat_workspace(
