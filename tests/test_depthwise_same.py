@@ -4,7 +4,8 @@ pixels, reading k shifted copies of the input plane whose wrapped columns are ze
 loop reference on ragged sizes (planes narrower and shorter than the filter, one pixel),
 channel multipliers, 3x3 (its fused pass) and 5x5 / 7x7 (through ``_taps``); NaN/Inf in the
 columns that a shift wraps, forward and in grad-x (the same loop on grad_y with the filters
-flipped, without a channel multiplier); the same bits on 1 and 2 threads."""
+flipped, without a channel multiplier), and NaN/Inf in x reaching grad-w; the same bits on 1
+and 2 threads."""
 
 from __future__ import annotations
 
@@ -94,6 +95,25 @@ def test_nan_in_grad_y_reaches_what_a_plain_sum_reaches(cfg):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     assert np.isnan(got).any() and np.isinf(got).any()
+
+
+@pytest.mark.parametrize("cfg", [CASES[1], CASES[4]], ids=str)
+def test_nan_in_x_reaches_grad_w_as_a_plain_sum(cfg):
+    """grad-w (the plane kernel's) of the layers whose forward pass and grad-x take the kernel."""
+    x, w, _, gy = make_data(cfg, np.float64, 8)
+    _, c, h, wd = x.shape
+    x[0, 1, 2, wd - 1] = np.nan
+    x[1, 2, h - 1, 0] = np.inf
+    pad = cfg.r // 2
+    with np.errstate(invalid="ignore"):
+        wants = conv2d_grads_naive(gy, x, w, padding4=(pad,) * 4, groups=c)
+        gots = nc.conv2d_backward(gy, x, w, kernel="direct", **cfg.kwargs)
+    for name, got, want in zip(("grad_x", "grad_w", "grad_b"), gots, wants, strict=True):
+        finite = np.isfinite(want)
+        assert_close(got[finite], want[finite], np.abs(want[finite]), np.float64, name)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), name)
+    assert np.isnan(gots[1]).any() and np.isfinite(gots[0]).all()
 
 
 @pytest.mark.usefixtures("force_parallel", "restore_num_threads")
