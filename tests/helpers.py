@@ -157,6 +157,15 @@ def assert_close(got, ref, ref_abs, dtype, what=""):
         )
 
 
+def assert_like_plain_sum(got, want, dtype, what=""):
+    """``got`` agrees with the float64 loop result ``want`` where that is finite, and has its NaN
+    and Inf exactly where ``want`` has them (inputs holding NaN or Inf)."""
+    finite = np.isfinite(want)
+    assert_close(got[finite], want[finite], np.abs(want[finite]), dtype, what)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), f"{what}: NaN")
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), f"{what}: Inf")
+
+
 def assert_same_bits(a, b, what=""):
     """Bitwise equality (dtype, shape and every byte; NaNs compare by their bits)."""
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} vs {b.dtype}"
