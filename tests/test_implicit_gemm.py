@@ -1,7 +1,8 @@
-"""``im2col``'s forward pass by implicit GEMM (``im2col.implicit_plan``): small maps at stride 1,
-whose product numbaconv's own GEMM runs, read the taps' rows straight from zero-padded planes
-instead of building columns. Checked against the sliding-window reference, and bit for bit
-against the columns path (the same products in the same order)."""
+"""``im2col``'s forward pass by implicit GEMM (``im2col.implicit_plan``): whole images whose
+product numbaconv's own GEMM runs read the taps' rows straight from zero-padded planes instead of
+building columns (strided layers: one plane per channel and phase). Checked against the
+sliding-window reference, and bit for bit against the columns path (the same products in the same
+order)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ CASES = [
     Cfg(4, 64, 24, 24, 64, 3, 3, padding=1, name="banded-columns-whole-images"),
 ]
 
+#: Strided layers: phase planes (im2col.padded_planes); odd and even sizes, strides that differ
+#: by axis, a stride larger than the filter (phases that no tap reads are not built), padding
+#: that only some phases see.
+STRIDED_CASES = [
+    Cfg(2, 40, 17, 15, 64, 3, 3, stride=2, padding=1, name="3x3-stride2"),
+    Cfg(3, 32, 18, 18, 64, 4, 4, stride=2, padding=1, bias=False, name="4x4-stride2"),
+    Cfg(2, 24, 21, 19, 64, 5, 4, stride=(2, 3), padding=(2, 1), name="5x4-stride2x3"),
+    Cfg(2, 40, 38, 35, 64, 2, 2, stride=3, padding=(1, 0), name="2x2-stride3"),
+]
+
 #: Transposed planes (implicit_transposed): filters wider than tall, and a map taller than wide;
 #: padding above and below that is not the filter's, dilation along the width.
 TRANSPOSED_CASES = [
@@ -45,7 +56,7 @@ def _plan(cfg, dtype):
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-@pytest.mark.parametrize("cfg", CASES + TRANSPOSED_CASES, ids=str)
+@pytest.mark.parametrize("cfg", CASES + TRANSPOSED_CASES + STRIDED_CASES, ids=str)
 def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     if parallel:
         request.getfixturevalue("force_parallel")
@@ -58,7 +69,7 @@ def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     assert_close(y, ref, ref_abs, dtype, f"forward [{cfg}]")
 
 
-@pytest.mark.parametrize("cfg", CASES[:3] + TRANSPOSED_CASES, ids=str)
+@pytest.mark.parametrize("cfg", CASES[:3] + TRANSPOSED_CASES + STRIDED_CASES, ids=str)
 def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
     which may hold them too, are never in y). The same bits where the columns' product runs on
@@ -92,7 +103,10 @@ def test_the_plan_says_no_where_it_does_not_apply():
         return im2col.implicit_plan(geom, band_rows, group, geom.out_width, 4).shape[0]
 
     assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1) == 360
-    assert plan((2, 40, 9, 11), (64, 40, 3, 3), padding=1, stride=2) == 0  # stride
+    assert plan((2, 40, 17, 15), (64, 40, 3, 3), padding=1, stride=2) == 360
+    # Strided and dilated: a tap's row would not be a window of one phase plane.
+    assert plan((2, 40, 17, 15), (64, 40, 3, 3), padding=1, stride=2, dilation=2) == 0
+    assert plan((2, 64, 17, 15), (64, 64, 1, 1), stride=2) == 0  # strided 1x1: no reuse
     assert plan((2, 40, 9, 11), (16, 40, 3, 3), padding=1) == 0  # too few filters: BLAS
     # 1x7: 6 of 15 columns wasted on the padded width, none on transposed planes.
     assert plan((2, 48, 9, 9), (64, 48, 1, 7), padding=(0, 3)) == 336
@@ -127,9 +141,41 @@ def test_whole_images_run_implicit_where_thin_products_would_be_cut_for_blas():
     for itemsize in (4, 8):
         assert im2col.forward_plan(geom, itemsize) == (32, 1)
         assert im2col.implicit_plan(geom, 32, 1, 32, itemsize).shape[0] == 75
-    # At stride 2 there is no implicit GEMM: the bands stay cut.
+    # Likewise at stride 2, on phase planes.
     strided = make_geometry((32, 3, 64, 64), (32, 3, 5, 5), padding=2, stride=2)
-    assert im2col.forward_plan(strided, 4)[0] < strided.out_height
+    assert im2col.forward_plan(strided, 4) == (32, 1)
+    assert im2col.implicit_plan(strided, 32, 1, 32, 4).shape[0] == 75
+
+
+def test_phase_planes_and_tap_rows():
+    # 5x4 filters at stride (2, 3), padding (2, 1), on 21x19: 11x6 outputs; 3 tap rows per
+    # plane down (ceil(5/2)) and 2 across (ceil(4/3)), so planes of 13 x 7, phases 2 x 3.
+    geom = make_geometry((1, 24, 21, 19), (64, 24, 5, 4), stride=(2, 3), padding=(2, 1))
+    assert im2col._padded_extent(geom) == (13, 7)
+    assert im2col.plane_phases(geom) == (2, 3)
+    rows = im2col.implicit_plan(geom, 11, 1, 6, 4)
+    plane = 13 * 7
+    # Tap (c, r, s) reads phase (r % 2, s % 3) of channel c from row r // 2, column s // 3.
+    for c in range(24):
+        for r in range(5):
+            for s in range(4):
+                phase = (c * 2 + r % 2) * 3 + s % 3
+                assert rows[(c * 5 + r) * 4 + s] == phase * plane + (r // 2) * 7 + s // 3
+    # Element (m, q) of phase (a, b) is the padded image's (2m + a, 3q + b).
+    x = np.arange(24 * 21 * 19, dtype=np.float64).reshape(1, 24, 21, 19) + 1
+    room, _ = im2col.implicit_workspace(geom)
+    planes = np.full(room, np.nan)
+    geo = im2col.geometry_args(geom)
+    im2col.padded_planes.py_func(x, 0, planes, geo, 13, 7)
+    padded = np.zeros((24, 21 + 2 + 13 * 2, 19 + 1 + 7 * 3))
+    padded[:, 2 : 2 + 21, 1 : 1 + 19] = x[0]
+    for c in range(24):
+        for a in range(2):
+            for b in range(3):
+                start = ((c * 2 + a) * 3 + b) * plane
+                got = planes[start : start + plane].reshape(13, 7)
+                np.testing.assert_array_equal(got, padded[c, a : a + 26 : 2, b : b + 21 : 3])
+    assert not planes[24 * 6 * plane :].any()  # the room past the planes: zeros
 
 
 def test_whole_images_run_implicit_where_their_planes_fit():

@@ -280,20 +280,32 @@ def _group_products(w_mat, cols, out, groups):
 
 
 @njit(cache=True)
-def padded_planes(x, n, planes, pad_t, pad_l, padded_h, padded_w):
-    """Image ``n``'s channels, zero-padded to ``padded_h x padded_w`` each (``pad_t`` rows above,
-    ``pad_l`` columns to the left), one after the other in ``planes`` (1-D); the rest of
-    ``planes`` zero."""
+def padded_planes(x, n, planes, geo, padded_h, padded_w):
+    """Image ``n``'s channels, zero-padded (``pad_t`` rows above, ``pad_l`` columns to the
+    left), each in ``padded_h x padded_w`` planes one after the other in ``planes`` (1-D); the
+    rest of ``planes`` zero. At stride 1 a channel has one plane, its padded image. At stride
+    ``(sh, sw)`` (undilated) it has one per phase ``(a, b)`` in ``range(min(sh, R))`` x
+    ``range(min(sw, S))``, in that order: element ``(m, q)`` of that plane is the padded image's
+    ``(sh*m + a, sw*q + b)``, so that each tap ``(r, s)`` of a strided filter reads consecutive
+    elements of one plane, phase ``(r % sh, s % sw)`` from ``(r // sh, s // sw)`` on, as at
+    stride 1."""
+    filter_h, filter_w, _, _, sh, sw, pad_t, pad_l, _, _ = geo
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    phases_h, phases_w = min(sh, filter_h), min(sw, filter_w)
     zero_row(planes)
     plane = padded_h * padded_w
     for c in range(channels):
-        for h in range(height):
-            start = c * plane + (h + pad_t) * padded_w + pad_l
-            dst = planes[start : start + width]
-            src = x[n, c, h]
-            for q in range(width):
-                dst[q] = src[q]
+        for a in range(phases_h):
+            m0, m1 = valid_range(padded_h, sh, a - pad_t, height)
+            for b in range(phases_w):
+                q0, q1 = valid_range(padded_w, sw, b - pad_l, width)
+                base = ((c * phases_h + a) * phases_w + b) * plane
+                for m in range(m0, m1):
+                    start = base + m * padded_w
+                    gather_row(
+                        planes[start + q0 : start + q1], x[n, c, m * sh + a - pad_t],
+                        q0 * sw + b - pad_l, sw,
+                    )  # fmt: skip
 
 
 @njit(cache=True)
@@ -313,19 +325,20 @@ def padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w):
 
 @njit(cache=True, inline="always")
 def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_rows, transposed):
-    """One image of :func:`fused_forward_kernel`'s implicit-GEMM jobs (stride 1). With
+    """One image of :func:`fused_forward_kernel`'s implicit-GEMM jobs. With
     ``transposed``, the planes and the product's output are transposed (OW rows on the padded
     height; see :func:`implicit_transposed`)."""
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
-    padded_h = out_h + (filter_h - 1) * dh
-    padded_w = out_w + (filter_w - 1) * dw
+    # As _padded_extent: at stride 1 or without dilation, (R - 1)*dh // sh + 1 tap rows.
+    padded_h = out_h + (filter_h - 1) * dh // sh
+    padded_w = out_w + (filter_w - 1) * dw // sw
     n_filters, taps_g = w_mat.shape
     k_g = n_filters // groups
     if transposed:
         padded_planes_transposed(x, n, planes_ws, pad_t, pad_l, padded_h, padded_w)
         wide = out_w * padded_h
     else:
-        padded_planes(x, n, planes_ws, pad_t, pad_l, padded_h, padded_w)
+        padded_planes(x, n, planes_ws, geo, padded_h, padded_w)
         wide = out_h * padded_w
     ext = out_ws[: n_filters * wide].reshape(n_filters, wide)
     for g in range(groups):
@@ -371,11 +384,11 @@ def fused_forward_kernel(
 
     ``tap_rows`` non-empty (implicit GEMM, see :func:`implicit_plan`; a job is one image): no
     columns. The image is copied into zero-padded planes in the lane's ``cols_ws`` row
-    (:func:`padded_planes`), and at stride 1 the output on the padded width, OH x Wp, is the
-    product of the filters with rows that are windows of those planes, starting at
-    ``tap_rows[(c*R + r)*S + s]`` (:func:`~.microkernel.gemm_nn_rows`); its first OW columns of
-    each row are ``y``'s. With ``transposed``, the planes are stored transposed and the tap rows
-    run down the columns (:func:`implicit_transposed`).
+    (:func:`padded_planes`; strided layers: one per channel and phase), and the output on the
+    padded width, OH x Wp, is the product of the filters with rows that are windows of those
+    planes, starting at ``tap_rows[(c*R + r)*S + s]`` (:func:`~.microkernel.gemm_nn_rows`); its
+    first OW columns of each row are ``y``'s. With ``transposed``, the planes are stored
+    transposed and the tap rows run down the columns (:func:`implicit_transposed`).
     """
     n_batch = x.shape[0]
     out_h, out_w = geo[2], geo[3]
@@ -833,12 +846,19 @@ IMPLICIT_IMAGE_BYTES = 2 * 2**20
 
 
 def _padded_extent(geom: ConvGeometry) -> tuple[int, int]:
-    """Height and width of a padded plane of implicit GEMM (stride 1): the output's plus the
-    dilated filter's extent less one."""
+    """Height and width of a padded plane of implicit GEMM: the output's plus the rows (columns)
+    of a filter's taps in one plane less one: at stride 1 the dilated filter's extent, at stride
+    ``s`` (undilated, see :func:`padded_planes`) ``ceil(R / s)``."""
     return (
-        geom.out_height + (geom.filter_height - 1) * geom.dilation_h,
-        geom.out_width + (geom.filter_width - 1) * geom.dilation_w,
+        geom.out_height + (geom.filter_height - 1) * geom.dilation_h // geom.stride_h,
+        geom.out_width + (geom.filter_width - 1) * geom.dilation_w // geom.stride_w,
     )
+
+
+def plane_phases(geom: ConvGeometry) -> tuple[int, int]:
+    """Phases per axis of a channel's planes in implicit GEMM (:func:`padded_planes`): 1 at
+    stride 1; at stride ``s`` those that some tap reads, ``min(s, R)``."""
+    return min(geom.stride_h, geom.filter_height), min(geom.stride_w, geom.filter_width)
 
 
 def implicit_transposed(geom: ConvGeometry) -> bool:
@@ -846,7 +866,10 @@ def implicit_transposed(geom: ConvGeometry) -> bool:
     outputs computed on the padded height than on the padded width would be the padding's. On
     the normal planes the padded width's extra columns are computed and thrown away, the padded
     height costs only plane rows; transposed, the other way round. Inception's 1x7 on 17x17 maps:
-    6 of every 23 computed outputs wasted on the normal planes, none on the transposed ones."""
+    6 of every 23 computed outputs wasted on the normal planes, none on the transposed ones.
+    Stride 1 only (strided layers' phase planes are never transposed)."""
+    if geom.stride_h != 1 or geom.stride_w != 1:
+        return False
     padded_h, padded_w = _padded_extent(geom)
     return (padded_h - geom.out_height) * padded_w < (padded_w - geom.out_width) * padded_h
 
@@ -857,10 +880,11 @@ def implicit_workspace(geom: ConvGeometry) -> tuple[int, int]:
     when transposed: zeros, never in y), and the width of the product (per filter: OH x Wp, or
     OW x Hp transposed)."""
     padded_h, padded_w = _padded_extent(geom)
-    planes = geom.in_channels * padded_h * padded_w
+    phases_h, phases_w = plane_phases(geom)
+    planes = geom.in_channels * phases_h * phases_w * padded_h * padded_w
     if implicit_transposed(geom):
-        return planes + (geom.filter_height - 1) * geom.dilation_h, geom.out_width * padded_h
-    return planes + (geom.filter_width - 1) * geom.dilation_w, geom.out_height * padded_w
+        return planes + padded_h - geom.out_height, geom.out_width * padded_h
+    return planes + padded_w - geom.out_width, geom.out_height * padded_w
 
 
 def implicit_image_bytes(geom: ConvGeometry, itemsize: int) -> int:
@@ -874,9 +898,11 @@ def implicit_applies(
 ) -> bool:
     """Whether :func:`fused_forward_kernel` runs implicit GEMM (see :func:`implicit_plan`)."""
     oh, ow = geom.out_height, geom.out_width
+    strided = geom.stride_h != 1 or geom.stride_w != 1
+    # A strided 1x1 filter's one plane would be its columns: nothing to gain.
+    filter_1x1 = geom.filter_height == geom.filter_width == 1
     if (
-        geom.stride_h != 1
-        or geom.stride_w != 1
+        (strided and (geom.dilation_h != 1 or geom.dilation_w != 1 or filter_1x1))
         or is_pointwise(geom)
         or band_rows < oh
         or group != 1
@@ -901,11 +927,22 @@ def implicit_plan(
 
     Implicit GEMM replaces the columns of small maps (whole-image bands of single images),
     whose rows are shorter than a vector and cost as much to build as a third of the GEMM
-    (16x256x14x14 3x3: 9.2 ms of columns against 24.7 ms of GEMM on one core). It needs stride
-    1 (each tap's window of a padded plane is then a run of consecutive elements on the padded
-    width, or height on transposed planes: :func:`implicit_transposed`), a product that
-    numbaconv's own GEMM runs (``own_gemm_size_pays``, on every target), and at most
-    :data:`IMPLICIT_MAX_WASTE` of the computed outputs on the padding."""
+    (16x256x14x14 3x3: 9.2 ms of columns against 24.7 ms of GEMM on one core). Each tap's
+    window of a padded plane must be a run of consecutive elements on the padded width (or
+    height on transposed planes: :func:`implicit_transposed`): so stride 1, or a strided
+    undilated filter on phase planes (:func:`padded_planes`), not 1x1 (its one plane would be
+    its columns). It needs too a product that numbaconv's own GEMM runs (``own_gemm_size_pays``,
+    on every target), and at most :data:`IMPLICIT_MAX_WASTE` of the computed outputs on the
+    padding.
+
+    Strided layers, measured (AMD EPYC Zen 5, 2 threads, OpenBLAS's own kernel choice, one
+    process, columns and implicit alternating, medians of 5 rounds of 9 calls, forward ms,
+    columns -> implicit): float32 ResNet's 16x64x56x56 3x3 stride 2 7.94 -> 7.17 (7.36 -> 6.25
+    in another run), 16x128x28x28 3x3 6.33 -> 6.35, 32x3x64x64 5x5 1.26 -> 0.69, 16x64x32x32
+    4x4 3.98 -> 3.66, 8x64x64x64 5x5 8.88 -> 6.01; float64 16x128x28x28 3x3 11.48 -> 10.90,
+    32x3x64x64 5x5 1.56 -> 1.20, 16x64x32x32 4x4 6.98 -> 6.11. Not taken: DCGAN's grad-x
+    (16x128x16x16 4x4 stride 2, 64 outputs an image: images grouped per GEMM instead), 4.10
+    against 4.63 implicit; a 1x1 stride-2 layer drew (0.88 / 0.94)."""
     if not implicit_applies(geom, band_rows, group, segment, itemsize):
         return np.empty(0, dtype=np.int64)
     padded_h, padded_w = _padded_extent(geom)
@@ -917,7 +954,12 @@ def implicit_plan(
     if implicit_transposed(geom):
         rows = c * (padded_h * padded_w) + s * dw * padded_h + r * dh
     else:
-        rows = c * (padded_h * padded_w) + r * dh * padded_w + s * dw
+        # At stride 1 (phases 1 x 1): row r*dh, column s*dw of channel c's plane; at stride s
+        # (undilated): row r // sh, column s // sw of phase (r % sh, s % sw)'s plane.
+        sh, sw = geom.stride_h, geom.stride_w
+        phases_h, phases_w = plane_phases(geom)
+        plane = ((c * phases_h + (r * dh) % sh) * phases_w + (s * dw) % sw) * padded_h * padded_w
+        rows = plane + (r * dh) // sh * padded_w + (s * dw) // sw
     return rows.reshape(-1).astype(np.int64)
 
 
