@@ -82,7 +82,8 @@ def warm(kernel: str, dtype: str, path: str) -> str:
         # The sub-pixel form of strided transposed convolutions (its weight and shuffle
         # copies; registry.transposed_via_subpixel): 32 output channels, the least it takes;
         # the forward pass of a 4x4 stride-2 filter with and without a bias, the backward pass
-        # of a 2x2 one.
+        # of a 2x2 one; and the 4x4 one's backward pass from shared columns
+        # (registry.transposed_shares_columns).
         x = rng.standard_normal((1, 2, 8, 8)).astype(dtype)
         for r in (4, 2):
             w = rng.standard_normal((2, 32, r, r)).astype(dtype)

@@ -39,7 +39,12 @@ from .geometry import (
 )
 from .kernels import subpixel
 from .kernels.direct import grad_bias_kernel
-from .kernels.im2col import col2im_kernel, geometry_args, im2col_kernel
+from .kernels.im2col import (
+    col2im_kernel,
+    forward_and_weight_gradient,
+    geometry_args,
+    im2col_kernel,
+)
 
 
 def _for_kernel(a: np.ndarray) -> np.ndarray:
@@ -466,10 +471,18 @@ def _conv_transpose2d_backward(grad_y, x, w, geom: ConvGeometry, name: str):
         with kernel_guard(w.size):
             grad_w = subpixel.weights_from_stacked(grad_stacked, plan)
         return grad_x, grad_w, _transposed_bias_gradient(grad_y, name)
-    grad_x = _run_forward(grad_y, w, None, geom, name)
+    if geom.batch and registry.transposed_shares_columns(geom, x.dtype, name):
+        # grad-x and grad-w read the same columns of grad_y: built once.
+        adjoint_output = _for_kernel(_as_adjoint_output(x, geom))
+        with kernel_guard(2 * geom.flops):
+            grad_x, grad_w = forward_and_weight_gradient(
+                _for_kernel(grad_y), _for_kernel(w), adjoint_output, geom
+            )
+    else:
+        grad_x = _run_forward(grad_y, w, None, geom, name)
+        grad_w = _run_weight_gradient(_as_adjoint_output(x, geom), grad_y, w, geom, name)
     if grad_x.shape != x.shape:  # output_padding >= stride: drop the rows x does not have
         grad_x = np.ascontiguousarray(grad_x[:, :, : x.shape[2], : x.shape[3]])
-    grad_w = _run_weight_gradient(_as_adjoint_output(x, geom), grad_y, w, geom, name)
     return grad_x, grad_w, _transposed_bias_gradient(grad_y, name)
 
 

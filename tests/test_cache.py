@@ -48,6 +48,11 @@ WORKLOAD = textwrap.dedent(
                             nc.conv2d_backward(y, x, w, kernel=kernel, **kw)
                     cols = nc.im2col(x, 3, 3, 6, 7, 1, 1)
                     nc.col2im(cols, x.shape, 3, 3, 6, 7, 1, 1)
+                    # A transposed backward pass from shared columns (16 output channels).
+                    xt = rng.standard_normal((1, 2, 8, 8)).astype(dtype)
+                    wt = rng.standard_normal((2, 16, 4, 4)).astype(dtype)
+                    gt = rng.standard_normal((1, 16, 16, 16)).astype(dtype)
+                    nc.conv_transpose2d_backward(gt, xt, wt, stride=2, padding=1, kernel="im2col")
         finally:
             if saved is None:
                 os.environ.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)

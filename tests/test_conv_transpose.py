@@ -21,6 +21,8 @@ from naive_family import (
 )
 
 import numbaconv as nc
+from numbaconv import registry
+from numbaconv.geometry import make_transposed_geometry
 from numbaconv.layer import ForwardNotCalledError
 
 
@@ -126,6 +128,63 @@ def test_against_reference(cfg, kernel, dtype):
 def test_parallel_paths(cfg, kernel):
     """With the serial shortcut off, so that the kernels' parallel regions run."""
     check(cfg, kernel, np.float32)
+
+
+#: Backward passes whose grad-x and grad-w share one set of columns of grad_y
+#: (registry.transposed_shares_columns: small maps, at least 16 output channels, one group):
+#: DCGAN-like, output_padding, an output_padding cropped away (>= stride, below the dilation).
+SHARED_COLUMNS = [
+    TCfg(3, 8, 5, 6, 20, 4, 4, stride=2, padding=1),
+    TCfg(2, 6, 4, 5, 16, 3, 3, stride=2, padding=1, output_padding=1, bias=False),
+    TCfg(2, 4, 4, 3, 16, 3, 3, stride=1, dilation=2, output_padding=1),
+]
+
+
+def _shares_columns(cfg, dtype, kernel):
+    geom = make_transposed_geometry((cfg.n, cfg.c_in, cfg.h, cfg.w), _w_shape(cfg), **cfg.kwargs)
+    return registry.transposed_shares_columns(geom, dtype, kernel)
+
+
+def _w_shape(cfg):
+    return (cfg.c_in, cfg.c_out // cfg.groups, cfg.r, cfg.s)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("kernel_name", ["im2col", "auto"])
+@pytest.mark.parametrize("cfg", SHARED_COLUMNS, ids=str)
+def test_backward_from_shared_columns(request, cfg, kernel_name, dtype, parallel):
+    if parallel:
+        request.getfixturevalue("force_parallel")
+    assert _shares_columns(cfg, dtype, kernel_name), "the case misses the path"
+    check(cfg, kernel_name, dtype)
+
+
+@pytest.mark.parametrize("cfg", SHARED_COLUMNS[:2], ids=str)
+def test_shared_columns_propagate_nan_and_inf_as_separate_passes(cfg, dtype, monkeypatch):
+    """A NaN or Inf in grad_y reaches grad-x and grad-w where the two passes run apart."""
+    x, w, _, gy = make_data(cfg, dtype, seed=3)
+    gy[0, 1, 2, 3] = np.nan
+    gy[-1, -1, -1, -1] = np.inf
+    x[0, 0, 0, 1] = np.inf
+    assert _shares_columns(cfg, dtype, "im2col")
+    shared = nc.conv_transpose2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
+    monkeypatch.setattr(registry, "transposed_shares_columns", lambda *args: False)
+    apart = nc.conv_transpose2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
+    for name, got, want in zip(("grad_x", "grad_w", "grad_b"), shared, apart, strict=True):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), name)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), name)
+        finite = np.isfinite(want)
+        assert_close(got[finite], want[finite], np.abs(want[finite]), dtype, name)
+    assert np.isnan(shared[0]).any() and np.isfinite(shared[0]).any()
+
+
+def test_shared_columns_only_where_both_passes_run_im2col_on_the_whole_batch():
+    # Large maps (U-Net's 28x28 input: 784 outputs of the adjoint per image): grad-w in bands.
+    assert not _shares_columns(TCfg(16, 128, 28, 28, 64, 4, 4, stride=2, padding=1), "f4", "auto")
+    # Another kernel, or too few output channels (the blocked pass needs 16).
+    assert not _shares_columns(SHARED_COLUMNS[0], "f4", "taps")
+    assert not _shares_columns(TCfg(3, 8, 5, 6, 8, 4, 4, stride=2, padding=1), "f4", "im2col")
+    assert _shares_columns(TCfg(16, 256, 8, 8, 128, 4, 4, stride=2, padding=1), "f4", "auto")
 
 
 def test_output_shape_formula():
