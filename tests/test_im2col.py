@@ -158,3 +158,41 @@ def test_deep_input_gradient_products_on_blas_match_the_reference(dtype, own_gem
         # The einsum reference: the loops took 90 s per dtype here on a 2-core AMD EPYC.
         reference = windows_reference(cfg, *make_data(cfg, dtype))
         check_against_reference(cfg, "im2col", dtype, ref=reference)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, options",
+    [
+        ((2, 3, 7, 7), (4, 3, 3, 3), dict(padding=1)),
+        ((2, 2, 16, 16), (4, 2, 4, 4), dict(stride=2, padding=1)),
+        ((1, 2, 9, 11), (4, 2, 3, 2), dict(stride=(2, 3), padding=(2, 0), dilation=(1, 2))),
+        ((2, 2, 6, 5), (4, 2, 5, 3), dict(padding=(3, 1))),  # padding past the filter's reach
+        ((1, 2, 13, 12), (4, 2, 2, 2), dict(stride=3)),  # input rows and columns never read
+    ],
+)
+def test_image_columns_from_a_padded_plane_match_the_row_copies(x_shape, w_shape, options, dtype):
+    """im2col.image_columns (a padded copy and a table of offsets) builds the same columns as the
+    row copies of channel_columns, NaN and Inf included."""
+    from numbaconv.geometry import make_geometry
+    from numbaconv.kernels import im2col as kernels
+
+    geom = make_geometry(x_shape, w_shape, **options)
+    x = np.random.default_rng(4).standard_normal(x_shape).astype(dtype)
+    x[0, 0, 0, 0] = np.nan  # the first pixel: read by every case's first output
+    x[-1, -1, 0, 0] = np.inf
+    geo = kernels.geometry_args(geom)
+    index = kernels.column_table(geom)
+    assert index.shape[0] == geom.out_height * geom.out_width  # all narrow or strided
+    plane_h, plane_w = kernels._table_plane(geom)
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    pixels = geom.out_height * geom.out_width
+    rows = np.full((taps, geom.batch * pixels), 7.0, dtype)
+    table = np.full((taps, geom.batch * pixels), 7.0, dtype)
+    plane = np.full(plane_h * plane_w + 3, np.nan, dtype)
+    for n in range(geom.batch):
+        for c in range(geom.in_channels):
+            oh, ow = geom.out_height, geom.out_width
+            kernels.channel_columns(x, n, c, 0, oh, 0, ow, rows, n * pixels, geo)
+            kernels.image_columns(x, n, c, table, n * pixels, geo, plane, index)
+    np.testing.assert_array_equal(table, rows)
+    assert np.isnan(table).any() and np.isinf(table).any()
