@@ -215,19 +215,11 @@ def image_columns(x, n, c, cols, col0, geo, plane, index):
     ``cols[row, col0 + p] = plane[tap offset + index[p]]``, instead of a copy per output row.
     The same values; for small or strided maps, whose rows are shorter than a vector or strided."""
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
-    height, width = x.shape[2], x.shape[3]
     plane_h = (out_h - 1) * sh + (filter_h - 1) * dh + 1
     plane_w = (out_w - 1) * sw + (filter_w - 1) * dw + 1
     flat = plane[: plane_h * plane_w]
     zero_row(flat)
-    # Input rows and columns past the window (never read) are not copied.
-    copied = max(0, min(width, plane_w - pad_l))
-    for h in range(min(height, plane_h - pad_t)):
-        start = (h + pad_t) * plane_w + pad_l
-        dst = flat[start : start + copied]
-        src = x[n, c, h]
-        for q in range(copied):
-            dst[q] = src[q]
+    channel_planes(x, n, c, flat, 1, 1, 1, 1, pad_t, pad_l, plane_h, plane_w)
     pixels = index.shape[0]
     for r in range(filter_h):
         for s in range(filter_w):
@@ -320,22 +312,32 @@ def padded_planes(x, n, planes, geo, padded_h, padded_w):
     elements of one plane, phase ``(r % sh, s % sw)`` from ``(r // sh, s // sw)`` on, as at
     stride 1."""
     filter_h, filter_w, _, _, sh, sw, pad_t, pad_l, _, _ = geo
-    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     phases_h, phases_w = min(sh, filter_h), min(sw, filter_w)
     zero_row(planes)
+    size = phases_h * phases_w * padded_h * padded_w
+    for c in range(x.shape[1]):
+        dst = planes[c * size : (c + 1) * size]
+        channel_planes(x, n, c, dst, sh, sw, phases_h, phases_w, pad_t, pad_l, padded_h, padded_w)
+
+
+@njit(cache=True, inline="always")
+def channel_planes(x, n, c, dst, sh, sw, phases_h, phases_w, pad_t, pad_l, padded_h, padded_w):
+    """Channel ``c`` of image ``n`` into its ``phases_h * phases_w`` zeroed planes of
+    ``padded_h x padded_w`` in ``dst`` (see :func:`padded_planes`; at stride 1, one plane: the
+    padded image); the input rows and columns that fall outside the planes are not copied."""
+    height, width = x.shape[2], x.shape[3]
     plane = padded_h * padded_w
-    for c in range(channels):
-        for a in range(phases_h):
-            m0, m1 = valid_range(padded_h, sh, a - pad_t, height)
-            for b in range(phases_w):
-                q0, q1 = valid_range(padded_w, sw, b - pad_l, width)
-                base = ((c * phases_h + a) * phases_w + b) * plane
-                for m in range(m0, m1):
-                    start = base + m * padded_w
-                    gather_row(
-                        planes[start + q0 : start + q1], x[n, c, m * sh + a - pad_t],
-                        q0 * sw + b - pad_l, sw,
-                    )  # fmt: skip
+    for a in range(phases_h):
+        m0, m1 = valid_range(padded_h, sh, a - pad_t, height)
+        for b in range(phases_w):
+            q0, q1 = valid_range(padded_w, sw, b - pad_l, width)
+            base = (a * phases_w + b) * plane
+            for m in range(m0, m1):
+                start = base + m * padded_w
+                gather_row(
+                    dst[start + q0 : start + q1], x[n, c, m * sh + a - pad_t],
+                    q0 * sw + b - pad_l, sw,
+                )  # fmt: skip
 
 
 @njit(cache=True)
