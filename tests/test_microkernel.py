@@ -289,3 +289,36 @@ def test_long_rows_go_to_blas_by_their_bytes():
     assert mk.own_gemm_pays.py_func(64, 256, 3136, 4) and not mk.own_gemm_pays.py_func(
         64, 256, 3136, 8
     )
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_rows_nn_is_gemm_nn_on_the_rows_it_names(size, dtype):
+    """A's rows given as offsets into a flat array (overlapping windows, in any order; implicit
+    grad-w): the same bits as gemm_nn on the explicit matrix, b packed whatever its strides,
+    overwrite and accumulate, and right against float64."""
+    m, k, n = size
+    rng = np.random.default_rng(3 * m + 5 * k + n)
+    flat = rng.standard_normal(3 * m + k + 40).astype(dtype)
+    rows = rng.integers(0, flat.shape[0] - k + 1, size=m).astype(np.int64)
+    explicit = np.stack([flat[r : r + k] for r in rows]) if m else np.zeros((0, k), dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    expected = np.empty((m, n), dtype)
+    mk.gemm_nn(explicit, b, expected, False)
+    c = np.full((m, n), np.nan, dtype)  # overwritten: the NaNs must all go
+    mk.gemm_rows_nn(flat, rows, b, c, False)
+    np.testing.assert_array_equal(c, expected)
+    _assert_product(c, _reference(explicit, b), explicit, b, k)
+    start = rng.standard_normal((m, n)).astype(dtype)
+    wide = np.zeros((m, n + 5), dtype)
+    c = wide[:, 2 : 2 + n]  # rows not contiguous with each other
+    c[...] = start
+    mk.gemm_rows_nn(flat, rows, np.ascontiguousarray(b.T).T, c, True)
+    _assert_product(c - start, _reference(explicit, b), explicit, b, k)
+    assert not wide[:, :2].any() and not wide[:, 2 + n :].any()
+
+
+def test_gemm_rows_nn_refuses_mismatched_shapes():
+    flat = np.ones(50, np.float32)
+    with pytest.raises(ValueError, match="shapes"):
+        mk.gemm_rows_nn(flat, np.zeros(4, np.int64), np.ones((3, 5), np.float32),
+                        np.empty((3, 5), np.float32), False)  # fmt: skip

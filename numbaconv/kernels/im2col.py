@@ -56,6 +56,7 @@ from ._loops import gather_row, scatter_add_row, valid_range, zero_row
 from .microkernel import (
     gemm_nn,
     gemm_nn_rows,
+    gemm_rows_nn,
     own_gemm_pays,
     own_gemm_pays_transposed,
     own_gemm_size_pays,
@@ -613,11 +614,12 @@ def fused_backward_kernel(
     for lane in prange(lanes):
         acc = grad_w_lanes[lane]
         bias_acc = grad_b_lanes[lane]
-        if phases == 0:
+        if phases == 0 and weight_gradient:
             for k in range(n_filters):
                 bias_acc[k] = 0
                 for t in range(taps_g):
                     acc[k, t] = 0
+        if phases == 0:
             last = n_batch * (lane + 1) // lanes
             for n in range(n_batch * lane // lanes, last, group):
                 images = min(group, last - n)
@@ -1133,7 +1135,9 @@ def _fused_backward(
         # allocates more, it made no difference measurable here.)
         x = np.empty((geom.batch, 0, 0, 0), dtype=w.dtype)
     w_mat = w.reshape(k, -1)
-    sums = take("im2col.grad_w_lanes", (lanes, *w_mat.shape), x.dtype)
+    # (No sums for grad-x alone: the kernel neither zeroes nor reads them.)
+    sums_shape = (lanes, *w_mat.shape) if weight_gradient else (lanes, 0, 0)
+    sums = take("im2col.grad_w_lanes", sums_shape, x.dtype)
     # float64 for every dtype: sums of up to N*OH*OW values
     bias_sums = take("im2col.grad_b_lanes", (lanes, k), np.float64)
     pointwise = is_pointwise(geom)
@@ -1395,10 +1399,165 @@ def forward_and_weight_gradient(x, w, grad_y, geom: ConvGeometry):
     return y.reshape(n, k, oh, ow), grad_w
 
 
+@njit(parallel=True, cache=True)
+def implicit_weight_gradient_kernel(
+    grad_y, x, sums, bias_sums, planes_ws, grad_ws, tap_rows, groups, geo, transposed
+):  # fmt: skip
+    """grad-w (transposed, per lane: ``sums[lane]`` is (C/g*R*S, K)) and grad-b (float64, per
+    lane) by implicit GEMM, no columns: lane ``l`` of ``sums.shape[0]`` takes a fixed,
+    contiguous run of images; per image, its channels go into zero-padded planes as in the
+    forward pass (:func:`padded_planes`, or transposed: :func:`implicit_image`), ``grad_y[n]``
+    is laid out transposed on the same padded grid (``grad_ws``: (Wide, K), zeros where the
+    forward pass's product is the padding's), and ``sums[lane] += windows @ grad_t``, the rows
+    of ``windows`` being the taps' windows of the planes (``tap_rows``: :func:`implicit_plan`),
+    read in place (:func:`~.microkernel.gemm_rows_nn`). An image holding Inf or NaN goes
+    through its columns instead (see the kernel). The caller adds the lanes in order."""
+    filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
+    padded_h = out_h + (filter_h - 1) * dh // sh
+    padded_w = out_w + (filter_w - 1) * dw // sw
+    n_batch = x.shape[0]
+    n_filters = grad_y.shape[1]
+    k_g = n_filters // groups
+    taps_g = sums.shape[1]
+    wide = out_w * padded_h if transposed else out_h * padded_w
+    lanes = sums.shape[0]
+    for lane in prange(lanes):
+        acc = sums[lane]
+        bias_acc = bias_sums[lane]
+        bias_acc[:] = 0
+        planes = planes_ws[lane]
+        grad_t = grad_ws[lane, : wide * n_filters].reshape(wide, n_filters)
+        first = n_batch * lane // lanes
+        last = n_batch * (lane + 1) // lanes
+        if first == last:
+            acc[:] = 0
+        for n in range(first, last):
+            if transposed:
+                padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w)
+                grid_w, valid = padded_h, out_h  # row ow*Hp + oh of grad_t is y's (oh, ow)
+            else:
+                padded_planes(x, n, planes, geo, padded_h, padded_w)
+                grid_w, valid = padded_w, out_w
+            for q in range(wide):
+                if q % grid_w >= valid:
+                    grad_t[q] = 0
+            # Transposed 16 filters at a time: each row of grad_t gets a run of 16 (one filter
+            # at a time, scattering with a stride of K, took 2.7-3.8x as long).
+            for k0 in range(0, n_filters, 16):
+                k1 = min(n_filters, k0 + 16)
+                for oh in range(out_h):
+                    for ow in range(out_w):
+                        dst = grad_t[ow * padded_h + oh if transposed else oh * padded_w + ow]
+                        p = oh * out_w + ow
+                        for k in range(k0, k1):
+                            dst[k] = grad_y[n, k, p]
+            for k in range(n_filters):
+                bias_acc[k] += row_sum(grad_y[n, k])
+            if not np.isfinite(row_sum(x[n].reshape(-1))):
+                # An Inf or NaN in the image: the product's padding rows (zeros in grad_t)
+                # would meet it (0 * Inf = NaN) where the columns never do; this image's share
+                # from its columns, as the fused bands compute it. (A finite image whose sum
+                # overflows comes here too, harmlessly.)
+                cols = np.empty((taps_g * groups, out_h * out_w), x.dtype)
+                band_columns(x, n, 0, out_h, cols, geo)
+                for g in range(groups):
+                    gemm_nn(
+                        cols[g * taps_g : (g + 1) * taps_g], grad_y[n, g * k_g : (g + 1) * k_g].T,
+                        acc[:, g * k_g : (g + 1) * k_g], n > first,
+                    )  # fmt: skip
+                continue
+            for g in range(groups):
+                gemm_rows_nn(
+                    planes, tap_rows[g * taps_g : (g + 1) * taps_g],
+                    grad_t[:, g * k_g : (g + 1) * k_g], acc[:, g * k_g : (g + 1) * k_g],
+                    n > first,
+                )  # fmt: skip
+
+
+@njit(parallel=True, cache=True)
+def sum_lanes_transposed(sums, out):
+    """``out[k, t] = sums[0, t, k] + sums[1, t, k] + ...``, in lane order (the same bits on any
+    number of threads), by blocks of 64 rows of the sums."""
+    lanes, rows, cols = sums.shape
+    for block in prange((rows + 63) // 64):
+        t0 = block * 64
+        t1 = min(rows, t0 + 64)
+        total = sums[0, t0:t1].copy()
+        for lane in range(1, lanes):
+            total += sums[lane, t0:t1]
+        for k in range(cols):
+            dst = out[k, t0:t1]
+            for t in range(t1 - t0):
+                dst[t] = total[t, k]
+
+
+def implicit_weight_gradient(grad_y, x, w, geom: ConvGeometry, lanes: int):
+    """``(grad_w, grad_b)`` by :func:`implicit_weight_gradient_kernel` on ``lanes`` lanes."""
+    n, k, oh, ow = geom.output_shape
+    tap_rows = implicit_plan(geom, oh, 1, ow, x.itemsize)
+    plane_room, wide = implicit_workspace(geom)
+    taps_g = tap_rows.shape[0] // geom.groups
+    sums = take("im2col.grad_w_lanes", (lanes, taps_g, k), x.dtype)
+    bias_sums = take("im2col.grad_b_lanes", (lanes, k), np.float64)
+    planes = take("im2col.band_columns", (lanes, plane_room), x.dtype)
+    grad_t = take("im2col.band_gemm", (lanes, wide * k), x.dtype)
+    implicit_weight_gradient_kernel(
+        grad_y.reshape(n, k, oh * ow), x, sums, bias_sums, planes, grad_t, tap_rows, geom.groups,
+        geometry_args(geom), implicit_transposed(geom),
+    )  # fmt: skip
+    grad_w = np.empty((k, taps_g), x.dtype)
+    sum_lanes_transposed(sums, grad_w)
+    grad_b = bias_sums[0].copy()
+    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
+        grad_b += bias_sums[lane]
+    return grad_w.reshape(w.shape), grad_b.astype(x.dtype)
+
+
+#: Implicit grad-w (:func:`implicit_weight_gradient_applies`) needs at least this many taps per
+#: group (rows of its product): with first5x5's 3 channels of 5x5 (75 taps, 32 filters) it lost
+#: (float32 / float64 backward ms, 2 threads, fused bands -> implicit: 2.34 -> 2.54, 3.21 ->
+#: 3.36), while Inception's 1x7 on 128 channels (896) gained (7.63 -> 6.96, 15.00 -> 13.33).
+IMPLICIT_GRAD_W_MIN_TAPS = 128
+
+
+def implicit_weight_gradient_applies(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether grad-w runs by implicit GEMM (:func:`implicit_weight_gradient`) rather than from
+    columns in the fused bands: where the forward pass would run whole images by implicit GEMM
+    (:func:`implicit_applies`, with its planes and a product within
+    :data:`IMPLICIT_IMAGE_BYTES`), on batches of at least :data:`SMALL_BATCH_LANES` images
+    (smaller ones run :func:`blocked_backward`), with at least
+    :data:`IMPLICIT_GRAD_W_MIN_TAPS` taps per group and lanes whose sums fit
+    (:func:`_backward_lanes`).
+
+    Measured (AMD EPYC Zen 5, 2 threads, one process, the two alternating, medians of 7 rounds,
+    backward ms with grad-x from the fused bands either way, columns -> implicit): float32
+    Inception's 16x128x17x17 1x7 7.63 -> 6.96 and 7x1 7.18 -> 6.37, ResNet's 16x256x14x14 3x3
+    22.0 -> 21.3, 16x64x56x56 3x3 27.8 -> 24.9 and stride 2 (to 128 filters) 17.9 -> 16.8,
+    DeepLab's 4x256x28x28 dilation 2 20.9 -> 20.2, cifar (64x32x32x32 -> 64) 20.7 -> 18.2;
+    float64 1x7 15.0 -> 13.3, 16x256x14x14 46.1 -> 43.8, cifar 33.7 -> 29.3, the stride-2
+    layer 29.4 -> 26.4."""
+    oh, ow = geom.out_height, geom.out_width
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    return (
+        geom.batch >= SMALL_BATCH_LANES
+        and taps_g >= IMPLICIT_GRAD_W_MIN_TAPS
+        and implicit_image_bytes(geom, itemsize) <= IMPLICIT_IMAGE_BYTES
+        and implicit_applies(geom, oh, 1, ow, itemsize)
+        and _backward_lanes(geom, itemsize) > 0
+    )
+
+
 def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     weight_alone = not input_gradient and batch_weight_gradient(geom, x.itemsize)
     if blas_inside_kernels() and (blocked_fits(geom, x.itemsize) or weight_alone):
         return blocked_backward(grad_y, x, w, geom, input_gradient, True)
+    if blas_inside_kernels() and implicit_weight_gradient_applies(geom, x.itemsize):
+        lanes = _backward_lanes(geom, x.itemsize)
+        grad_w, grad_b = implicit_weight_gradient(grad_y, x, w, geom, lanes)
+        if not input_gradient:
+            return None, grad_w, grad_b
+        grad_x = _fused_backward(grad_y, None, w, geom, lanes, True, weight_gradient=False)[0]
+        return grad_x, grad_w, grad_b
     lanes = _backward_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
     if lanes == 0:
         return _backward(grad_y, x, w, geom, input_gradient)

@@ -189,11 +189,12 @@ def _store_tile(builder, pointers, values, accumulate, align):
                 builder.store(value, ptr, align=align)
 
 
-def _emit_tile(context, builder, dtype, pa, a_row_, a_col_, b_row_at, pc, c_row_, depth_, acc_):
+def _emit_tile(context, builder, dtype, a_row_at, a_col_, b_row_at, pc, c_row_, depth_, acc_):
     """The IR of one register tile: ``MR x NV`` vector accumulators carried as phis through the
-    loop over ``k < depth_``, each step broadcasting one element of each of A's MR rows and
-    loading NV vectors of B's row ``k`` (``b_row_at(builder, k)``, a pointer), then the tile
-    stored (or added, when ``acc_``) at ``pc``, rows ``c_row_`` apart."""
+    loop over ``k < depth_``, each step broadcasting element ``k`` (``a_col_`` apart) of each of
+    A's MR rows (row ``i`` at ``a_row_at(builder, i)``, a pointer) and loading NV vectors of B's
+    row ``k`` (``b_row_at(builder, k)``), then the tile stored (or added, when ``acc_``) at
+    ``pc``, rows ``c_row_`` apart."""
     elem, suffix, align = _float_ir(dtype)
     rows, nv = NN_TILES[VECTOR_BITS]
     lanes = VECTOR_BITS // (8 * align)
@@ -204,7 +205,7 @@ def _emit_tile(context, builder, dtype, pa, a_row_, a_col_, b_row_at, pc, c_row_
     zero = ir.Constant(vec, [0.0] * lanes)
     undef = ir.Constant(vec, ir.Undefined)
     splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-    a_rows = [builder.gep(pa, [builder.mul(a_row_, ir.Constant(i64, i))]) for i in range(rows)]
+    a_rows = [a_row_at(builder, i) for i in range(rows)]
 
     entry = builder.block
     loop = builder.append_basic_block("tile_nn.loop")
@@ -259,6 +260,15 @@ def _emit_tile(context, builder, dtype, pa, a_row_, a_col_, b_row_at, pc, c_row_
     _store_tile(builder, pointers, values, acc_, align)
 
 
+def _strided_rows(pa, a_row_):
+    """``a_row_at`` of :func:`_emit_tile` for rows ``a_row_`` elements apart from ``pa``."""
+
+    def a_row_at(builder, i):
+        return builder.gep(pa, [builder.mul(a_row_, ir.Constant(ir.IntType(64), i))])
+
+    return a_row_at
+
+
 @intrinsic
 def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate):
     """``C[c_off + i*c_row + j] (+)= sum_{k < depth} A[a_off + i*a_row + k*a_col] *
@@ -288,8 +298,8 @@ def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row,
 
         accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
         _emit_tile(
-            context, builder, tys[0].dtype, pa, a_row_, a_col_, b_row_at, pc, c_row_, depth_,
-            accumulate_,
+            context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
+            c_row_, depth_, accumulate_,
         )  # fmt: skip
         return context.get_dummy_value()
 
@@ -330,8 +340,55 @@ def tile_nn_rows(
 
         accumulate_ = context.cast(builder, acc_, tys[12], types.boolean)
         _emit_tile(
-            context, builder, tys[0].dtype, pa, a_row_, a_col_, b_row_at, pc, c_row_, depth_,
-            accumulate_,
+            context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
+            c_row_, depth_, accumulate_,
+        )  # fmt: skip
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_rows_nn(
+    typingctx, a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
+):  # fmt: skip
+    """:func:`tile_nn` with A's rows anywhere in ``a``: row ``i`` is ``depth`` consecutive
+    elements from element ``a_rows[rows_off + i] + a_col`` of ``a``'s data (``a_rows`` an int64
+    array). For implicit GEMM's weight gradient, whose left operand's rows are windows of an
+    image. No bounds checks."""
+    if not (a.dtype == b.dtype == c.dtype) or a_rows.dtype != types.int64:
+        return None
+    sig = types.void(
+        a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
+    )
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        (a_, a_rows_, rows_off_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_,
+         acc_) = args  # fmt: skip
+        rows_off_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_ = _as_i64(
+            context,
+            builder,
+            (rows_off_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_),
+            (tys[2], tys[3], tys[5], tys[6], tys[8], tys[9], tys[10]),
+        )
+        i64 = ir.IntType(64)
+        pa = builder.gep(_data_pointer(context, builder, tys[0], a_), [a_col_])
+        p_rows = builder.gep(_data_pointer(context, builder, tys[1], a_rows_), [rows_off_])
+        pb = builder.gep(_data_pointer(context, builder, tys[4], b_), [b_off_])
+        pc = builder.gep(_data_pointer(context, builder, tys[7], c_), [c_off_])
+
+        def a_row_at(builder, i):
+            start = builder.load(builder.gep(p_rows, [ir.Constant(i64, i)]), align=8)
+            return builder.gep(pa, [start])
+
+        def b_row_at(builder, k):
+            return builder.gep(pb, [builder.mul(k, b_row_)])
+
+        accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
+        _emit_tile(
+            context, builder, tys[0].dtype, a_row_at, ir.Constant(i64, 1), b_row_at, pc, c_row_,
+            depth_, accumulate_,
         )  # fmt: skip
         return context.get_dummy_value()
 
@@ -598,3 +655,64 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
                 _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, acc)
             elif m_rest:
                 _edge_rows(a, m_full * mr, m, k0, kb, b_pack, 0, 0, c, j0, cols, acc)
+
+
+@njit(cache=True)
+def gemm_rows_nn(a, a_rows, b, c, accumulate):
+    """``c (+)= A @ b`` where row ``i`` of A (M, K) is ``a[a_rows[i] : a_rows[i] + K]``: ``a``
+    1-D, ``a_rows`` int64 (M,), ``b`` (K, N) at any strides, ``c`` (M, N) with unit stride
+    along its rows. The implicit GEMM of a weight gradient, ``grad_w.T (+)= windows @ grad_y.T``,
+    whose left operand's rows (one per tap) are windows of an image's padded planes, read in
+    place. Blocks of K as in :func:`gemm_nn`, every panel of ``b`` packed (zero-padded when
+    ragged) and reused by every row block; the last M % MR rows as plain loops. Each element of
+    a full row block is one FMA per ``k`` in order per block of :data:`K_BLOCK`, as in
+    :func:`gemm_nn`. The caller keeps every row inside ``a``. Serial."""
+    m = a_rows.shape[0]
+    depth, n = b.shape
+    item = c.itemsize
+    if c.shape[0] != m or c.shape[1] != n:
+        raise ValueError("gemm_rows_nn: shapes do not match")
+    if _empty_product(m, n, depth, c, accumulate):
+        return
+    if n > 1 and c.strides[1] != item:
+        raise ValueError("gemm_rows_nn: c needs unit stride along its rows")
+    mr = NN_ROWS
+    nr = NN_VECTORS * VECTOR_BYTES // item
+    c_row = c.strides[0] // item
+    m_full = m // mr
+    panels = (n + nr - 1) // nr
+    n_rest = n - (panels - 1) * nr
+    b_pack = np.empty((min(K_BLOCK, depth), nr), c.dtype)
+    tile = np.empty((mr if n_rest < nr else 0, nr), c.dtype)
+    for k0 in range(0, depth, K_BLOCK):
+        kb = min(K_BLOCK, depth - k0)
+        acc = accumulate or k0 > 0
+        for jb in range(panels):
+            j0 = jb * nr
+            cols = min(nr, n - j0)
+            for k in range(kb):  # 0-based slices, as in gemm_nn
+                src = b[k0 + k, j0 : j0 + cols]
+                dst = b_pack[k]
+                for j in range(cols):
+                    dst[j] = src[j]
+                for j in range(cols, nr):
+                    dst[j] = 0
+            for ib in range(m_full):
+                if cols == nr:
+                    tile_rows_nn(
+                        a, a_rows, ib * mr, k0, b_pack, 0, nr,
+                        c, ib * mr * c_row + j0, c_row, kb, acc,
+                    )  # fmt: skip
+                else:
+                    tile_rows_nn(a, a_rows, ib * mr, k0, b_pack, 0, nr, tile, 0, nr, kb, False)
+                    _merge(c, ib * mr, j0, tile, mr, cols, acc)
+            for i in range(m_full * mr, m):
+                c_out = c[i, j0 : j0 + cols]
+                if not acc:
+                    c_out[:] = 0
+                row = a[a_rows[i] + k0 : a_rows[i] + k0 + kb]
+                for k in range(kb):
+                    a_value = row[k]
+                    b_in = b_pack[k]
+                    for j in range(cols):
+                        c_out[j] += a_value * b_in[j]
