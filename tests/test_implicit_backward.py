@@ -1,8 +1,10 @@
-"""``im2col``'s weight gradient by implicit GEMM (``im2col.implicit_weight_gradient``): per
-image, ``grad_w.T += windows @ grad_y.T`` with the taps' windows read in place from the
-zero-padded planes of the forward pass's implicit GEMM, no columns. Checked against the
-sliding-window reference (forward, all three gradients), bit for bit across thread counts, and
-with Inf and NaN against the columns path, which multiplies exactly the plain sum's products."""
+"""``im2col``'s backward pass without columns. grad-w by implicit GEMM
+(``im2col.implicit_weight_gradient``): per image, ``grad_w.T += windows @ grad_y.T`` with the
+taps' windows read in place from the zero-padded planes of the forward pass's implicit GEMM.
+grad-x of stride-1 layers as the forward pass of ``grad_y`` with the flipped filters
+(``im2col.input_gradient_as_forward``), itself implicit. Checked against the sliding-window
+reference (all three gradients), bit for bit across thread counts, and with Inf and NaN against
+the columns path, which multiplies exactly the plain sum's products."""
 
 from __future__ import annotations
 
@@ -41,12 +43,19 @@ def _applies(cfg, dtype):
     return im2col.implicit_weight_gradient_applies(geom, np.dtype(dtype).itemsize)
 
 
+def _grad_x_by_forward(cfg, dtype):
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    return im2col.input_gradient_as_forward(geom, np.dtype(dtype).itemsize) is not None
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("cfg", CASES, ids=str)
 def test_implicit_weight_gradient_matches_the_reference(request, cfg, dtype, parallel):
     if parallel:
         request.getfixturevalue("force_parallel")
     assert _applies(cfg, dtype), "the case misses the path"
+    # Every stride-1 case takes grad-x by the forward pass too.
+    assert _grad_x_by_forward(cfg, dtype) == (cfg.stride == 1), "grad-x misses its path"
     x, w, b, gy = make_data(cfg, dtype, seed=4)
     ref = windows_reference(cfg, x, w, b, gy)
     gx, gw, gb = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
@@ -62,6 +71,8 @@ def test_implicit_weight_gradient_matches_the_reference(request, cfg, dtype, par
     if not im2col.batch_weight_gradient(geom, np.dtype(dtype).itemsize):
         assert_same_bits(alone_w, gw, f"grad_w alone {tag}")
         assert_same_bits(alone_b, gb, f"grad_b alone {tag}")
+    # grad-x alone (a transposed convolution's forward pass): the same bits.
+    assert_same_bits(im2col.input_gradient(gy, w, geom), gx, f"grad_x alone {tag}")
 
 
 @pytest.mark.usefixtures("force_parallel")
@@ -90,7 +101,8 @@ def test_inf_and_nan_reach_grad_w_as_through_the_columns(cfg, dtype, monkeypatch
     implicit = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
     monkeypatch.setattr(im2col, "IMPLICIT_GRAD_W_MIN_TAPS", 10**9)
     assert not _applies(cfg, dtype)
-    columns = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
+    with np.errstate(invalid="ignore"):  # the fused bands add lane sums of Inf and -Inf
+        columns = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
     for name, got, want in zip(("grad_x", "grad_w", "grad_b"), implicit, columns, strict=True):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want), f"{name}: NaN [{cfg}]")
         np.testing.assert_array_equal(np.isinf(got), np.isinf(want), f"{name}: Inf [{cfg}]")
@@ -99,6 +111,45 @@ def test_inf_and_nan_reach_grad_w_as_through_the_columns(cfg, dtype, monkeypatch
         scale = np.abs(want[finite]).max()
         tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-11
         np.testing.assert_allclose(got[finite], want[finite], rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("cfg", [CASES[0], CASES[4]], ids=str)
+def test_inf_in_the_filters_keeps_grad_x_on_the_columns(cfg, dtype, monkeypatch):
+    """The forward pass of grad_y would multiply an infinite tap with the zero padding (NaN)
+    where col2im never adds such a product: with Inf or NaN in ``w``, grad-x comes from the
+    columns, the same bits as with the forward route turned off."""
+    x, w, b, gy = make_data(cfg, dtype, seed=11)
+    w[1, 0, 0, 0] = np.inf
+    w[2, 1, 1, 2] = np.nan
+    gy[0, 3, 1, 1] = np.inf
+    got = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
+    assert np.isnan(got[0]).any() and np.isfinite(got[0]).any()
+    monkeypatch.setattr(im2col, "input_gradient_as_forward", lambda geom, itemsize: None)
+    want = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
+    for name, a, b_ in zip(("grad_x", "grad_w", "grad_b"), got, want, strict=True):
+        assert_same_bits(a, b_, f"{name} [{cfg}]")
+
+
+def test_flipped_filters_and_the_adjoint_geometry():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 2, 3, 4))  # 6 filters, 3 groups of 2 input channels
+    flipped = im2col.flipped_filters(w, 3)
+    assert flipped.shape == (6, 2, 3, 4) and flipped.flags.c_contiguous
+    for g in range(3):
+        for kk in range(2):
+            for c in range(2):
+                np.testing.assert_array_equal(flipped[2 * g + c, kk], w[2 * g + kk, c, ::-1, ::-1])
+    # 'same' with a 2x3 filter at dilation 2: padding (1, 1, 2, 2) of extents 2 and 4.
+    geom = make_geometry((2, 4, 9, 8), (5, 4, 2, 3), padding="same", dilation=2)
+    adjoint = im2col.adjoint_geometry(geom)
+    assert (adjoint.pad_top, adjoint.pad_bottom, adjoint.pad_left, adjoint.pad_right) == (
+        2 - geom.pad_top, 2 - geom.pad_bottom, 4 - geom.pad_left, 4 - geom.pad_right,
+    )  # fmt: skip
+    assert adjoint.output_shape == geom.input_shape
+    assert adjoint.input_shape == geom.output_shape
+    assert im2col.adjoint_geometry(make_geometry((2, 4, 9, 8), (5, 4, 3, 3), stride=2)) is None
+    # Padding beyond the filter's reach: the adjoint would need negative padding.
+    assert im2col.adjoint_geometry(make_geometry((2, 4, 9, 8), (5, 4, 3, 3), padding=3)) is None
 
 
 def test_the_plan_says_no_where_it_does_not_apply():
