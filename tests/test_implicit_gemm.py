@@ -48,6 +48,15 @@ TRANSPOSED_CASES = [
 ]
 
 
+#: Batches of fewer than 4 images: bands of rows (im2col.implicit_band_rows), each with its own
+#: planes; a last band shorter than the others, at stride 1, 2 and with dilation.
+BAND_CASES = [
+    Cfg(1, 24, 37, 21, 64, 3, 3, padding=1, name="one-image-bands"),
+    Cfg(2, 16, 42, 33, 64, 5, 5, stride=2, padding=2, name="strided-bands"),
+    Cfg(3, 32, 29, 26, 64, 3, 3, padding=2, dilation=2, bias=False, name="dilated-bands"),
+]
+
+
 def _plan(cfg, dtype):
     geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
     band_rows, group = im2col.forward_plan(geom, np.dtype(dtype).itemsize)
@@ -56,7 +65,7 @@ def _plan(cfg, dtype):
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-@pytest.mark.parametrize("cfg", CASES + TRANSPOSED_CASES + STRIDED_CASES, ids=str)
+@pytest.mark.parametrize("cfg", CASES + TRANSPOSED_CASES + STRIDED_CASES + BAND_CASES, ids=str)
 def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     if parallel:
         request.getfixturevalue("force_parallel")
@@ -69,7 +78,11 @@ def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
     assert_close(y, ref, ref_abs, dtype, f"forward [{cfg}]")
 
 
-@pytest.mark.parametrize("cfg", CASES[:3] + TRANSPOSED_CASES + STRIDED_CASES, ids=str)
+# (Not the strided bands: the columns' plan cuts a last band of 2 rows, whose float64 product goes
+# to BLAS.)
+@pytest.mark.parametrize(
+    "cfg", CASES[:3] + TRANSPOSED_CASES + STRIDED_CASES + BAND_CASES[::2], ids=str
+)
 def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
     which may hold them too, are never in y). The same bits where the columns' product runs on
@@ -166,7 +179,7 @@ def test_phase_planes_and_tap_rows():
     room, _ = im2col.implicit_workspace(geom)
     planes = np.full(room, np.nan)
     geo = im2col.geometry_args(geom)
-    im2col.padded_planes.py_func(x, 0, planes, geo, 13, 7)
+    im2col.padded_planes.py_func(x, 0, planes, geo, 13, 7, 0)
     padded = np.zeros((24, 21 + 2 + 13 * 2, 19 + 1 + 7 * 3))
     padded[:, 2 : 2 + 21, 1 : 1 + 19] = x[0]
     for c in range(24):
@@ -194,3 +207,38 @@ def test_whole_images_run_implicit_where_their_planes_fit():
     inception = make_geometry((16, 128, 17, 17), (128, 128, 1, 7), padding=(0, 3))
     assert im2col.implicit_image_bytes(inception, 8) == (128 * 17 * 23 + 128 * 17 * 17) * 8
     assert im2col.forward_plan(inception, 8) == (17, 1)
+
+
+@pytest.mark.parametrize("cfg", BAND_CASES, ids=str)
+def test_small_batches_run_bands_of_rows(cfg, dtype):
+    """At least IMPLICIT_BAND_JOBS jobs, the last band shorter; the bits on 1 and 2 threads."""
+    import numba
+    from helpers import assert_same_bits
+
+    itemsize = np.dtype(dtype).itemsize
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    rows = im2col.implicit_band_rows(geom, itemsize)
+    assert 0 < rows < geom.out_height and geom.out_height % rows
+    assert cfg.n * -(-geom.out_height // rows) >= im2col.IMPLICIT_BAND_JOBS
+    assert im2col.forward_plan(geom, itemsize) == (rows, 1)
+    x, w, b, _ = make_data(cfg, dtype, seed=3)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = im2col.forward(x, w, b, geom)
+        numba.set_num_threads(2)
+        two = im2col.forward(x, w, b, geom)
+    finally:
+        numba.set_num_threads(threads)
+    assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
+
+
+def test_bands_of_rows_only_for_small_batches():
+    one = make_geometry((1, 32, 256, 256), (32, 32, 3, 3), padding=1)  # U-Net's large image
+    # 8 bands of 32 rows would make product rows of 33 KB: halved to 8 rows.
+    assert im2col.implicit_band_rows(one, 4) == 8
+    assert im2col.implicit_band_rows(make_geometry((4, 32, 64, 64), (32, 32, 3, 3)), 4) == 0
+    # No implicit GEMM at all: pointwise, or strided 1x1.
+    assert im2col.implicit_band_rows(make_geometry((1, 64, 32, 32), (64, 64, 1, 1)), 4) == 0
+    strided_1x1 = make_geometry((1, 64, 32, 32), (64, 64, 1, 1), stride=2)
+    assert im2col.implicit_band_rows(strided_1x1, 4) == 0

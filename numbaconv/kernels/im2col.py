@@ -303,22 +303,25 @@ def _group_products(w_mat, cols, out, groups):
 
 
 @njit(cache=True)
-def padded_planes(x, n, planes, geo, padded_h, padded_w):
+def padded_planes(x, n, planes, geo, padded_h, padded_w, row0):
     """Image ``n``'s channels, zero-padded (``pad_t`` rows above, ``pad_l`` columns to the
     left), each in ``padded_h x padded_w`` planes one after the other in ``planes`` (1-D); the
-    rest of ``planes`` zero. At stride 1 a channel has one plane, its padded image. At stride
-    ``(sh, sw)`` (undilated) it has one per phase ``(a, b)`` in ``range(min(sh, R))`` x
-    ``range(min(sw, S))``, in that order: element ``(m, q)`` of that plane is the padded image's
-    ``(sh*m + a, sw*q + b)``, so that each tap ``(r, s)`` of a strided filter reads consecutive
-    elements of one plane, phase ``(r % sh, s % sw)`` from ``(r // sh, s // sw)`` on, as at
-    stride 1."""
+    rest of ``planes`` zero. The planes start at the padded row that output row ``row0``'s
+    first tap reads (0: the whole image; else a band's). At stride 1 a channel has one plane,
+    its padded image. At stride ``(sh, sw)`` (undilated) it has one per phase ``(a, b)`` in
+    ``range(min(sh, R))`` x ``range(min(sw, S))``, in that order: element ``(m, q)`` of that
+    plane is the padded image's ``(sh*m + a, sw*q + b)``, so that each tap ``(r, s)`` of a
+    strided filter reads consecutive elements of one plane, phase ``(r % sh, s % sw)`` from
+    ``(r // sh, s // sw)`` on, as at stride 1."""
     filter_h, filter_w, _, _, sh, sw, pad_t, pad_l, _, _ = geo
     phases_h, phases_w = min(sh, filter_h), min(sw, filter_w)
     zero_row(planes)
     size = phases_h * phases_w * padded_h * padded_w
     for c in range(x.shape[1]):
         dst = planes[c * size : (c + 1) * size]
-        channel_planes(x, n, c, dst, sh, sw, phases_h, phases_w, pad_t, pad_l, padded_h, padded_w)
+        channel_planes(
+            x, n, c, dst, sh, sw, phases_h, phases_w, pad_t - row0 * sh, pad_l, padded_h, padded_w
+        )
 
 
 @njit(cache=True, inline="always")
@@ -357,22 +360,26 @@ def padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w):
 
 
 @njit(cache=True, inline="always")
-def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_rows, transposed):
-    """One image of :func:`fused_forward_kernel`'s implicit-GEMM jobs. With
-    ``transposed``, the planes and the product's output are transposed (OW rows on the padded
-    height; see :func:`implicit_transposed`)."""
+def implicit_image(
+    x, w_mat, bias, y, planes_ws, out_ws, groups, n, oh0, oh1, band_rows, geo, tap_rows, transposed
+):  # fmt: skip
+    """One job of :func:`fused_forward_kernel`'s implicit GEMM: output rows ``oh0:oh1`` of image
+    ``n`` (the whole image, or a band of :func:`implicit_band_rows`; planes sized for
+    ``band_rows``). With ``transposed`` (whole images only), the planes and the product's output
+    are transposed (OW rows on the padded height; see :func:`implicit_transposed`)."""
     filter_h, filter_w, out_h, out_w, sh, sw, pad_t, pad_l, dh, dw = geo
     # As _padded_extent: at stride 1 or without dilation, (R - 1)*dh // sh + 1 tap rows.
-    padded_h = out_h + (filter_h - 1) * dh // sh
+    padded_h = min(band_rows, out_h) + (filter_h - 1) * dh // sh
     padded_w = out_w + (filter_w - 1) * dw // sw
     n_filters, taps_g = w_mat.shape
     k_g = n_filters // groups
+    rows = oh1 - oh0
     if transposed:
         padded_planes_transposed(x, n, planes_ws, pad_t, pad_l, padded_h, padded_w)
         wide = out_w * padded_h
     else:
-        padded_planes(x, n, planes_ws, geo, padded_h, padded_w)
-        wide = out_h * padded_w
+        padded_planes(x, n, planes_ws, geo, padded_h, padded_w, oh0)
+        wide = rows * padded_w
     ext = out_ws[: n_filters * wide].reshape(n_filters, wide)
     for g in range(groups):
         gemm_nn_rows(
@@ -388,9 +395,9 @@ def implicit_image(x, w_mat, bias, y, planes_ws, out_ws, groups, n, geo, tap_row
                 for oh in range(out_h):
                     dst[oh * out_w + ow] = src[oh] + shift
             continue
-        for oh in range(out_h):
-            src = ext[k, oh * padded_w : oh * padded_w + out_w]
-            dst = y[n, k, oh * out_w : (oh + 1) * out_w]
+        for i in range(rows):
+            src = ext[k, i * padded_w : i * padded_w + out_w]
+            dst = y[n, k, (oh0 + i) * out_w : (oh0 + i + 1) * out_w]
             for q in range(out_w):
                 dst[q] = src[q] + shift
 
@@ -447,8 +454,8 @@ def fused_forward_kernel(
             oh1 = min(out_h, oh0 + band_rows)
             width = (oh1 - oh0) * out_w
             if tap_rows.shape[0] > 0:
-                implicit_image(x, w_mat, bias, y, cols_ws[lane], out_ws[lane], groups, n, geo,
-                               tap_rows, transposed)  # fmt: skip
+                implicit_image(x, w_mat, bias, y, cols_ws[lane], out_ws[lane], groups, n, oh0, oh1,
+                               band_rows, geo, tap_rows, transposed)  # fmt: skip
                 continue
             if segments > 1:
                 ow0 = (job - row_job * segments) * segment
@@ -840,6 +847,9 @@ def forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
     least 4 jobs."""
     if is_pointwise(geom):
         return geom.out_height, 1
+    implicit_rows = implicit_band_rows(geom, itemsize)
+    if implicit_rows:
+        return implicit_rows, 1
     band_rows = _band_rows(geom, itemsize, PLAN_LANES, 0)
     # At least 4 jobs remain, so that 2-4 cores stay busy.
     group = small_map_group(geom, itemsize, band_rows, geom.batch // 4)
@@ -891,12 +901,14 @@ IMPLICIT_MAX_WASTE = 0.25
 IMPLICIT_IMAGE_BYTES = 2 * 2**20
 
 
-def _padded_extent(geom: ConvGeometry) -> tuple[int, int]:
-    """Height and width of a padded plane of implicit GEMM: the output's plus the rows (columns)
-    of a filter's taps in one plane less one: at stride 1 the dilated filter's extent, at stride
-    ``s`` (undilated, see :func:`padded_planes`) ``ceil(R / s)``."""
+def _padded_extent(geom: ConvGeometry, band_rows: int = 0) -> tuple[int, int]:
+    """Height and width of a padded plane of implicit GEMM: the output's (or a band's
+    ``band_rows``) plus the rows (columns) of a filter's taps in one plane less one: at stride 1
+    the dilated filter's extent, at stride ``s`` (undilated, see :func:`padded_planes`)
+    ``ceil(R / s)``."""
     return (
-        geom.out_height + (geom.filter_height - 1) * geom.dilation_h // geom.stride_h,
+        (band_rows or geom.out_height)
+        + (geom.filter_height - 1) * geom.dilation_h // geom.stride_h,
         geom.out_width + (geom.filter_width - 1) * geom.dilation_w // geom.stride_w,
     )
 
@@ -920,49 +932,98 @@ def implicit_transposed(geom: ConvGeometry) -> bool:
     return (padded_h - geom.out_height) * padded_w < (padded_w - geom.out_width) * padded_h
 
 
-def implicit_workspace(geom: ConvGeometry) -> tuple[int, int]:
+def _transposed_planes(geom: ConvGeometry, band_rows: int) -> bool:
+    """:func:`implicit_transposed`, for whole images only (bands of rows keep normal planes)."""
+    return band_rows >= geom.out_height and implicit_transposed(geom)
+
+
+def implicit_workspace(geom: ConvGeometry, band_rows: int = 0) -> tuple[int, int]:
     """Elements of one lane's workspace for implicit GEMM on whole images: the padded planes
     (with room for the last tap's row, which reaches ``(S - 1)*dw`` past them, ``(R - 1)*dh``
     when transposed: zeros, never in y), and the width of the product (per filter: OH x Wp, or
-    OW x Hp transposed)."""
-    padded_h, padded_w = _padded_extent(geom)
+    OW x Hp transposed); for bands of ``band_rows`` output rows (0: whole images), a band's."""
+    rows = band_rows or geom.out_height
+    padded_h, padded_w = _padded_extent(geom, band_rows)
     phases_h, phases_w = plane_phases(geom)
     planes = geom.in_channels * phases_h * phases_w * padded_h * padded_w
-    if implicit_transposed(geom):
+    if _transposed_planes(geom, rows):
         return planes + padded_h - geom.out_height, geom.out_width * padded_h
-    return planes + padded_w - geom.out_width, geom.out_height * padded_w
+    return planes + padded_w - geom.out_width, rows * padded_w
 
 
-def implicit_image_bytes(geom: ConvGeometry, itemsize: int) -> int:
+def implicit_image_bytes(geom: ConvGeometry, itemsize: int, band_rows: int = 0) -> int:
     """Bytes of :func:`implicit_workspace`: the planes and all filters' product."""
-    planes, wide = implicit_workspace(geom)
+    planes, wide = implicit_workspace(geom, band_rows)
     return (planes + geom.out_channels * wide) * itemsize
+
+
+#: Jobs (image, band of rows) that implicit GEMM cuts a batch of fewer than
+#: :data:`SMALL_BATCH_LANES` images into (:func:`implicit_band_rows`): enough for 2-4 cores and
+#: a function of the geometry only.
+IMPLICIT_BAND_JOBS = 8
+
+
+def implicit_band_rows(geom: ConvGeometry, itemsize: int) -> int:
+    """Output rows per band where implicit GEMM runs bands of rows of the images of a small
+    batch (fewer than :data:`SMALL_BATCH_LANES` images, where whole images would leave cores
+    idle), else 0: at least :data:`IMPLICIT_BAND_JOBS` jobs, each band's planes and product
+    within :data:`IMPLICIT_IMAGE_BYTES`, and a band as :func:`_implicit_feasible` asks.
+
+    Measured (AMD EPYC Zen 5, 2 threads, one process, the two alternating, medians of 7
+    rounds, forward ms, bands of columns -> implicit bands): float32 U-Net's 1x32x256x256 3x3
+    5.35 -> 4.28, a 1x3x224x224 7x7 stride-2 stem 1.06-1.11 -> 0.73-0.76, 1x64x128x128 3x3
+    3.93 -> 3.35, 1x256x14x14 3x3 0.83 -> 0.76, 2x128x28x28 3x3 1.36 -> 1.30, 1x128x28x28 3x3
+    0.77 -> 0.77; float64 8.84 -> 7.30, 1.64 -> 1.43, 6.96 -> 6.18, 1.43 -> 1.33, 1x128x28x28
+    1.30 -> 1.33. (``auto`` runs Winograd on such 3x3 layers: still faster, or a draw.)"""
+    if geom.batch >= SMALL_BATCH_LANES:
+        return 0
+    oh = geom.out_height
+    bands = -(-IMPLICIT_BAND_JOBS // geom.batch)
+    rows = -(-oh // bands)
+    # Halved until they fit, and until the product's rows are short enough for the micro-kernel
+    # (own_gemm_size_pays: a 256-wide map gives 8 bands of 32 rows, 33 KB a row in float32).
+    while rows > 1 and (
+        implicit_image_bytes(geom, itemsize, rows) > IMPLICIT_IMAGE_BYTES
+        or not _implicit_feasible(geom, rows, itemsize)
+    ):
+        rows = -(-rows // 2)
+    fits = implicit_image_bytes(geom, itemsize, rows) <= IMPLICIT_IMAGE_BYTES
+    return rows if fits and _implicit_feasible(geom, rows, itemsize) else 0
+
+
+def _implicit_feasible(geom: ConvGeometry, band_rows: int, itemsize: int) -> bool:
+    """Whether bands of ``band_rows`` output rows (whole images: OH) can run implicit GEMM:
+    each tap's window a run of one plane (see :func:`implicit_plan`), a product that
+    numbaconv's own GEMM runs, at most :data:`IMPLICIT_MAX_WASTE` of it on the padding."""
+    oh, ow = geom.out_height, geom.out_width
+    strided = geom.stride_h != 1 or geom.stride_w != 1
+    # A strided 1x1 filter's one plane would be its columns: nothing to gain.
+    filter_1x1 = geom.filter_height == geom.filter_width == 1
+    if (strided and (geom.dilation_h != 1 or geom.dilation_w != 1 or filter_1x1)) or is_pointwise(
+        geom
+    ):
+        return False
+    padded_h, padded_w = _padded_extent(geom, band_rows)
+    # The product's rows (the output's on the padded width, or its columns on the padded height)
+    # and the share of their length that is the padding's.
+    row, useful = (padded_h, oh) if _transposed_planes(geom, band_rows) else (padded_w, ow)
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    _, wide = implicit_workspace(geom, band_rows)
+    pays = own_gemm_size_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
+    return bool(pays) and (row - useful) <= IMPLICIT_MAX_WASTE * row
 
 
 def implicit_applies(
     geom: ConvGeometry, band_rows: int, group: int, segment: int, itemsize: int
 ) -> bool:
-    """Whether :func:`fused_forward_kernel` runs implicit GEMM (see :func:`implicit_plan`)."""
+    """Whether :func:`fused_forward_kernel` runs implicit GEMM (see :func:`implicit_plan`): on
+    whole images, or on the bands of :func:`implicit_band_rows`."""
     oh, ow = geom.out_height, geom.out_width
-    strided = geom.stride_h != 1 or geom.stride_w != 1
-    # A strided 1x1 filter's one plane would be its columns: nothing to gain.
-    filter_1x1 = geom.filter_height == geom.filter_width == 1
-    if (
-        (strided and (geom.dilation_h != 1 or geom.dilation_w != 1 or filter_1x1))
-        or is_pointwise(geom)
-        or band_rows < oh
-        or group != 1
-        or segment < ow
-    ):
+    if group != 1 or segment < ow:
         return False
-    padded_h, padded_w = _padded_extent(geom)
-    # The product's rows (the output's on the padded width, or its columns on the padded height)
-    # and the share of their length that is the padding's.
-    row, useful = (padded_h, oh) if implicit_transposed(geom) else (padded_w, ow)
-    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
-    _, wide = implicit_workspace(geom)
-    pays = own_gemm_size_pays.py_func(geom.out_channels_per_group, taps_g, wide, itemsize)
-    return bool(pays) and (row - useful) <= IMPLICIT_MAX_WASTE * row
+    if band_rows < oh and band_rows != implicit_band_rows(geom, itemsize):
+        return False
+    return _implicit_feasible(geom, band_rows, itemsize)
 
 
 def implicit_plan(
@@ -991,13 +1052,14 @@ def implicit_plan(
     against 4.63 implicit; a 1x1 stride-2 layer drew (0.88 / 0.94)."""
     if not implicit_applies(geom, band_rows, group, segment, itemsize):
         return np.empty(0, dtype=np.int64)
-    padded_h, padded_w = _padded_extent(geom)
+    band_rows = min(band_rows, geom.out_height)
+    padded_h, padded_w = _padded_extent(geom, band_rows)
     dh, dw = geom.dilation_h, geom.dilation_w
     c, r, s = np.meshgrid(
         np.arange(geom.in_channels), np.arange(geom.filter_height), np.arange(geom.filter_width),
         indexing="ij",
     )  # fmt: skip
-    if implicit_transposed(geom):
+    if _transposed_planes(geom, band_rows):
         rows = c * (padded_h * padded_w) + s * dw * padded_h + r * dh
     else:
         # At stride 1 (phases 1 x 1): row r*dh, column s*dw of channel c's plane; at stride s
@@ -1065,9 +1127,9 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     jobs = -(-n // group) * -(-oh // band_rows) * -(-ow // segment)
     lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
     tap_rows = implicit_plan(geom, band_rows, group, segment, x.itemsize)
-    transposed = implicit_transposed(geom)
+    transposed = _transposed_planes(geom, band_rows)
     if tap_rows.shape[0]:
-        plane_room, wide = implicit_workspace(geom)
+        plane_room, wide = implicit_workspace(geom, min(band_rows, oh))
         cols = take("im2col.band_columns", (lanes, plane_room), x.dtype)
         out = take("im2col.band_gemm", (lanes, k * wide), x.dtype)
     elif segment < ow:
@@ -1436,7 +1498,7 @@ def implicit_weight_gradient_kernel(
                 padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w)
                 grid_w, valid = padded_h, out_h  # row ow*Hp + oh of grad_t is y's (oh, ow)
             else:
-                padded_planes(x, n, planes, geo, padded_h, padded_w)
+                padded_planes(x, n, planes, geo, padded_h, padded_w, 0)
                 grid_w, valid = padded_w, out_w
             for q in range(wide):
                 if q % grid_w >= valid:
