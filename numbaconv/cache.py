@@ -45,7 +45,8 @@ TASKS: tuple[tuple[str, str, str], ...] = tuple(
 def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     """Small layers (x shape, w shape, options) that reach every branch of a kernel family:
     plain, 1x1 (the image is its own columns), strided, dilated, grouped; Winograd's own
-    geometry and one it hands to im2col; one image of 16 channels (im2col's blocked backward)."""
+    geometry and one it hands to im2col; one image of 16 channels (im2col's blocked backward);
+    4 images of 32 channels (im2col's implicit backward pass)."""
     layers = [
         ((2, 4, 7, 6), (4, 4, 3, 3), dict(padding=1)),
         ((2, 6, 5, 5), (4, 6, 1, 1), {}),
@@ -58,6 +59,8 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
         layers.append(((2, 4, 7, 6), (4, 1, 3, 3), dict(padding=1, groups=4)))
     if kernel in ("im2col", "winograd"):  # a small batch of 16 channels: im2col's blocked backward
         layers.append(((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)))
+    if kernel == "im2col":  # 4 images, 288 taps: the backward pass by implicit GEMM
+        layers.append(((4, 32, 10, 10), (32, 32, 3, 3), dict(padding=1)))
     return layers
 
 

@@ -17,7 +17,7 @@ from numbaconv.kernels import direct, im2col, winograd
 # backward, both dtypes. The grouped layer is one Winograd does not cover (so im2col, direct and
 # numpy); the 3x3 one is, so that Winograd's own kernels are compiled too; the strided and dilated
 # one takes direct's row kernels (the others, its plane kernels; the strided one, their phases);
-# one image of 16 channels takes im2col's blocked backward.
+# one image of 16 channels takes im2col's blocked backward, four of 32 its implicit backward.
 WORKLOAD = textwrap.dedent(
     """
     import os
@@ -31,6 +31,7 @@ WORKLOAD = textwrap.dedent(
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)),
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(padding=1, groups=4)),  # depthwise "same"
             ((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)),
+            ((4, 32, 10, 10), (32, 32, 3, 3), dict(padding=1)),  # im2col's implicit backward
             ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),  # last: the im2col call below uses it
         ]
         saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")
