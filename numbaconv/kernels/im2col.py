@@ -26,6 +26,13 @@ ResNet's 16x256x14x14 grad-w with Winograd's grad-x 29.5 -> 24.3).
 :data:`BAND_BYTES` (long 1-D signals) is cut into segments in the forward pass
 (:func:`row_segment`).
 
+Implicit GEMM (:func:`implicit_plan`): where whole small images (or, for batches of fewer than 4,
+bands of rows: :func:`implicit_band_rows`) fit, the forward product reads the taps' windows of
+zero-padded planes in place, no columns. The backward pass follows it there: grad-w by
+:func:`implicit_weight_gradient` (the windows as the rows of the left operand), and grad-x of
+stride-1 layers as the forward pass of ``grad_y`` with the flipped filters
+(:func:`input_gradient_as_forward`).
+
 Batch-chunked passes (the fallback where SciPy's OpenBLAS cannot be held to one thread, or with
 ``NUMBACONV_BLAS_INSIDE_KERNELS=0``): per chunk of images, a Numba-parallel im2col, one NumPy
 GEMM per group with BLAS's own threads, and a parallel scatter into ``y``; backward gathers
