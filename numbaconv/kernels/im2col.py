@@ -1501,6 +1501,21 @@ def implicit_weight_gradient_kernel(
         if first == last:
             acc[:] = 0
         for n in range(first, last):
+            for k in range(n_filters):
+                bias_acc[k] += row_sum(grad_y[n, k])
+            if not np.isfinite(row_sum(x[n].reshape(-1))):
+                # An Inf or NaN in the image: the product's padding rows (zeros in grad_t)
+                # would meet it (0 * Inf = NaN) where the columns never do; this image's share
+                # from its columns, as the fused bands compute it. (A finite image whose sum
+                # overflows comes here too, harmlessly.)
+                cols = np.empty((taps_g * groups, out_h * out_w), x.dtype)
+                band_columns(x, n, 0, out_h, cols, geo)
+                for g in range(groups):
+                    gemm_nn(
+                        cols[g * taps_g : (g + 1) * taps_g], grad_y[n, g * k_g : (g + 1) * k_g].T,
+                        acc[:, g * k_g : (g + 1) * k_g], n > first,
+                    )  # fmt: skip
+                continue
             if transposed:
                 padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w)
                 grid_w, valid = padded_h, out_h  # row ow*Hp + oh of grad_t is y's (oh, ow)
@@ -1520,21 +1535,6 @@ def implicit_weight_gradient_kernel(
                         p = oh * out_w + ow
                         for k in range(k0, k1):
                             dst[k] = grad_y[n, k, p]
-            for k in range(n_filters):
-                bias_acc[k] += row_sum(grad_y[n, k])
-            if not np.isfinite(row_sum(x[n].reshape(-1))):
-                # An Inf or NaN in the image: the product's padding rows (zeros in grad_t)
-                # would meet it (0 * Inf = NaN) where the columns never do; this image's share
-                # from its columns, as the fused bands compute it. (A finite image whose sum
-                # overflows comes here too, harmlessly.)
-                cols = np.empty((taps_g * groups, out_h * out_w), x.dtype)
-                band_columns(x, n, 0, out_h, cols, geo)
-                for g in range(groups):
-                    gemm_nn(
-                        cols[g * taps_g : (g + 1) * taps_g], grad_y[n, g * k_g : (g + 1) * k_g].T,
-                        acc[:, g * k_g : (g + 1) * k_g], n > first,
-                    )  # fmt: skip
-                continue
             for g in range(groups):
                 gemm_rows_nn(
                     planes, tap_rows[g * taps_g : (g + 1) * taps_g],

@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
-from ..geometry import ConvGeometry, make_geometry
+from ..geometry import ConvGeometry
 from . import im2col, polyphase
 from ._blas import gemm_nt_add
 from .microkernel import gemm_nn, own_gemm_size_pays
@@ -829,26 +829,12 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     return y if y is not None else im2col.forward(x, w, b, geom)
 
 
-def _input_gradient_geometry(geom: ConvGeometry) -> ConvGeometry | None:
-    """grad-x of a stride-1 3x3 convolution as a forward 3x3 convolution of ``grad_y``."""
-    pads = (2 - geom.pad_top, 2 - geom.pad_bottom, 2 - geom.pad_left, 2 - geom.pad_right)
-    if min(pads) < 0 or pads[0] != pads[1] or pads[2] != pads[3]:
-        # Asymmetric padding ('same' with even extents never reaches here: filters are 3x3).
-        return None
-    return make_geometry(
-        (geom.batch, geom.out_channels, geom.out_height, geom.out_width),
-        (geom.in_channels, geom.out_channels, 3, 3),
-        padding=(pads[0], pads[2]),
-    )
-
-
 def input_gradient(grad_y, w, geom: ConvGeometry):
     """grad-x alone (a transposed convolution's forward pass): Winograd on the flipped filters,
     or ``im2col``'s where Winograd does not apply or met a NaN, an Inf or an overflow."""
-    transposed = _input_gradient_geometry(geom) if supports(geom) else None
+    transposed = im2col.adjoint_geometry(geom) if supports(geom) else None
     if transposed is not None and supports(transposed) and _all_finite(w):
-        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        grad_x = _winograd_conv(grad_y, flipped, None, transposed)
+        grad_x = _winograd_conv(grad_y, im2col.flipped_filters(w, 1), None, transposed)
         if grad_x is not None:
             return grad_x
     return im2col.input_gradient(grad_y, w, geom)
@@ -858,7 +844,7 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     phases = _phases(geom)
     if phases is not None:
         return polyphase.backward(grad_y, x, w, phases, backward)
-    transposed = _input_gradient_geometry(geom) if supports(geom) else None
+    transposed = im2col.adjoint_geometry(geom) if supports(geom) else None
     if transposed is None or not supports(transposed) or not _all_finite(w):
         return im2col.backward(grad_y, x, w, geom)
     plan = weight_gradient_plan(geom, x.itemsize) if blas_inside_kernels() else (0, 0, 0)
@@ -867,8 +853,7 @@ def backward(grad_y, x, w, geom: ConvGeometry):
     else:
         grad_w, grad_b = im2col.weight_and_bias_gradients(grad_y, x, w, geom)
     # grad_x = grad_y correlated with the filters flipped in space, input/output swapped.
-    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    grad_x = _winograd_conv(grad_y, flipped, None, transposed)
+    grad_x = _winograd_conv(grad_y, im2col.flipped_filters(w, 1), None, transposed)
     # A NaN or Inf in grad_y always reaches grad_b, one in x grad_w (stride 1: every pixel is
     # read, and 0 * Inf is NaN); Winograd would have spread it. So a non-finite result (or a
     # Winograd overflow) means: recompute the plain way. grad_x is checked inside its kernel.
