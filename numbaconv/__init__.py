@@ -30,6 +30,8 @@ from .registry import KERNELS  # noqa: E402
 
 # Numba would load kernels compiled against an older version of a helper in another module.
 cache.guard_shared_helpers()
+# Processes that compile one kernel at once could otherwise corrupt its cache index.
+cache.lock_cache_files()
 
 __version__ = "0.1.0"
 

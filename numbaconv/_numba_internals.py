@@ -16,6 +16,12 @@ Everything else goes through documented API: ``numba.threading_layer()`` (which 
   were compiled or loaded in this process. The ``Dispatcher.stats`` property says so (no
   underscore, but not in Numba's reference documentation; Numba's own cache tests read it); it
   replaces the private ``dispatcher._cache._cache_path`` numbaconv read before.
+- :func:`cache_file`: the object that reads and writes a ``cache=True`` dispatcher's index and
+  data files (``dispatcher._cache._cache_file``, a ``numba.core.caching.IndexDataCacheFile``).
+  Two processes that write new entries of one function at once can leave its index naming a
+  data file that holds another signature's code (each picks the first free file number from the
+  index it read), and the next process that loads that entry fails to type every call of it:
+  :func:`numbaconv.cache.lock_cache_files` puts a file lock around its ``save`` and ``load``.
 
 ``tests/test_numba_internals.py`` checks each against the installed Numba, so a release that
 renames or drops one fails the suite loudly instead of sending numbaconv down a fallback.
@@ -48,6 +54,12 @@ class CacheStats(NamedTuple):
     path: str | None  #: the folder of its cache files; None for a dispatcher without ``cache=True``
     hits: Counter  #: signature -> times loaded from the cache in this process
     misses: Counter  #: signature -> times compiled in this process
+
+
+def cache_file(dispatcher):
+    """The ``IndexDataCacheFile`` of a ``cache=True`` dispatcher (its ``save(key, data)`` and
+    ``load(key)`` read and write the index and data files), or None without ``cache=True``."""
+    return getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
 
 
 def cache_stats(dispatcher) -> CacheStats:

@@ -13,6 +13,8 @@ and plain integers and booleans, whatever the sizes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
 import pkgutil
@@ -22,7 +24,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._numba_internals import cache_stats
+from ._numba_internals import cache_file, cache_stats
+
+try:  # POSIX; without it the cache files are not locked and compile_all runs one worker
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 #: The GEMM kernels have two implementations (see ``NUMBACONV_BLAS_INSIDE_KERNELS`` in the
 #: README): the banded passes with BLAS inside them, and the chunked passes with BLAS between.
@@ -130,6 +137,8 @@ def compile_all(
     total = 2 * len(TASKS)
     done = 0
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(TASKS)))
+    if fcntl is None:  # pragma: no cover - no cache locks (lock_cache_files): one writer at once
+        jobs = 1
     # Imported here, not at the top: 15 ms of every ``import numbaconv`` (its import is part of
     # the start-up target) for a command run once after installing.
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -268,6 +277,63 @@ def guard_shared_helpers() -> list[str]:
         except OSError:
             pass
     return removed
+
+
+#: The lock file in each cache folder (:func:`lock_cache_files`).
+LOCK_FILE = "numbaconv-cache.lock"
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str, exclusive: bool):
+    """Hold ``folder``'s :data:`LOCK_FILE` (exclusive to write, shared to read) while inside; a
+    folder where the lock file cannot be opened is not locked."""
+    try:
+        handle = open(os.path.join(folder, LOCK_FILE), "a")
+    except OSError:
+        yield
+        return
+    with handle:  # closing the file releases the lock
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+def _locked(method: Callable, folder: str, exclusive: bool) -> Callable:
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with _folder_lock(folder, exclusive):
+            return method(*args, **kwargs)
+
+    call.numbaconv_locked = True
+    return call
+
+
+def lock_cache_files() -> bool:
+    """Make each numbaconv kernel's cache writes exclusive and its cache reads shared, across
+    processes, with a file lock in its cache folder (:data:`LOCK_FILE`); return whether locks
+    are in place (they need ``fcntl``: POSIX).
+
+    Why: Numba writes a new cache entry by reading the function's index, taking the first data
+    file number the index does not use, writing the index, then the data file. Two processes
+    that write entries of one function at once (``numbaconv compile``'s workers; a user's
+    processes that all compile on first use) can both take the same number: the index then names,
+    for one signature, a file that holds another signature's code, and every later process that
+    loads it fails to type each call of the function ("Invalid use of type(CPUDispatcher(...))"),
+    until the source changes. It happened in CI (``gemm_nn`` at float64; the race reproduced at
+    a few wrong entries in 400 with two processes writing at once). Holding the lock for the
+    whole read-index, write-index, write-data step serializes the writers; a reader holds it
+    shared, so it never reads an index entry whose data file is still being written. Run once at
+    import; only numbaconv's own dispatchers are wrapped, not Numba's class.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        return False
+    for dispatcher in dispatchers():
+        files = cache_file(dispatcher)
+        folder = cache_stats(dispatcher).path
+        if files is None or not folder or getattr(files.save, "numbaconv_locked", False):
+            continue
+        files.save = _locked(files.save, folder, exclusive=True)
+        files.load = _locked(files.load, folder, exclusive=False)
+    return True
 
 
 def print_progress(done: int, total: int, name: str, stream=None) -> None:

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 from threadprobe import parallel_kernels
 
+from numbaconv import _numba_internals, cache
 from numbaconv.kernels import direct, im2col, winograd
 
 # Every kernel family on both of its paths: the banded passes (BLAS inside the kernels, the
@@ -120,8 +122,6 @@ def test_an_edited_shared_helper_clears_its_callers_cache_entries(tmp_path, monk
     """Numba keys a cached function on its own file only; numbaconv's import guard removes the
     kernels' entries written with other versions of the helpers they inline (and nothing else),
     once, and stamps the folder."""
-    from numbaconv import cache
-
     folder = tmp_path / "cache"
     folder.mkdir()
     ours = ["im2col.fused_forward_kernel-245.py311.nbi", "winograd.x-1.py311.2.nbc"]
@@ -164,3 +164,54 @@ def test_helpers_fingerprint_follows_the_sources():
         if os.access(folder, os.W_OK):
             with open(stamp) as handle:
                 assert handle.read() == cache.helpers_fingerprint()
+
+
+# Numba's own cache file object, its save wrapped as numbaconv wraps its kernels' (or not), and
+# 200 entries written as fast as it can once the go-file appears.
+CONCURRENT_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from numba.core.caching import IndexDataCacheFile
+    from numbaconv import cache
+
+    folder, tag, locked = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    files = IndexDataCacheFile(folder, "race", ("stamp", 1))
+    save = cache._locked(files.save, folder, exclusive=True) if locked else files.save
+    while not os.path.exists(os.path.join(folder, "go")):
+        time.sleep(0.001)
+    for i in range(200):
+        save(f"{tag}{i}", f"{tag}{i} data")
+    """
+)
+
+
+def _write_concurrently(folder, locked: bool) -> dict:
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(folder), tag, locked])
+        for tag in ("a", "b")
+    ]
+    time.sleep(3)  # both interpreters started and waiting (an import of numbaconv: ~1 s)
+    (folder / "go").touch()
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    from numba.core.caching import IndexDataCacheFile
+
+    files = IndexDataCacheFile(str(folder), "race", ("stamp", 1))
+    return {key: files.load(key) for key in files._load_index()}
+
+
+def test_locked_cache_writes_from_two_processes_keep_every_entry_right(tmp_path):
+    """Two processes writing one function's cache entries at once: with the lock
+    (:func:`numbaconv.cache.lock_cache_files`) every entry is in the index and its data file
+    holds its own data. Unlocked, Numba's save lost about 170 of the 400 entries and filed a few
+    under another key's data file (the CI failure of a parallel ``numbaconv compile``)."""
+    entries = _write_concurrently(tmp_path, "1")
+    expected = {f"{tag}{i}": f"{tag}{i} data" for tag in "ab" for i in range(200)}
+    assert entries == expected
+
+
+def test_every_kernel_locks_its_cache_files():
+    """``import numbaconv`` wrapped every kernel's cache reads and writes."""
+    assert cache.fcntl is not None  # Linux, where CI runs
+    for dispatcher in cache.dispatchers():
+        files = _numba_internals.cache_file(dispatcher)
+        assert files.save.numbaconv_locked and files.load.numbaconv_locked, dispatcher

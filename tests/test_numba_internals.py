@@ -88,6 +88,23 @@ def test_cache_stats_of_numbaconvs_kernels():
     assert cache.cache_dirs() == list(dict.fromkeys(paths))
 
 
+def test_cache_file_reads_and_writes_a_dispatchers_entries(tmp_path):
+    """``dispatcher._cache._cache_file``: Numba's ``IndexDataCacheFile`` of a ``cache=True``
+    dispatcher, whose ``save``/``load`` numbaconv locks (:func:`numbaconv.cache.lock_cache_files`);
+    None without ``cache=True``."""
+    from numba.core.caching import IndexDataCacheFile
+
+    for dispatcher in cache.dispatchers():
+        assert isinstance(_numba_internals.cache_file(dispatcher), IndexDataCacheFile)
+    assert _numba_internals.cache_file(njit(lambda x: x)) is None
+    files = _numba_internals.cache_file(cache.dispatchers()[0])
+    # The methods the lock wraps, called as Numba's Cache calls them, on a copy in tmp_path.
+    copy = IndexDataCacheFile(str(tmp_path), "copy", ("stamp", 1))
+    copy.save(("sig", "magic"), ("data",))
+    assert copy.load(("sig", "magic")) == ("data",) and copy.load(("other", "magic")) is None
+    assert callable(files.save) and callable(files.load)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checked where it matters: Linux")
 def test_openmp_vendor_is_readable():
     """Numba's Linux wheels build the ``omp`` layer on GNU OpenMP, the one that is not
