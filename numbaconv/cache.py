@@ -119,8 +119,9 @@ def compile_all(
 
     The tasks run in ``jobs`` new processes (default: one per CPU, at most one per task); then
     this process runs them all once more, which loads everything from the cache and compiles
-    what a worker's write may have lost (two processes that update one function's cache index at
-    the same moment can drop an entry).
+    what the workers' cache lacks: a check, since :func:`lock_cache_files` serializes their
+    writes (unlocked, two processes that update one function's cache index at the same moment
+    drop entries and can file one signature's code under another's).
 
     Parameters
     ----------
