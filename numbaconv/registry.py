@@ -188,13 +188,23 @@ SUBPIXEL_MIN_CHANNELS = 32
 #: the bursts paid its page faults; float64 lost in the loop too, 6.43 -> 8.94);
 #: 16x512x4x4 -> 256 4x4 (kept 0.64) 6.20 -> 9.37; 16x64x32x32 -> 3 4x4 (12 stacked filters)
 #: 1.03 -> 1.83.
+#:
+#: The forward pass now runs phase by phase where
+#: :func:`~numbaconv.kernels.subpixel.implicit_applies` (no stacked output, no shuffle; measured
+#: there, float32 / float64, 2 threads, AMD EPYC Zen 5, medians of 7 alternating rounds, ms,
+#: stacked convolution and shuffle -> phase by phase): DCGAN 3.95 -> 3.21 / 7.30 -> 6.74,
+#: 16x128x16x16 -> 64 4x4 3.77 -> 3.11 / 7.77 -> 7.47, 8x256x8x8 -> 128 4x4 2.15 -> 1.93 / 4.21
+#: -> 4.43, 2x256x8x8 -> 128 4x4 1.10 -> 0.87 / 1.56 -> 1.35; and so does U-Net's one-tap
+#: forward pass, adjoint ``im2col`` 3.91 -> 3.37 / 7.45 -> 6.12. Not taken: 16x512x4x4 -> 256
+#: 4x4 (kept 0.64) phase by phase, 3.61 -> 4.43.
 SUBPIXEL_MIN_KEPT = 0.75
 
 
 def transposed_via_subpixel(geom: ConvGeometry, dtype=None, direction: str = "forward") -> bool:
     """Whether ``'auto'`` runs the transposed convolution whose adjoint convolution is ``geom``
-    in sub-pixel form (see :data:`SUBPIXEL_MIN_CHANNELS`); a function of the geometry alone
-    (``dtype`` is accepted for the cost model's signature; both dtypes measured the same way)."""
+    in sub-pixel form (see :data:`SUBPIXEL_MIN_CHANNELS`); a function of the geometry and dtype
+    (the forward pass of one-tap layers where :func:`~numbaconv.kernels.subpixel.implicit_applies`,
+    which depends on the dtype)."""
     if not subpixel.applies(geom) or geom.in_channels < SUBPIXEL_MIN_CHANNELS:
         return False
     taps_h = geom.filter_height // geom.stride_h
@@ -205,7 +215,12 @@ def transposed_via_subpixel(geom: ConvGeometry, dtype=None, direction: str = "fo
     if kept < SUBPIXEL_MIN_KEPT:
         return False
     one_tap = taps_h == taps_w == 1
-    return one_tap if direction == "backward" else not one_tap
+    if direction == "backward":
+        return one_tap
+    # One tap: only phase by phase (no stacked output to allocate; see SUBPIXEL_MIN_KEPT).
+    itemsize = np.dtype(dtype).itemsize if dtype is not None else 4
+    plan = subpixel.plan(geom, geom.output_shape)
+    return not one_tap or subpixel.implicit_applies(plan, itemsize)
 
 
 def transposed_shares_columns(geom: ConvGeometry, dtype, name: str) -> bool:

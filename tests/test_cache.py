@@ -56,6 +56,10 @@ WORKLOAD = textwrap.dedent(
                     wt = rng.standard_normal((2, 16, 4, 4)).astype(dtype)
                     gt = rng.standard_normal((1, 16, 16, 16)).astype(dtype)
                     nc.conv_transpose2d_backward(gt, xt, wt, stride=2, padding=1, kernel="im2col")
+                    # The forward pass phase by phase (subpixel.implicit_forward).
+                    xt = rng.standard_normal((1, 64, 8, 15)).astype(dtype)
+                    wt = rng.standard_normal((64, 32, 4, 4)).astype(dtype)
+                    nc.conv_transpose2d(xt, wt, stride=2, padding=1, kernel="auto")
         finally:
             if saved is None:
                 os.environ.pop("NUMBACONV_BLAS_INSIDE_KERNELS", None)
@@ -115,6 +119,7 @@ def test_second_process_compiles_nothing():
     assert {
         "numbaconv.kernels.winograd.fused_winograd_kernel",
         "numbaconv.kernels.winograd.fused_weight_gradient_kernel",
+        "numbaconv.kernels.subpixel.implicit_forward_kernel",
     } <= loaded
 
 

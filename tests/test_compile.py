@@ -51,6 +51,10 @@ WORKLOAD = textwrap.dedent(
                         options = dict(stride=2, padding=r // 4)
                         yt = nc.conv_transpose2d(xt, wt, kernel=kernel, **options)
                         nc.conv_transpose2d_backward(yt, xt, wt, kernel=kernel, **options)
+                # The transposed forward pass phase by phase (subpixel.implicit_forward).
+                xt = rng.standard_normal((1, 64, 9, 14)).astype(dtype)
+                wt = rng.standard_normal((64, 33, 4, 4)).astype(dtype)
+                nc.conv_transpose2d(xt, wt, stride=2, padding=1, kernel="auto")
                 layer = nc.ConvLayer(3, 9, 9, 4, 3, 3, 1, 1, dtype=dtype)
                 layer.backward(layer.forward(rng.standard_normal((5, 3, 9, 9)).astype(dtype)))
                 cols = nc.im2col(x, 5, 3, 7, 4, (2, 3), 2)

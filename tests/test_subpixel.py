@@ -41,12 +41,16 @@ def data(case, dtype, seed=0):
     return x, wt, b, gy, options
 
 
-@pytest.fixture
-def subpixel_both_ways(monkeypatch):
-    """The sub-pixel route wherever it applies, both ways, whatever the sizes and dtype."""
+@pytest.fixture(params=["stacked", "phases"])
+def subpixel_both_ways(request, monkeypatch):
+    """The sub-pixel route wherever it applies, both ways, whatever the sizes and dtype; its
+    forward pass as the stacked convolution and shuffle, or phase by phase
+    (``subpixel.implicit_forward``), whatever the sizes."""
     monkeypatch.setattr(
         registry, "transposed_via_subpixel", lambda geom, *_: subpixel.applies(geom)
     )
+    phases = request.param == "phases"
+    monkeypatch.setattr(subpixel, "implicit_applies", lambda *_: phases)
 
 
 @pytest.mark.usefixtures("subpixel_both_ways")
@@ -85,8 +89,12 @@ def test_which_geometries_take_it():
 
     dcgan, unet = (16, 256, 8, 8), (16, 128, 28, 28)
     assert route(dcgan, 128, 4, stride=2, padding=1) == (True, False)  # 2x2 taps per phase
-    assert route(unet, 64, 2, stride=2) == (False, True)  # one tap: a 1x1 convolution
-    assert route(unet, 64, 2, np.float64, stride=2) == (False, True)
+    # One tap (a 1x1 convolution): forward phase by phase only (subpixel.implicit_applies).
+    assert route(unet, 64, 2, stride=2) == (True, True)
+    assert route(unet, 64, 2, np.float64, stride=2) == (True, True)
+    # A phase's product rows (64x64 outputs, 32 KB in float64) past the micro-kernel's bounds.
+    assert route((16, 128, 64, 64), 32, 2, np.float64, stride=2) == (False, True)
+    assert route((16, 128, 64, 64), 32, 2, np.float32, stride=2) == (True, True)
     assert route(dcgan, 128, 4, np.float64, stride=2, padding=1) == (True, False)
     assert route((16, 512, 4, 4), 256, 4, stride=2, padding=1) == (False, False)  # kept 0.64
     assert route((16, 64, 32, 32), 3, 4, stride=2, padding=1) == (False, False)  # 3 channels
@@ -141,3 +149,25 @@ def test_same_bits_on_any_thread_count():
         )
     for one, many in zip(*results, strict=True):
         np.testing.assert_array_equal(one, many)
+
+
+@pytest.mark.parametrize("options", [dict(padding=1), dict(padding=(2, 1), output_padding=1)])
+def test_phase_by_phase_where_auto_runs_it(options, dtype):
+    """A layer big enough that ``auto`` runs the forward pass phase by phase on its own
+    (``subpixel.implicit_applies``: 48 filters a phase, 2 images side by side), against the
+    reference; with padding that drops rows and columns of the phases at the edges."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((8, 64, 8, 7)).astype(dtype)
+    w = rng.standard_normal((64, 48, 4, 4)).astype(dtype)
+    b = rng.standard_normal(48).astype(dtype)
+    geom = make_transposed_geometry(x.shape, w.shape, stride=2, **options)
+    plan = subpixel.plan(geom, x.shape)
+    assert registry.transposed_via_subpixel(geom, dtype)
+    assert subpixel.implicit_applies(plan, x.itemsize) and subpixel.implicit_group(plan, 4) == 2
+    got = nc.conv_transpose2d(x, w, b, stride=2, kernel="auto", **options)
+    want = conv_transpose2d_naive(x, w, b, stride=2, **options)
+    scale = conv_transpose2d_naive(np.abs(x), np.abs(w), np.abs(b), stride=2, **options)
+    assert_close(got, want, scale, dtype, "phase by phase")
+    got = nc.conv_transpose2d(x, w, stride=2, kernel="auto", **options)
+    want = conv_transpose2d_naive(x, w, None, stride=2, **options)
+    assert_close(got, want, scale, dtype, "phase by phase, no bias")

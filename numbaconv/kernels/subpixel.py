@@ -26,10 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
+from .._workspace import take
 from ..geometry import ConvGeometry
+from ._loops import zero_row
+from .microkernel import gemm_nn_rows, own_gemm_size_pays
 
 
 def applies(geom: ConvGeometry) -> bool:
@@ -89,22 +93,47 @@ def plan(geom: ConvGeometry, x_shape) -> SubPixel:
 # memory was fresh (AMD EPYC Zen 5, 2 cores).
 
 
+#: Stacked filters per job of :func:`stack_kernel`.
+STACK_BLOCK = 16
+
+
 @njit(parallel=True, cache=True)
 def stack_kernel(w, stacked, stride_h, stride_w):
     """``stacked[(a*s_w + c)*C_out + o, i, k, m] = w[i, o, a + s_h*(T_h-1-k),
-    c + s_w*(T_w-1-m)]`` (``T``: the sub-filters' taps)."""
+    c + s_w*(T_w-1-m)]`` (``T``: the sub-filters' taps). A job is :data:`STACK_BLOCK` stacked
+    filters, input channel by input channel: it reads a run of ``w[i]`` and writes one run per
+    filter. (A stacked filter per job, reading ``w`` at a stride of C_out*R*S for each ``i``,
+    took 0.27 ms on DCGAN's 256x128x4x4 filters; an input channel per job, writing to 512
+    filters' pages at each, 0.60 ms; 2 threads, AMD EPYC Zen 5.)"""
     c_in, c_out, _, _ = w.shape
-    _, _, taps_h, taps_w = stacked.shape
-    for f in prange(stride_h * stride_w * c_out):
-        phase = f // c_out
-        o = f - phase * c_out
-        a = phase // stride_w
-        c = phase - a * stride_w
-        for i in range(c_in):
+    filters, _, taps_h, taps_w = stacked.shape
+    _, _, filter_h, filter_w = w.shape
+    taps = taps_h * taps_w
+    w_flat = w.reshape(-1)
+    out = stacked.reshape(-1)
+    for block in prange((filters + STACK_BLOCK - 1) // STACK_BLOCK):
+        f0 = block * STACK_BLOCK
+        count = min(filters, f0 + STACK_BLOCK) - f0
+        # Per filter and tap, the offset of its source in w[i] (integer divisions and array
+        # views in the channel loop cost more than the copies).
+        source = np.empty((count, taps), dtype=np.int64)
+        for j in range(count):
+            phase = (f0 + j) // c_out
+            o = f0 + j - phase * c_out
+            a = phase // stride_w
+            c = phase - a * stride_w
             for k in range(taps_h):
                 r = a + stride_h * (taps_h - 1 - k)
                 for m in range(taps_w):
-                    stacked[f, i, k, m] = w[i, o, r, c + stride_w * (taps_w - 1 - m)]
+                    column = c + stride_w * (taps_w - 1 - m)
+                    source[j, k * taps_w + m] = (o * filter_h + r) * filter_w + column
+        per_input = c_out * filter_h * filter_w
+        for i in range(c_in):
+            base = i * per_input
+            for j in range(count):
+                dst = ((f0 + j) * c_in + i) * taps
+                for t in range(taps):
+                    out[dst + t] = w_flat[base + source[j, t]]
 
 
 @njit(parallel=True, cache=True)
@@ -219,3 +248,140 @@ def unshuffle(grad_y: np.ndarray, sp: SubPixel) -> np.ndarray:
     grad_z = np.empty((grad_y.shape[0], sp.stacked, sp.out_h, sp.out_w), dtype=grad_y.dtype)
     unshuffle_kernel(grad_y, grad_z, g.stride_h, g.pad_top, g.stride_w, g.pad_left)
     return grad_z
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass by implicit GEMM, one phase at a time
+
+
+#: Images side by side in one job of :func:`implicit_forward_kernel`, at most: DCGAN's 16x256x8x8
+#: -> 128 4x4 forward, float32, one core, GFLOP/s of one phase's product (128 x 1024 @ 1024 x
+#: 72 G): 164 (G = 1), 208 (2), 240 (4), 233 (8); and so that a batch gives at least 4 jobs.
+IMPLICIT_MAX_GROUP = 4
+
+#: ... and within this many bytes of planes per lane (they stay in L2 while the phases read
+#: them).
+IMPLICIT_PLANES_BYTES = 2**20
+
+
+@njit(parallel=True, cache=True)
+def implicit_forward_kernel(
+    x, w_mat, bias, y, planes_ws, ext_ws, group, taps_h, taps_w, stride_h, stride_w,
+    pad_top, pad_left, tap_rows,
+):  # fmt: skip
+    """The transposed convolution's output, phase by phase, without the stacked convolution's
+    output or the shuffle: per job (``group`` images, one phase ``(a, c)``), phase ``(a, c)``'s
+    filters (rows ``(a*s_w + c)*C_out`` on of ``w_mat``, (s_h*s_w*C_out, C*T_h*T_w)) times
+    windows of the images' padded planes, read in place (:func:`~.microkernel.gemm_nn_rows`), for
+    the rows ``q`` of the stacked convolution that phase keeps; each product element goes
+    straight to ``y[n, o, s_h*q + a - pad_top, s_w*l + c - pad_left]``, plus ``bias[o]``.
+
+    The planes: per channel ``H + 2(T_h - 1)`` rows of ``group * (W + T_w - 1)``, image ``i``'s
+    pixels at columns ``i*(W + T_w - 1) + T_w - 1`` on, zeros elsewhere: the ``T_w - 1`` zero
+    columns before an image are its left padding and the right padding of the image before it
+    (the last image's right padding is the next row's first columns), so a row computes
+    ``W + T_w - 1`` outputs an image, the stacked convolution's output width, and no more.
+    ``tap_rows[(ch*T_h + k)*T_w + m]`` is tap ``(ch, k, m)``'s offset for output row 0.
+
+    A lane's jobs run image block by image block, so it builds each block's planes once for
+    its phases. Each output element comes from one product element: the same bits whatever the
+    split into lanes."""
+    n_batch, channels, height, width = x.shape
+    c_out, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
+    phases = stride_h * stride_w
+    z_h, z_w = height + taps_h - 1, width + taps_w - 1
+    row_w = group * z_w
+    plane = (height + 2 * (taps_h - 1)) * row_w
+    blocks = (n_batch + group - 1) // group
+    jobs = blocks * phases
+    lanes = planes_ws.shape[0]
+    for lane in prange(lanes):
+        planes = planes_ws[lane]
+        built = -1
+        for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
+            block = job // phases
+            phase = job - block * phases
+            n0 = block * group
+            images = min(group, n_batch - n0)
+            if block != built:
+                zero_row(planes)
+                for i in range(images):
+                    for ch in range(channels):
+                        for h in range(height):
+                            start = ch * plane + (h + taps_h - 1) * row_w + i * z_w + taps_w - 1
+                            dst = planes[start : start + width]
+                            src = x[n0 + i, ch, h]
+                            for u in range(width):
+                                dst[u] = src[u]
+                built = block
+            a = phase // stride_w
+            c = phase - a * stride_w
+            # The stacked rows (columns) of this phase that land in y: s*q + a - pad in [0, OH).
+            q0 = max(0, -((a - pad_top) // stride_h))
+            q_end = max(q0, (out_h - 1 + pad_top - a) // stride_h + 1)
+            q1 = max(q0, min(q_end, z_h))
+            l0 = max(0, -((c - pad_left) // stride_w))
+            l_end = max(l0, (out_w - 1 + pad_left - c) // stride_w + 1)
+            l1 = max(l0, min(l_end, z_w))
+            rows = q1 - q0
+            wide = rows * row_w
+            ext = ext_ws[lane, : c_out * wide].reshape(c_out, wide)
+            if rows > 0:
+                gemm_nn_rows(
+                    w_mat[phase * c_out : (phase + 1) * c_out], planes[q0 * row_w :], tap_rows,
+                    ext, False,
+                )  # fmt: skip
+            for o in range(c_out):
+                shift = bias[o]
+                for i in range(images):
+                    for q in range(q0, q_end):
+                        dst = y[n0 + i, o, stride_h * q + a - pad_top]
+                        if q < q1:
+                            src = ext[o, (q - q0) * row_w + i * z_w :]
+                            for col in range(l0, l1):
+                                dst[stride_w * col + c - pad_left] = src[col] + shift
+                            first = l1
+                        else:
+                            first = l0
+                        for col in range(first, l_end):  # beyond the filter's reach
+                            dst[stride_w * col + c - pad_left] = shift
+
+
+def implicit_group(sp: SubPixel, itemsize: int) -> int:
+    """Images per job of :func:`implicit_forward_kernel` (see :data:`IMPLICIT_MAX_GROUP`)."""
+    n, c, h, w = sp.x_shape
+    per_image = c * (h + 2 * (sp.taps_h - 1)) * (w + sp.taps_w - 1) * itemsize
+    return int(max(1, min(IMPLICIT_MAX_GROUP, n // 4, IMPLICIT_PLANES_BYTES // per_image)))
+
+
+def implicit_applies(sp: SubPixel, itemsize: int) -> bool:
+    """Whether :func:`implicit_forward` runs: a phase's product is one numbaconv's own GEMM runs
+    (``own_gemm_size_pays``: on every target, as im2col's implicit GEMM)."""
+    group = implicit_group(sp, itemsize)
+    wide = sp.x_shape[2] * group * sp.out_w
+    taps = sp.x_shape[1] * sp.taps_h * sp.taps_w
+    return bool(own_gemm_size_pays.py_func(sp.geom.in_channels, taps, wide, itemsize))
+
+
+def implicit_forward(x: np.ndarray, stacked: np.ndarray, b, sp: SubPixel) -> np.ndarray:
+    """The transposed convolution's output from :func:`stacked_weights`' filters by
+    :func:`implicit_forward_kernel` (``b``: the bias or None)."""
+    g = sp.geom
+    n, c, h, w = sp.x_shape
+    group = implicit_group(sp, x.itemsize)
+    row_w = group * sp.out_w
+    plane = (h + 2 * (sp.taps_h - 1)) * row_w
+    jobs = -(-n // group) * g.stride_h * g.stride_w
+    lanes = max(1, min(numba.get_num_threads(), jobs))
+    # Room past the planes for the last window's reach (zeros, never kept).
+    planes = take("subpixel.planes", (lanes, c * plane + sp.taps_w - 1), x.dtype)
+    ext = take("subpixel.product", (lanes, g.in_channels * sp.out_h * row_w), x.dtype)
+    ch, k, m = np.meshgrid(np.arange(c), np.arange(sp.taps_h), np.arange(sp.taps_w), indexing="ij")
+    tap_rows = (ch * plane + k * row_w + m).reshape(-1).astype(np.int64)
+    y = np.empty(g.input_shape, dtype=x.dtype)
+    bias = b if b is not None else np.zeros(g.in_channels, dtype=x.dtype)
+    implicit_forward_kernel(
+        x, stacked.reshape(stacked.shape[0], -1), bias, y, planes, ext, group, sp.taps_h,
+        sp.taps_w, g.stride_h, g.stride_w, g.pad_top, g.pad_left, tap_rows,
+    )  # fmt: skip
+    return y
