@@ -1328,24 +1328,27 @@ def blocked_input_gradient_kernel(grad_y, w_t, cols, grad_x, block, geo):
 
 
 @njit(parallel=True, cache=True)
-def batch_forward_kernel(w_mat, cols, out, y, block):
+def batch_forward_kernel(w_mat, cols, out, y, images_per_job):
     """``y[n, k] = (w_mat @ cols)[k, n*P : (n+1)*P]``: the forward pass from the whole batch's
-    columns ``cols`` (C*R*S, N*P), by blocks of ``block`` filters, each one product over all
-    the batch's pixels into its rows of ``out`` (K, N*P), then copied into ``y`` (N, K, P)."""
+    columns ``cols`` (C*R*S, N*P), by blocks of ``images_per_job`` images, each one product of
+    all the filters over its images' pixels into its columns of ``out`` (K, N*P), then copied
+    into ``y`` (N, K, P). (Blocks of filters instead, each streaming all the columns, took 2.76
+    ms against 2.56 on DCGAN's 256 x 2048 @ 2048 x 1024, float32, 2 threads, AMD EPYC Zen 5;
+    the same bits.)"""
     n_batch, n_filters, pixels = y.shape
-    for job in prange(-(-n_filters // block)):
-        k0 = job * block
-        k1 = min(n_filters, k0 + block)
-        a = w_mat[k0:k1]
-        product = out[k0:k1]
-        if own_gemm_pays(k1 - k0, cols.shape[0], cols.shape[1], product.itemsize):
-            gemm_nn(a, cols, product, False)
+    for job in prange(-(-n_batch // images_per_job)):
+        n0 = job * images_per_job
+        n1 = min(n_batch, n0 + images_per_job)
+        product = out[:, n0 * pixels : n1 * pixels]
+        block = cols[:, n0 * pixels : n1 * pixels]
+        if own_gemm_pays(n_filters, cols.shape[0], block.shape[1], product.itemsize):
+            gemm_nn(w_mat, block, product, False)
         else:
-            gemm_nn_into(a, cols, product)
-        for k in range(k0, k1):
-            for n in range(n_batch):
+            gemm_nn_into(w_mat, block, product)
+        for n in range(n0, n1):
+            for k in range(n_filters):
                 dst = y[n, k]
-                src = product[k - k0, n * pixels : (n + 1) * pixels]
+                src = product[k, (n - n0) * pixels : (n - n0 + 1) * pixels]
                 for q in range(pixels):
                     dst[q] = src[q]
 
@@ -1464,7 +1467,7 @@ def forward_and_weight_gradient(x, w, grad_y, geom: ConvGeometry):
     y = np.empty((n, k, oh * ow), w.dtype)
     out = take("im2col.batch_forward", (k, n * oh * ow), w.dtype)
     with single_threaded_blas():
-        batch_forward_kernel(w.reshape(k, taps), cols, out, y, -(-k // BLOCKED_JOBS))
+        batch_forward_kernel(w.reshape(k, taps), cols, out, y, -(-n // BLOCKED_JOBS))
     return y.reshape(n, k, oh, ow), grad_w
 
 
