@@ -17,6 +17,7 @@ the pages of the previous call instead, so the first calls at a shape cost what 
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import OrderedDict
@@ -78,7 +79,8 @@ def take(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     dtype : numpy dtype
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # math.prod, not np.prod: 0.2 against 3.5 us, three times per call of a small layer.
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > POOL_BYTES:
         return np.empty(shape, dtype=dtype)
     pool = _pool()

@@ -51,6 +51,8 @@ batch.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -1091,10 +1093,12 @@ def implicit_plan(
 TABLE_MAX_WIDTH = 16
 
 
+@functools.lru_cache(maxsize=64)
 def column_table(geom: ConvGeometry) -> np.ndarray:
     """The index table of :func:`image_columns` (int64, one entry per output pixel: its offset
     in the padded window, ``(p // OW)*sh*Wp + (p % OW)*sw``), or an empty array where whole
-    images' columns come from row copies (:data:`TABLE_MAX_WIDTH`)."""
+    images' columns come from row copies (:data:`TABLE_MAX_WIDTH`). Cached per geometry (4.5 us
+    of a 33 us call of a small layer; the kernels only read it)."""
     if geom.out_width >= TABLE_MAX_WIDTH and geom.stride_w == 1:
         return np.empty(0, dtype=np.int64)
     _, plane_w = _table_plane(geom)
