@@ -292,14 +292,18 @@ LOCK_FILE = "numbaconv-cache.lock"
 @contextlib.contextmanager
 def _folder_lock(folder: str, exclusive: bool):
     """Hold ``folder``'s :data:`LOCK_FILE` (exclusive to write, shared to read) while inside; a
-    folder where the lock file cannot be opened is not locked."""
+    folder where the lock file cannot be opened (read-only), or whose file system refuses the
+    lock, is not locked: Numba's own behaviour."""
     try:
         handle = open(os.path.join(folder, LOCK_FILE), "a")
     except OSError:
         yield
         return
     with handle:  # closing the file releases the lock
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:  # e.g. ENOLCK on some network file systems
+            pass
         yield
 
 

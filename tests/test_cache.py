@@ -220,3 +220,19 @@ def test_every_kernel_locks_its_cache_files():
     for dispatcher in cache.dispatchers():
         files = _numba_internals.cache_file(dispatcher)
         assert files.save.numbaconv_locked and files.load.numbaconv_locked, dispatcher
+
+
+def test_cache_lock_falls_back_where_it_cannot_lock(tmp_path, monkeypatch):
+    """A folder where the lock file cannot be opened (read-only) or where ``flock`` fails still
+    reads and writes its entries, unlocked, as Numba does."""
+    calls = []
+    save = cache._locked(lambda *args: calls.append(args) or "saved", str(tmp_path), True)
+    assert save(1, 2) == "saved" and (tmp_path / cache.LOCK_FILE).exists()
+    missing = cache._locked(lambda: "read", str(tmp_path / "no such folder"), False)
+    assert missing() == "read"
+
+    def refuse(handle, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(cache.fcntl, "flock", refuse)
+    assert save(3) == "saved" and calls == [(1, 2), (3,)]
