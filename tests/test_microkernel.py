@@ -33,6 +33,10 @@ SIZES = sorted(
         (3, 300, 70),
         (17, 2, 9),
         (64, 75, 100),
+        # A ragged last panel of exactly one vector (float32 / float64): the narrow tile
+        # stores in place.
+        (2 * MR + 1, KB + 5, NR32 + NR32 // 2),
+        (3 * MR, 9, NR32 // 2 + NR32 // 4),
     }
 )
 

@@ -189,14 +189,18 @@ def _store_tile(builder, pointers, values, accumulate, align):
                 builder.store(value, ptr, align=align)
 
 
-def _emit_tile(context, builder, dtype, a_row_at, a_col_, b_row_at, pc, c_row_, depth_, acc_):
+def _emit_tile(
+    context, builder, dtype, a_row_at, a_col_, b_row_at, pc, c_row_, depth_, acc_, nv=None
+):  # fmt: skip
     """The IR of one register tile: ``MR x NV`` vector accumulators carried as phis through the
     loop over ``k < depth_``, each step broadcasting element ``k`` (``a_col_`` apart) of each of
     A's MR rows (row ``i`` at ``a_row_at(builder, i)``, a pointer) and loading NV vectors of B's
     row ``k`` (``b_row_at(builder, k)``), then the tile stored (or added, when ``acc_``) at
-    ``pc``, rows ``c_row_`` apart."""
+    ``pc``, rows ``c_row_`` apart. ``nv``: fewer vectors per row than the tile's (a narrow
+    tile for a ragged last panel)."""
     elem, suffix, align = _float_ir(dtype)
-    rows, nv = NN_TILES[VECTOR_BITS]
+    rows, tile_nv = NN_TILES[VECTOR_BITS]
+    nv = tile_nv if nv is None else nv
     lanes = VECTOR_BITS // (8 * align)
     vec = ir.VectorType(elem, lanes)
     vec_ptr = vec.as_pointer()
@@ -300,6 +304,43 @@ def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row,
         _emit_tile(
             context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
             c_row_, depth_, accumulate_,
+        )  # fmt: skip
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_nn_narrow(
+    typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
+):  # fmt: skip
+    """:func:`tile_nn` on one vector of columns (NR / NV of them): for a ragged last panel of at
+    most that many columns, which the full tile would compute NV times over. The same sums, in
+    the same order, for each element it computes."""
+    if not (a.dtype == b.dtype == c.dtype):
+        return None
+    sig = types.void(a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_ = args
+        a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_ = _as_i64(
+            context,
+            builder,
+            (a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_),
+            (tys[1], tys[2], tys[3], tys[5], tys[6], tys[8], tys[9], tys[10]),
+        )
+        pa = builder.gep(_data_pointer(context, builder, tys[0], a_), [a_off_])
+        pb = builder.gep(_data_pointer(context, builder, tys[4], b_), [b_off_])
+        pc = builder.gep(_data_pointer(context, builder, tys[7], c_), [c_off_])
+
+        def b_row_at(builder, k):
+            return builder.gep(pb, [builder.mul(k, b_row_)])
+
+        accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
+        _emit_tile(
+            context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
+            c_row_, depth_, accumulate_, nv=1,
         )  # fmt: skip
         return context.get_dummy_value()
 
@@ -497,11 +538,13 @@ def _empty_product(m, n, depth, c, accumulate):
 def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
     """Every row block of ``a`` (columns ``k0:k0+kb``) over a packed panel ``b_pack`` (kb x NR,
     ``cols`` of them real, the rest zeros) into ``c[:, j0:j0+cols]``: tiles written in place,
-    or through ``tile`` and merged for a ragged panel, then the rows below the last full tile."""
+    or through ``tile`` and merged for a ragged panel (one vector wide, :func:`tile_nn_narrow`,
+    where the ragged columns fit in one), then the rows below the last full tile."""
     m = a.shape[0]
     item = c.itemsize
     mr = NN_ROWS
     nr = b_pack.shape[1]
+    narrow = nr // NN_VECTORS  # one vector
     a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
     m_full = m // mr
@@ -511,6 +554,17 @@ def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
                 a, ib * mr * a_row + k0 * a_col, a_row, a_col,
                 b_pack, 0, nr, c, ib * mr * c_row + j0, c_row, kb, accumulate,
             )  # fmt: skip
+        elif cols == narrow:
+            tile_nn_narrow(
+                a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                b_pack, 0, nr, c, ib * mr * c_row + j0, c_row, kb, accumulate,
+            )  # fmt: skip
+        elif cols < narrow:
+            tile_nn_narrow(
+                a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                b_pack, 0, nr, tile, 0, nr, kb, False,
+            )  # fmt: skip
+            _merge(c, ib * mr, j0, tile, mr, cols, accumulate)
         else:
             tile_nn(
                 a, ib * mr * a_row + k0 * a_col, a_row, a_col,
