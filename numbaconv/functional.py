@@ -397,7 +397,7 @@ def conv_transpose2d(
             stacked = subpixel.stacked_weights(_for_kernel(w), plan)
         if subpixel.implicit_applies(plan, x.itemsize):
             bias = None if b is None else _for_kernel(b)
-            with kernel_guard(2 * w.size * x.shape[0] * x.shape[2] * x.shape[3]):
+            with kernel_guard(geom.flops):
                 return subpixel.implicit_forward(_for_kernel(x), stacked, bias, plan)
         sub_geom = _subpixel_geometry(plan)
         inner = registry.subpixel_forward_kernel(sub_geom, x.dtype)

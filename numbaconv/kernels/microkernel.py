@@ -273,16 +273,9 @@ def _strided_rows(pa, a_row_):
     return a_row_at
 
 
-@intrinsic
-def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate):
-    """``C[c_off + i*c_row + j] (+)= sum_{k < depth} A[a_off + i*a_row + k*a_col] *
-    B[b_off + k*b_row + j]`` for ``i < MR``, ``j < NR`` (:func:`nn_tile`), in flat element
-    offsets into the arrays' data. Adds to C when ``accumulate``, else overwrites it. No bounds
-    checks: the caller keeps every offset inside its array. ``depth`` may be 0 (C gets zeros or
-    stays)."""
-    if not (a.dtype == b.dtype == c.dtype):
-        return None
-    sig = types.void(a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate)
+def _strided_tile_codegen(nv):
+    """The codegen of :func:`tile_nn` (``nv`` None: the tile's vectors per row) and of
+    :func:`tile_nn_narrow` (``nv`` 1): A's rows and B's rows at fixed strides."""
 
     def codegen(context, builder, signature, args):
         tys = signature.args
@@ -303,11 +296,24 @@ def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row,
         accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
         _emit_tile(
             context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
-            c_row_, depth_, accumulate_,
+            c_row_, depth_, accumulate_, nv=nv,
         )  # fmt: skip
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def tile_nn(typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate):
+    """``C[c_off + i*c_row + j] (+)= sum_{k < depth} A[a_off + i*a_row + k*a_col] *
+    B[b_off + k*b_row + j]`` for ``i < MR``, ``j < NR`` (:func:`nn_tile`), in flat element
+    offsets into the arrays' data. Adds to C when ``accumulate``, else overwrites it. No bounds
+    checks: the caller keeps every offset inside its array. ``depth`` may be 0 (C gets zeros or
+    stays)."""
+    if not (a.dtype == b.dtype == c.dtype):
+        return None
+    sig = types.void(a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate)
+    return sig, _strided_tile_codegen(None)
 
 
 @intrinsic
@@ -320,31 +326,7 @@ def tile_nn_narrow(
     if not (a.dtype == b.dtype == c.dtype):
         return None
     sig = types.void(a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate)
-
-    def codegen(context, builder, signature, args):
-        tys = signature.args
-        a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_ = args
-        a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_ = _as_i64(
-            context,
-            builder,
-            (a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_),
-            (tys[1], tys[2], tys[3], tys[5], tys[6], tys[8], tys[9], tys[10]),
-        )
-        pa = builder.gep(_data_pointer(context, builder, tys[0], a_), [a_off_])
-        pb = builder.gep(_data_pointer(context, builder, tys[4], b_), [b_off_])
-        pc = builder.gep(_data_pointer(context, builder, tys[7], c_), [c_off_])
-
-        def b_row_at(builder, k):
-            return builder.gep(pb, [builder.mul(k, b_row_)])
-
-        accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
-        _emit_tile(
-            context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
-            c_row_, depth_, accumulate_, nv=1,
-        )  # fmt: skip
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return sig, _strided_tile_codegen(1)
 
 
 @intrinsic
