@@ -61,3 +61,56 @@ def test_filter_transform_keeps_nan_and_inf_where_they_land():
     u = winograd._filter_transform(w, winograd.G4)
     assert np.isnan(u[:, 1, 0]).any() and np.isfinite(u[:, 1, 1]).all()
     assert np.isinf(u[:, 0, 1]).any() and np.isfinite(u[:, 0, 0]).all()
+
+
+#: F(4x4, 3x3)'s input transform B^T (6 x 6) and grad_y transform A (6 x 4), as published
+#: (Lavin and Gray, 2016), to check the add/subtract forms in the kernel against.
+BT6 = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=np.float64,
+)
+A6 = np.array(
+    [[1, 0, 0, 0], [1, 1, 1, 1], [1, -1, 1, -1], [1, 2, 4, 8], [1, -2, 4, -8], [0, 0, 0, 1]],
+    dtype=np.float64,
+)
+
+
+@pytest.mark.parametrize("ops, matrix", [(winograd._bt6_ops, BT6), (winograd._a6_ops, A6)])
+def test_add_subtract_forms_are_the_transform_matrices(ops, matrix):
+    taps = matrix.shape[1]
+    d = np.random.default_rng(taps).integers(-1000, 1000, size=(taps, 50)).astype(np.float64)
+    np.testing.assert_array_equal(np.array(ops(*d)), matrix @ d)  # exact on small integers
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("taps", [6, 4])
+@pytest.mark.parametrize("tiles_w", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 20, 31, 33, 64])
+def test_row_transform_by_vectors_is_the_scalar_arithmetic(dtype, taps, tiles_w):
+    """``_transform_row`` (whole vectors of tiles by the ``bt6_tiles`` / ``a6_tiles`` intrinsics,
+    a ragged end by an overlapping vector, narrow rows by a partial vector or tile by tile, as
+    the width asks) gives the bits of the scalar transform applied tile by tile, NaN and Inf
+    included, and writes nothing outside its tiles."""
+    ops = winograd._bt6_ops if taps == 6 else winograd._a6_ops
+    rng = np.random.default_rng(tiles_w * 10 + taps)
+    width = 4 * tiles_w + winograd.ROW_SLACK
+    rows = rng.standard_normal((3, width)).astype(dtype)
+    rows[1, 4 * tiles_w + 2 :] = np.nan  # the slack: loaded, never stored
+    rows[1, rng.integers(0, 4 * tiles_w, size=3)] = [np.inf, -np.inf, np.nan]
+    first, plane = 5, 2 * tiles_w + 16
+    v = np.full((8, plane), -7.0, dtype=dtype)
+    lanes = winograd.VECTOR_FLOATS * 4 // np.dtype(dtype).itemsize
+    winograd._transform_row(rows, 1, v, 1, first, tiles_w, lanes, taps)
+
+    # NumPy's float32 and float64 + and - round as the kernel's do: the same bits are expected.
+    tile_taps = [rows[1, k : k + 4 * tiles_w : 4] for k in range(taps)]
+    expected = np.full_like(v, -7.0)
+    with np.errstate(invalid="ignore"):  # Inf - Inf
+        expected[1:7, first : first + tiles_w] = np.array(ops(*tile_taps))
+    np.testing.assert_array_equal(v, expected)
