@@ -4,6 +4,12 @@ against the same products written as ``einsum`` in float64."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numba
 import numpy as np
 import pytest
@@ -114,3 +120,55 @@ def test_row_transform_by_vectors_is_the_scalar_arithmetic(dtype, taps, tiles_w)
     with np.errstate(invalid="ignore"):  # Inf - Inf
         expected[1:7, first : first + tiles_w] = np.array(ops(*tile_taps))
     np.testing.assert_array_equal(v, expected)
+
+
+_OTHER_CPU = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import numbaconv
+    from numbaconv.kernels import winograd
+
+    mismatches = []
+    for dtype in (np.float32, np.float64):
+        lanes = winograd.VECTOR_FLOATS * 4 // np.dtype(dtype).itemsize
+        for taps, ops in ((6, winograd._bt6_ops), (4, winograd._a6_ops)):
+            for tiles_w in (1, 2, 3, 5, 8, 9, 17, 33):
+                rng = np.random.default_rng(tiles_w)
+                rows = rng.standard_normal((2, 4 * tiles_w + winograd.ROW_SLACK)).astype(dtype)
+                v = np.zeros((6, tiles_w), dtype)
+                winograd._transform_row(rows, 0, v, 0, 0, tiles_w, lanes, taps)
+                expected = np.array(ops(*[rows[0, k : k + 4 * tiles_w : 4] for k in range(taps)]))
+                if not np.array_equal(v, expected):
+                    mismatches.append([np.dtype(dtype).name, taps, tiles_w])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 23, 37)).astype(np.float32)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    y = numbaconv.conv2d(x, w, padding=1, kernel="winograd")
+    ref = numbaconv.conv2d(x, w, padding=1, kernel="im2col")
+    print(json.dumps({"bits": winograd.VECTOR_BITS, "mismatches": mismatches,
+                      "conv_error": float(np.abs(y - ref).max())}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "features", "bits"),
+    [("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256), ("generic", "", 128)],
+)
+def test_vector_transforms_on_other_vector_widths(tmp_path, cpu, features, bits):
+    """The row transforms' intrinsics compiled for AVX2 and for a 128-bit target (fresh cache),
+    run here: the scalar bits at every width, and a Winograd layer that agrees with im2col."""
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CACHE_DIR=str(tmp_path))
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    else:
+        env.pop("NUMBA_CPU_FEATURES", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _OTHER_CPU], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["bits"] == bits
+    assert report["mismatches"] == []
+    assert report["conv_error"] < 1e-3
