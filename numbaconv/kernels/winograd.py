@@ -430,8 +430,8 @@ def _tile_transform_codegen(transform, taps, partial):
     """The codegen of an intrinsic ``(src, src_off, dst, dst_off, dst_row[, count])`` that
     transforms ``lanes`` tiles (a vector's worth) of one row: tile ``t`` reads the ``taps``
     elements ``src[src_off + 4*t + k]``, and output ``j`` of ``transform`` goes to
-    ``dst[dst_off + j*dst_row + t]``; with ``partial``, only tiles ``t < count`` are stored (the
-    last, ragged group of a row: all of it where a row has fewer tiles than a vector). The loads
+    ``dst[dst_off + j*dst_row + t]``; with ``partial``, only tiles ``t < count`` are stored (a
+    row with fewer tiles than a vector, element by element). The loads
     are whole vectors (enough to cover ``4*(lanes - 1) + taps`` elements), deinterleaved by
     shuffles: as scalar code, the stride-4 reads and six output rows kept LLVM from vectorising
     the loop."""
