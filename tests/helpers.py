@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import numba
@@ -209,3 +213,27 @@ def check_against_reference(cfg: Cfg, kernel, dtype, seed=0, ref=None):
     assert_close(gx, ref.gx, ref.gx_abs, dtype, f"grad_x {tag}")
     assert_close(gw, ref.gw, ref.gw_abs, dtype, f"grad_w {tag}")
     assert_close(gb, ref.gb, ref.gb_abs, dtype, f"grad_b {tag}")
+
+
+#: Targets other than the host's (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``, the vector bits
+#: numbaconv's intrinsics take for them): AVX2 and a 128-bit CPU, whose instructions any
+#: AVX-512 or AVX2 host runs.
+OTHER_CPUS = [
+    ("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256),
+    ("generic", "", 128),
+]
+
+
+def run_for_cpu(script: str, cpu: str, features: str, cache_dir, timeout: int = 900) -> dict:
+    """Run ``script`` in a new process that compiles for ``cpu`` (with ``features``, or the
+    CPU's own) into the fresh Numba cache ``cache_dir``; the JSON of its last line of output."""
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CACHE_DIR=str(cache_dir))
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    else:
+        env.pop("NUMBA_CPU_FEATURES", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])

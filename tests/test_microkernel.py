@@ -8,15 +8,12 @@ compiled in subprocesses for other CPUs.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numba
 import numpy as np
 import pytest
+from helpers import OTHER_CPUS, run_for_cpu
 
 from numbaconv.kernels import microkernel as mk
 
@@ -219,24 +216,12 @@ _OTHER_CPU = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    ("cpu", "features", "bits"),
-    [("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256), ("generic", "", 128)],
-)
+@pytest.mark.parametrize(("cpu", "features", "bits"), OTHER_CPUS)
 def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
     """The AVX2 tiles, and the 128-bit ones that LLVM legalises for any CPU, compiled for those
     CPUs (in a fresh cache) and run here, which can run their instructions; the kernels compiled
     for them leave every product to BLAS."""
-    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CACHE_DIR=str(tmp_path))
-    if features:
-        env["NUMBA_CPU_FEATURES"] = features
-    else:
-        env.pop("NUMBA_CPU_FEATURES", None)
-    done = subprocess.run(
-        [sys.executable, "-c", _OTHER_CPU], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_for_cpu(_OTHER_CPU, cpu, features, tmp_path, timeout=600)
     assert report["bits"] == bits
     assert report["own_gemm"] is False  # BLAS measured faster there: OWN_GEMM_MIN_VECTOR_BITS
     for case, error in report["errors"].items():

@@ -4,15 +4,12 @@ against the same products written as ``einsum`` in float64."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numba
 import numpy as np
 import pytest
+from helpers import OTHER_CPUS, run_for_cpu
 
 from numbaconv.kernels import winograd
 
@@ -152,23 +149,11 @@ _OTHER_CPU = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    ("cpu", "features", "bits"),
-    [("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256), ("generic", "", 128)],
-)
+@pytest.mark.parametrize(("cpu", "features", "bits"), OTHER_CPUS)
 def test_vector_transforms_on_other_vector_widths(tmp_path, cpu, features, bits):
     """The row transforms' intrinsics compiled for AVX2 and for a 128-bit target (fresh cache),
     run here: the scalar bits at every width, and a Winograd layer that agrees with im2col."""
-    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CACHE_DIR=str(tmp_path))
-    if features:
-        env["NUMBA_CPU_FEATURES"] = features
-    else:
-        env.pop("NUMBA_CPU_FEATURES", None)
-    done = subprocess.run(
-        [sys.executable, "-c", _OTHER_CPU], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_for_cpu(_OTHER_CPU, cpu, features, tmp_path)
     assert report["bits"] == bits
     assert report["mismatches"] == []
     assert report["conv_error"] < 1e-3
