@@ -106,6 +106,12 @@ def warm(kernel: str, dtype: str, path: str) -> str:
         x = rng.standard_normal((1, 64, 8, 15)).astype(dtype)
         w = rng.standard_normal((64, 32, 4, 4)).astype(dtype)
         functional.conv_transpose2d(x, w, b, stride=2, padding=1, kernel="auto")
+        # ... and the 2x2 one's backward pass image by image on a batch of 4
+        # (subpixel.one_tap_backward_applies).
+        x = rng.standard_normal((4, 2, 4, 4)).astype(dtype)
+        w = rng.standard_normal((2, 32, 2, 2)).astype(dtype)
+        y = functional.conv_transpose2d(x, w, stride=2, kernel="auto")
+        functional.conv_transpose2d_backward(y, x, w, stride=2, kernel="auto")
     if path == "chunked":
         x = rng.standard_normal((2, 3, 6, 5)).astype(dtype)
         cols = functional.im2col(x, 3, 3, 6, 5, 1, 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import registry
-from ._threading import kernel_guard
+from ._threading import blas_inside_kernels, kernel_guard, single_threaded_blas
 from .geometry import (
     ConvGeometry,
     as_array,
@@ -468,10 +468,17 @@ def _conv_transpose2d_backward(grad_y, x, w, geom: ConvGeometry, name: str):
     ):
         plan = subpixel.plan(geom, x.shape)
         with kernel_guard(grad_y.size):
-            grad_z = subpixel.unshuffle(_for_kernel(grad_y), plan)
             stacked = subpixel.stacked_weights(_for_kernel(w), plan)
-        sub_geom = _subpixel_geometry(plan)
-        grad_x, grad_stacked, _ = _run_backward(grad_z, x, stacked, sub_geom, "auto")
+        if blas_inside_kernels() and subpixel.one_tap_backward_applies(plan, x.itemsize):
+            with kernel_guard(2 * geom.flops), single_threaded_blas():
+                grad_x, grad_stacked = subpixel.one_tap_backward(
+                    _for_kernel(grad_y), _for_kernel(x), stacked, plan
+                )
+        else:
+            with kernel_guard(grad_y.size):
+                grad_z = subpixel.unshuffle(_for_kernel(grad_y), plan)
+            sub_geom = _subpixel_geometry(plan)
+            grad_x, grad_stacked, _ = _run_backward(grad_z, x, stacked, sub_geom, "auto")
         with kernel_guard(w.size):
             grad_w = subpixel.weights_from_stacked(grad_stacked, plan)
         return grad_x, grad_w, _transposed_bias_gradient(grad_y, name)

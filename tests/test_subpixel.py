@@ -26,6 +26,18 @@ CASES = [
     (2, 3, 1, 6, 2, 1, 4, (1, 2), (0, 1), (0, 1)),  # one row: conv_transpose1d's case
     (1, 2, 4, 3, 2, 6, 3, (3, 1), (4, 2), (2, 0)),  # padding past the sub-filters' reach
     (1, 3, 2, 2, 4, 3, 3, (3, 3), (0, 0), (2, 2)),  # taps 1, output_padding: uncovered pixels
+    (2, 4, 5, 6, 3, 2, 2, (2, 2), (1, 1), (0, 0)),  # taps 1, padding dropping edge phases
+    (2, 3, 3, 7, 2, 1, 2, (1, 2), (0, 1), (0, 1)),  # taps 1, odd column padding at stride 2
+]
+
+# One tap per phase (filter size = stride) on batches that subpixel.one_tap_backward takes:
+# stride 2 with and without padding (the paired even/odd columns of unshuffle_planes and their
+# edges), another column stride, and more stacked filters than a block of the micro-kernel's K.
+ONE_TAP_CASES = [
+    (9, 8, 5, 6, 12, 2, 2, (2, 2), (0, 0), (1, 1)),  # 9 images on 8 lanes: one lane adds two
+    (9, 8, 5, 6, 12, 2, 2, (2, 2), (1, 1), (0, 0)),
+    (4, 5, 3, 7, 6, 1, 2, (1, 2), (0, 3), (0, 1)),
+    (4, 6, 3, 5, 40, 2, 3, (2, 3), (1, 2), (1, 0)),  # 240 stacked filters
 ]
 
 
@@ -135,9 +147,48 @@ def test_nan_and_inf_reach_what_the_scatter_reaches(dtype):
     assert np.isnan(got).any() and not np.isnan(got).all()
 
 
+@pytest.mark.parametrize("products", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("case", ONE_TAP_CASES, ids=str)
+def test_one_tap_backward_against_the_reference(case, products, dtype, monkeypatch):
+    """The one-tap backward pass image by image (``subpixel.one_tap_backward``) with each of its
+    products on the micro-kernel or on BLAS."""
+    monkeypatch.setattr(
+        registry, "transposed_via_subpixel", lambda geom, *_: subpixel.applies(geom)
+    )
+    monkeypatch.setattr(subpixel, "one_tap_products", lambda *_: products)
+    x, w, _, gy, options = data(case, dtype, 3)
+    plan = subpixel.plan(make_transposed_geometry(x.shape, w.shape, **options), x.shape)
+    assert subpixel.one_tap_backward_applies(plan, x.itemsize)
+    got = nc.conv_transpose2d_backward(gy, x, w, kernel="auto", **options)
+    want = conv_transpose2d_grads_naive(gy, x, w, **options)
+    scale = conv_transpose2d_grads_naive(np.abs(gy), np.abs(x), np.abs(w), **options)
+    for name, g, v, m in zip(("grad_x", "grad_w", "grad_b"), got, want, scale, strict=True):
+        assert g.shape == v.shape and g.dtype == dtype, name
+        assert_close(g, v, m, dtype, f"{name} {case} {products}")
+
+
+def test_one_tap_backward_where():
+    """Batches of at least ONE_TAP_MIN_BATCH, stacked gradients within ONE_TAP_MAX_BYTES."""
+
+    def applies(x_shape, c_out, r, itemsize=4, **options):
+        geom = make_transposed_geometry(x_shape, (x_shape[1], c_out, r, r), **options)
+        return subpixel.one_tap_backward_applies(subpixel.plan(geom, x_shape), itemsize)
+
+    assert applies((16, 128, 28, 28), 64, 2, stride=2)  # U-Net: 0.8 MB an image
+    assert applies((16, 128, 28, 28), 64, 2, 8, stride=2)  # 1.6 MB
+    assert not applies((2, 128, 28, 28), 64, 2, stride=2)  # 2 images
+    assert not applies((16, 128, 56, 56), 64, 2, stride=2)  # 3.2 MB
+    assert not applies((16, 256, 8, 8), 128, 4, stride=2, padding=1)  # 4 taps
+
+
 @pytest.mark.usefixtures("subpixel_both_ways", "force_parallel", "restore_num_threads")
-def test_same_bits_on_any_thread_count():
-    x, w, b, gy, options = data((3, 8, 6, 5, 6, 4, 4, (2, 2), (1, 1), (1, 0)), np.float32, 4)
+@pytest.mark.parametrize(
+    "case",
+    [(3, 8, 6, 5, 6, 4, 4, (2, 2), (1, 1), (1, 0)), ONE_TAP_CASES[1]],
+    ids=["4x4", "one tap"],
+)
+def test_same_bits_on_any_thread_count(case):
+    x, w, b, gy, options = data(case, np.float32, 4)
     results = []
     for threads in (1, numba.config.NUMBA_NUM_THREADS):
         numba.set_num_threads(threads)

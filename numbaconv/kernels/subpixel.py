@@ -16,10 +16,12 @@ DCGAN's 4x4 stride-2 layer on 8x8 inputs, 9x9 per phase where 8x8 are kept).
 Why: the stride-1 convolution runs on the fastest dense paths (GEMMs with ``s_h * s_w`` times
 more filters, no column scatter); a 2x2 stride-2 up-convolution (U-Net) becomes a 1x1
 convolution, a single GEMM. Its backward pass is the stride-1 backward pass on the phases'
-gathered output gradient: grad-x directly, grad-w as the sub-filters' gradients put back.
+gathered output gradient: grad-x directly, grad-w as the sub-filters' gradients put back; with
+one tap per phase, image by image (:func:`one_tap_backward`: each image's gathered gradient stays
+in the core's cache for both products, no whole gathered gradient).
 
-Only ``auto`` takes this route (:func:`numbaconv.registry.transposed_route`); a named kernel
-computes the transposed convolution as its own input gradient.
+Only ``auto`` takes this route (:func:`numbaconv.registry.transposed_via_subpixel`); a named
+kernel computes the transposed convolution as its own input gradient.
 """
 
 from __future__ import annotations
@@ -32,8 +34,16 @@ from numba import njit, prange
 
 from .._workspace import take
 from ..geometry import ConvGeometry
+from ._blas import gemm_nn_into, gemm_nt_add
 from ._loops import zero_row
-from .microkernel import gemm_nn_rows, own_gemm_size_pays
+from .im2col import BACKWARD_LANES
+from .microkernel import (
+    gemm_nn,
+    gemm_nn_rows,
+    own_gemm_pays,
+    own_gemm_size_pays,
+    own_weight_gradient,
+)
 
 
 def applies(geom: ConvGeometry) -> bool:
@@ -184,30 +194,77 @@ def shuffle_kernel(z, bias, use_bias, y, stride_h, pad_top, stride_w, column_pha
                         row[ox] = 0
 
 
+@njit(cache=True, inline="always")
+def _unshuffle_column(src, m, stride_w, shift, out_w):
+    """``src[s_w*m + shift]``, or 0 outside ``src`` (``out_w`` long)."""
+    ox = stride_w * m + shift
+    return src[ox] if 0 <= ox < out_w else 0
+
+
+@njit(cache=True, inline="always")
+def unshuffle_planes(source, grad_z, o, a, c_out, stride_h, pad_top, stride_w, pad_left):
+    """``grad_z[(a*s_w + c)*C_out + o, q, m] = source[s_h*q + a - pad_top, s_w*m + c -
+    pad_left]`` for every column phase ``c``, zeros where that is outside ``source`` (output
+    channel ``o``'s plane of ``grad_y``): row phase ``a``'s planes of the stacked convolution's
+    output gradient from one plane of ``grad_y``. Every element of those planes is written.
+
+    At column stride 2 both phases come from one pass over each source row, its even and odd
+    elements, which LLVM vectorises as one interleaved load (a phase at a time, each read every
+    other element, 4x slower: U-Net's 16x64x56x56 gradient, 2 threads, 1.0 -> 0.26 ms)."""
+    out_h, out_w = source.shape
+    z_h, z_w = grad_z.shape[1], grad_z.shape[2]
+    f0 = a * stride_w * c_out + o
+    if stride_w == 2:
+        # Columns m where both phases read inside the row: 0 <= 2m - pad_left, 2m + 1 - pad_left
+        # < out_w.
+        lo = min(z_w, max(0, -((-pad_left) // 2)))
+        hi = max(lo, min(z_w, (out_w - 2 + pad_left) // 2 + 1))
+        for q in range(z_h):
+            oy = stride_h * q + a - pad_top
+            even = grad_z[f0, q]
+            odd = grad_z[f0 + c_out, q]
+            if oy < 0 or oy >= out_h:
+                even[:] = 0
+                odd[:] = 0
+                continue
+            src = source[oy]
+            for m in range(lo):
+                even[m] = _unshuffle_column(src, m, 2, -pad_left, out_w)
+                odd[m] = _unshuffle_column(src, m, 2, 1 - pad_left, out_w)
+            for m in range(lo, hi):
+                even[m] = src[2 * m - pad_left]
+                odd[m] = src[2 * m + 1 - pad_left]
+            for m in range(hi, z_w):
+                even[m] = _unshuffle_column(src, m, 2, -pad_left, out_w)
+                odd[m] = _unshuffle_column(src, m, 2, 1 - pad_left, out_w)
+        return
+    for c in range(stride_w):
+        plane = grad_z[f0 + c * c_out]
+        for q in range(z_h):
+            oy = stride_h * q + a - pad_top
+            row = plane[q]
+            if oy < 0 or oy >= out_h:
+                row[:] = 0
+                continue
+            src = source[oy]
+            for m in range(z_w):
+                row[m] = _unshuffle_column(src, m, stride_w, c - pad_left, out_w)
+
+
 @njit(parallel=True, cache=True)
 def unshuffle_kernel(grad_y, grad_z, stride_h, pad_top, stride_w, pad_left):
     """``grad_z[n, (a*s_w + c)*C_out + o, q, l] = grad_y[n, o, s_h*q + a - pad_top,
-    s_w*l + c - pad_left]``, zeros where that is outside ``grad_y``. Every element is written."""
-    n_batch, c_out, out_h, out_w = grad_y.shape
-    _, stacked, z_h, z_w = grad_z.shape
-    for job in prange(n_batch * stacked):
-        n = job // stacked
-        f = job - n * stacked
-        phase = f // c_out
-        o = f - phase * c_out
-        a = phase // stride_w
-        c = phase - a * stride_w
-        for q in range(z_h):
-            oy = stride_h * q + a - pad_top
-            row = grad_z[n, f, q]
-            if oy < 0 or oy >= out_h:
-                for m in range(z_w):
-                    row[m] = 0
-                continue
-            source = grad_y[n, o, oy]
-            for m in range(z_w):
-                ox = stride_w * m + c - pad_left
-                row[m] = source[ox] if 0 <= ox < out_w else 0
+    s_w*l + c - pad_left]``, zeros where that is outside ``grad_y`` (:func:`unshuffle_planes`,
+    a job per image, row phase and output channel). Every element is written."""
+    n_batch, c_out = grad_y.shape[0], grad_y.shape[1]
+    per_image = stride_h * c_out
+    for job in prange(n_batch * per_image):
+        n = job // per_image
+        a = (job - n * per_image) // c_out
+        o = job - n * per_image - a * c_out
+        unshuffle_planes(
+            grad_y[n, o], grad_z[n], o, a, c_out, stride_h, pad_top, stride_w, pad_left
+        )  # fmt: skip
 
 
 def stacked_weights(w: np.ndarray, sp: SubPixel) -> np.ndarray:
@@ -385,3 +442,119 @@ def implicit_forward(x: np.ndarray, stacked: np.ndarray, b, sp: SubPixel) -> np.
         sp.taps_w, g.stride_h, g.stride_w, g.pad_top, g.pad_left, tap_rows,
     )  # fmt: skip
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward pass of one-tap layers (filter size = stride: U-Net's 2x2 stride-2), image by image
+
+
+@njit(parallel=True, cache=True)
+def one_tap_backward_kernel(
+    grad_y, x, w_t, grad_x, sums, grad_z_ws, stride_h, pad_top, stride_w, pad_left, own_gx,
+    own_gw,
+):  # fmt: skip
+    """grad-x and the stacked filters' gradient of a one-tap sub-pixel form (its stride-1
+    convolution is 1x1: ``z[n] = stacked @ x[n]``, ``stacked`` (S_h*S_w*C_out, C)): per image,
+    its stacked output gradient ``grad_z`` (:func:`unshuffle_planes`, into the lane's
+    ``grad_z_ws``, which stays in the core's cache), then ``grad_x[n] = w_t @ grad_z`` (``w_t``:
+    ``stacked.T``, contiguous) and ``sums[lane] (+)= grad_z @ x[n].T``. Lane ``l`` of
+    ``sums.shape[0]`` takes a fixed, contiguous run of images; the caller adds the lanes in
+    order, so the bits do not depend on the thread count. The products run on the micro-kernel
+    where ``own_gx`` / ``own_gw`` say so, else on BLAS (held to one thread by the caller)."""
+    n_batch, channels, height, width = x.shape
+    c_out = grad_y.shape[1]
+    lanes, stacked, _ = sums.shape
+    pixels = height * width
+    for lane in prange(lanes):
+        grad_z = grad_z_ws[lane]
+        acc = sums[lane]
+        first = n_batch * lane // lanes
+        last = n_batch * (lane + 1) // lanes
+        if first == last:
+            acc[:] = 0
+        for n in range(first, last):
+            planes = grad_z.reshape(stacked, height, width)
+            for a in range(stride_h):
+                for o in range(c_out):
+                    unshuffle_planes(
+                        grad_y[n, o], planes, o, a, c_out, stride_h, pad_top, stride_w, pad_left
+                    )  # fmt: skip
+            image = x[n].reshape(channels, pixels)
+            grad_image = grad_x[n].reshape(channels, pixels)
+            if own_gx:
+                gemm_nn(w_t, grad_z, grad_image, False)
+            else:
+                gemm_nn_into(w_t, grad_z, grad_image)
+            if own_gw:
+                gemm_nn(grad_z, image.T, acc, n > first)
+            else:
+                if n == first:
+                    acc[:] = 0
+                gemm_nt_add(grad_z, image, acc)
+
+
+#: :func:`one_tap_backward` runs on batches of at least this many images (``im2col``'s
+#: ``SMALL_BATCH_LANES``: its lanes are images, and fewer leave cores idle; smaller batches
+#: take the stacked gradient and the 1x1 convolution's backward pass, which cuts images into
+#: bands) ...
+ONE_TAP_MIN_BATCH = 4
+
+#: ... whose stacked gradient per image (S_h*S_w*C_out x H*W) takes at most this many bytes:
+#: one per lane, in the core's L2 cache while the two products read it (U-Net's 16x128x28x28:
+#: 0.8 MB in float32, 1.6 MB in float64). Larger images take the other route.
+ONE_TAP_MAX_BYTES = 2 * 2**20
+
+
+def one_tap_backward_applies(sp: SubPixel, itemsize: int) -> bool:
+    """Whether :func:`one_tap_backward` runs: one tap per phase (filter size = stride), at least
+    :data:`ONE_TAP_MIN_BATCH` images, at most :data:`ONE_TAP_MAX_BYTES` of stacked gradient
+    an image."""
+    n, _, h, w = sp.x_shape
+    return (
+        sp.taps_h == sp.taps_w == 1
+        and n >= ONE_TAP_MIN_BATCH
+        and sp.stacked * h * w * itemsize <= ONE_TAP_MAX_BYTES
+    )
+
+
+def one_tap_products(channels: int, filters: int, pixels: int, itemsize: int) -> tuple[bool, bool]:
+    """Whether :func:`one_tap_backward_kernel`'s grad-x product (``channels x filters`` by
+    ``filters x pixels``) and its grad-w product (``filters x pixels`` by ``pixels x channels``)
+    run on the micro-kernel: as ``im2col``'s (``own_gemm_pays``; ``own_weight_gradient`` for
+    grad-w, a fact of the BLAS loaded)."""
+    own_gx = bool(own_gemm_pays.py_func(channels, filters, pixels, itemsize))
+    own_gw = own_weight_gradient() and bool(
+        own_gemm_size_pays.py_func(filters, pixels, channels, itemsize)
+    )
+    return own_gx, own_gw
+
+
+def one_tap_backward(grad_y, x, stacked, sp: SubPixel) -> tuple[np.ndarray, np.ndarray]:
+    """``(grad_x, grad_stacked)`` of a one-tap sub-pixel form (``sp.taps_h == sp.taps_w ==
+    1``) by :func:`one_tap_backward_kernel`, on ``min(BACKWARD_LANES, N)`` lanes (the geometry's
+    alone). Needs BLAS inside the kernels (``blas_inside_kernels``); the caller holds it to one
+    thread.
+
+    Against the whole stacked gradient (``unshuffle``) and the 1x1 convolution's backward pass,
+    whose two products each read it from memory: U-Net's 16x128x28x28 -> 64 2x2 stride 2,
+    backward ms (``conv_transpose2d_backward`` with the bias), AMD EPYC Zen 5, 2 threads,
+    medians of 7, three alternated runs: float32 7.50-7.55 -> 6.46-6.70, float64 12.7-13.0 ->
+    11.2-11.8. Of the 6.5 ms, the gather takes 0.26 and the two products 2.1 and 2.25 alone."""
+    n, channels, height, width = x.shape
+    filters = stacked.shape[0]
+    pixels = height * width
+    lanes = min(BACKWARD_LANES, n)
+    sums = take("subpixel.grad_w_lanes", (lanes, filters, channels), x.dtype)
+    grad_z = take("subpixel.grad_z", (lanes, filters, pixels), x.dtype)
+    w_t = np.ascontiguousarray(stacked.reshape(filters, channels).T)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    own_gx, own_gw = one_tap_products(channels, filters, pixels, x.itemsize)
+    g = sp.geom
+    one_tap_backward_kernel(
+        grad_y, x, w_t, grad_x, sums, grad_z, g.stride_h, g.pad_top, g.stride_w, g.pad_left,
+        own_gx, own_gw,
+    )  # fmt: skip
+    grad_stacked = sums[0].copy()
+    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
+        grad_stacked += sums[lane]
+    return grad_x, grad_stacked.reshape(stacked.shape)
