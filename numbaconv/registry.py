@@ -82,6 +82,22 @@ WINOGRAD_MAX_FILTER_VALUES = 2**22
 #: 2.06 against 1.60), so there this bound does not apply.
 WINOGRAD_MIN_TILES = 32
 
+#: The backward pass of a layer whose filters exceed :data:`WINOGRAD_MAX_FILTER_VALUES` still
+#: runs Winograd (grad-x; grad-w from ``im2col``) on maps of fewer than ``im2col``'s
+#: :data:`~numbaconv.kernels.im2col.MIN_GEMM_COLUMNS` output pixels, whose gradient-column
+#: products there are as narrow as the maps, where its GEMMs see at least this many tiles.
+#: Measured after Winograd's transforms were vectorised (AMD EPYC Zen 5, 2 threads, one
+#: process, the two alternating, medians of 9 rounds of 3 calls, backward ms, float32 /
+#: float64, im2col -> winograd): ResNet's 16x512x7x7 (16 tiles) 40.1 -> 31.4 (42.7 -> 29.8 and
+#: 48.6 -> 37.1 in two more runs) / 98.3 -> 62.8, 16x384x7x7 (16) 21.9 -> 16.7 / 48.7 -> 35.6,
+#: 32x512x7x7 float32 (32) 93.5 -> 55.2, 16x512x10x10 float32 (36) 76.6 -> 54.1. Not taken:
+#: 8x512x7x7 (8 tiles) 29.8 against 34.8; 32x512x7x7 and 16x512x10x10 in float64 (4 and 6
+#: tiles) 204 against 244 and 180 against 268; 16x512x14x14 (196 pixels, 12 tiles) 153 against
+#: 148 / 326 against 407, 4x512x14x14 34.7 against 39.9. The price is memory: the transformed
+#: filters (36 x 512 x 512 values) raised the 16x512x7x7 backward pass's peak resident memory
+#: from 202 to 245 MiB in float32, 252 to 333 in float64 (fresh processes, two calls).
+WINOGRAD_SMALL_MAP_MIN_TILES = 16
+
 
 #: ``'auto'`` runs ``direct`` on depthwise layers (one input channel per group, channel
 #: multiplier or not), whatever the stride: there im2col's GEMMs are one row of taps per group.
@@ -127,7 +143,8 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
       and at most :data:`WINOGRAD_MAX_FILTER_VALUES` transformed filter values use ``winograd``
       for the forward pass, and for the backward pass too where its GEMMs see at least
       :data:`WINOGRAD_MIN_TILES` tiles each (resnet3x3 float32: 8.4 ms forward and 22.3 ms
-      backward, against 18.5 and 38.1 ms for ``im2col``);
+      backward, against 18.5 and 38.1 ms for ``im2col``); larger filters on small maps, for
+      the backward pass only (:data:`WINOGRAD_SMALL_MAP_MIN_TILES`);
     - depthwise layers, and stride-1 layers with at most
       :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
     - layers where most of ``im2col``'s products would meet padding (large dilations on small
@@ -156,14 +173,16 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     ) or (channels >= TAPS_WHOLE_ROWS_MIN_CHANNELS and taps.reads_whole_rows(geom)):
         return "taps"
     runs = winograd.winograd_geometry(geom)  # dilated layers: on polyphase sub-images
-    if (
-        runs is not None
-        and min(geom.in_channels, geom.out_channels) >= WINOGRAD_MIN_CHANNELS
-        and 36 * geom.in_channels * geom.out_channels <= WINOGRAD_MAX_FILTER_VALUES
-        and (
-            direction == "forward" or winograd.tiles_per_gemm(runs, itemsize) >= WINOGRAD_MIN_TILES
-        )
-    ):
+    if runs is None or min(geom.in_channels, geom.out_channels) < WINOGRAD_MIN_CHANNELS:
+        return "im2col"
+    filters_fit = 36 * geom.in_channels * geom.out_channels <= WINOGRAD_MAX_FILTER_VALUES
+    if direction == "forward":
+        return "winograd" if filters_fit else "im2col"
+    tiles = winograd.tiles_per_gemm(runs, itemsize)
+    if filters_fit and tiles >= WINOGRAD_MIN_TILES:
+        return "winograd"
+    small_map = geom.out_height * geom.out_width < im2col.MIN_GEMM_COLUMNS
+    if not filters_fit and small_map and tiles >= WINOGRAD_SMALL_MAP_MIN_TILES:
         return "winograd"
     return "im2col"
 

@@ -243,8 +243,8 @@ def test_lanes_that_fit_round_down_to_a_power_of_two(monkeypatch):
 def test_auto_winograd_rule_on_the_measured_layers():
     """``auto``'s Winograd rule on the layers its constants were measured on (registry): wide
     layers on small maps group images for GEMMs of 64 tiles and run Winograd; 512 x 512 filters
-    (9.4 million transformed values) never do; few tiles per GEMM keep only the backward pass on
-    im2col."""
+    (9.4 million transformed values) only for the backward pass on small maps; few tiles per
+    GEMM keep only the backward pass on im2col."""
     make = nc.geometry.make_geometry
     choose = nc.registry.choose
     resnet = make((16, 64, 56, 56), (64, 64, 3, 3), padding=1)
@@ -259,7 +259,20 @@ def test_auto_winograd_rule_on_the_measured_layers():
     for direction in ("forward", "backward"):
         assert choose(resnet, np.float32, direction) == "winograd"
         assert choose(wide_small, np.float32, direction) == "winograd"
-        assert choose(deep, np.float32, direction) == "im2col"
+    # 512 x 512 filters: the forward pass on im2col; the backward pass on Winograd on maps
+    # under im2col.MIN_GEMM_COLUMNS pixels with at least WINOGRAD_SMALL_MAP_MIN_TILES tiles.
+    assert choose(deep, np.float32, "forward") == choose(deep, np.float64, "forward") == "im2col"
+    for dtype in (np.float32, np.float64):
+        assert choose(deep, dtype, "backward") == "winograd"
+    assert winograd.tiles_per_gemm(deep, 4) == nc.registry.WINOGRAD_SMALL_MAP_MIN_TILES
+    assert choose(make((8, 512, 7, 7), (512, 512, 3, 3), padding=1), np.float32, "backward") == (
+        "im2col"
+    )  # 8 tiles
+    bigger = make((32, 512, 7, 7), (512, 512, 3, 3), padding=1)
+    assert choose(bigger, np.float32, "backward") == "winograd"  # 32 tiles
+    assert choose(bigger, np.float64, "backward") == "im2col"  # 4 tiles
+    wide_deep = make((16, 512, 14, 14), (512, 512, 3, 3), padding=1)
+    assert choose(wide_deep, np.float32, "backward") == "im2col"  # 196 pixels
     assert choose(wide_small, np.float64, "forward") == "winograd"
     assert choose(wide_small, np.float64, "backward") == "im2col"
     assert choose(batch1, np.float32, "forward") == "winograd"
