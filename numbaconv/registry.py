@@ -98,6 +98,11 @@ WINOGRAD_MIN_TILES = 32
 #: from 202 to 245 MiB in float32, 252 to 333 in float64 (fresh processes, two calls).
 WINOGRAD_SMALL_MAP_MIN_TILES = 16
 
+#: ... and only up to this many transformed filter values: the measured layers' 512 x 512
+#: filters (9.4 million, 38 MB in float32) are within it, while 1024 x 1024 filters (38 million,
+#: 151 MB, 302 in float64, allocated at every call) were not measured.
+WINOGRAD_SMALL_MAP_MAX_FILTER_VALUES = 2**24
+
 
 #: ``'auto'`` runs ``direct`` on depthwise layers (one input channel per group, channel
 #: multiplier or not), whatever the stride: there im2col's GEMMs are one row of taps per group.
@@ -175,14 +180,19 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     runs = winograd.winograd_geometry(geom)  # dilated layers: on polyphase sub-images
     if runs is None or min(geom.in_channels, geom.out_channels) < WINOGRAD_MIN_CHANNELS:
         return "im2col"
-    filters_fit = 36 * geom.in_channels * geom.out_channels <= WINOGRAD_MAX_FILTER_VALUES
+    filter_values = 36 * geom.in_channels * geom.out_channels
+    filters_fit = filter_values <= WINOGRAD_MAX_FILTER_VALUES
     if direction == "forward":
         return "winograd" if filters_fit else "im2col"
     tiles = winograd.tiles_per_gemm(runs, itemsize)
     if filters_fit and tiles >= WINOGRAD_MIN_TILES:
         return "winograd"
-    small_map = geom.out_height * geom.out_width < im2col.MIN_GEMM_COLUMNS
-    if not filters_fit and small_map and tiles >= WINOGRAD_SMALL_MAP_MIN_TILES:
+    if (
+        not filters_fit
+        and filter_values <= WINOGRAD_SMALL_MAP_MAX_FILTER_VALUES
+        and geom.out_height * geom.out_width < im2col.MIN_GEMM_COLUMNS
+        and tiles >= WINOGRAD_SMALL_MAP_MIN_TILES
+    ):
         return "winograd"
     return "im2col"
 

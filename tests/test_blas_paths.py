@@ -273,6 +273,10 @@ def test_auto_winograd_rule_on_the_measured_layers():
     assert choose(bigger, np.float64, "backward") == "im2col"  # 4 tiles
     wide_deep = make((16, 512, 14, 14), (512, 512, 3, 3), padding=1)
     assert choose(wide_deep, np.float32, "backward") == "im2col"  # 196 pixels
+    widest = make((16, 1024, 7, 7), (1024, 1024, 3, 3), padding=1)
+    assert winograd.tiles_per_gemm(widest, 4) == nc.registry.WINOGRAD_SMALL_MAP_MIN_TILES
+    assert 36 * 1024 * 1024 > nc.registry.WINOGRAD_SMALL_MAP_MAX_FILTER_VALUES
+    assert choose(widest, np.float32, "backward") == "im2col"  # 151 MB of transformed filters
     assert choose(wide_small, np.float64, "forward") == "winograd"
     assert choose(wide_small, np.float64, "backward") == "im2col"
     assert choose(batch1, np.float32, "forward") == "winograd"
