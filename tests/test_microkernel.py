@@ -122,6 +122,33 @@ def test_bits_do_not_depend_on_the_columns_computed(dtype):
     np.testing.assert_array_equal(again, full)
 
 
+def test_bits_do_not_depend_on_the_rows_computed(dtype):
+    """Likewise along the rows: the last M % MR rows run on a short tile with the full tile's
+    operations, so a product over some of a's rows equals those rows of the full product, bit
+    for bit, wherever the rows fall in the tiles (gemm_nn, in place and packed, and the
+    implicit drivers gemm_nn_rows and gemm_rows_nn)."""
+    rng = np.random.default_rng(6)
+    m, k, n = 5 * MR + 3, KB + 9, 2 * NR32 + 5
+    a, b = _operands(rng, m, k, n, dtype)
+    full = np.empty((m, n), dtype)
+    mk.gemm_nn(a, b, full, False)
+    flat_b = np.ascontiguousarray(b).ravel()
+    b_rows = np.arange(k, dtype=np.int64) * n
+    flat_a = np.ascontiguousarray(a).ravel()
+    for i0, i1 in [(0, 1), (1, MR + 2), (MR - 1, m), (2, 5 * MR + 1), (0, MR - 1)]:
+        rows = np.ascontiguousarray(a[i0:i1])
+        part = np.empty((i1 - i0, n), dtype)
+        mk.gemm_nn(rows, b, part, False)
+        np.testing.assert_array_equal(part, full[i0:i1])
+        mk.gemm_nn(rows, b[:, : 2 * NR32], part[:, : 2 * NR32], False)  # b in place if few rows
+        np.testing.assert_array_equal(part[:, : 2 * NR32], full[i0:i1, : 2 * NR32])
+        mk.gemm_nn_rows(rows, flat_b, b_rows, part, False)
+        np.testing.assert_array_equal(part, full[i0:i1])
+        a_rows = np.arange(i0, i1, dtype=np.int64) * k
+        mk.gemm_rows_nn(flat_a, a_rows, b, part, False)
+        np.testing.assert_array_equal(part, full[i0:i1])
+
+
 def test_nan_and_inf_propagate(dtype):
     rng = np.random.default_rng(2)
     m, k, n = 2 * MR + 1, KB + 5, NR32 + 3

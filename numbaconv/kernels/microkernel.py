@@ -11,9 +11,10 @@ and every multiply-add is one ``llvm.fma``.
 The tile, :func:`tile_nn`: ``C[i, j] (+)= sum_k A[i, k] * B[k, j]`` on an ``MR x (NV * lanes)``
 block of C, A read by broadcasts at any strides (so ``A`` may be a transposed view), B rows
 contiguous. :func:`gemm_nn` cuts any product into such tiles (blocks of ``K``, panels of ``B``
-packed when reused, ragged edges through a zero-padded panel and plain loops) and is called from
-inside the kernels' parallel regions, one call per lane: it is serial and allocates only a panel
-and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays` says so to the kernels
+packed when reused, ragged edges through a zero-padded panel and shorter or narrower tiles) and
+is called from
+inside the kernels' parallel regions, one call per lane: it is serial and allocates only a
+panel and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays` says so to the kernels
 (for ``im2col``'s columns and ``taps``, on AVX-512 targets only: :data:`OWN_GEMM_MIN_VECTOR_BITS`).
 
 Tile shapes follow the host's vector width: :data:`VECTOR_BITS` comes from the CPU features in
@@ -30,12 +31,12 @@ tables below is a source change, which (like any change to a helper in another m
 tracks no dependencies between files) needs the callers' caches cleared by removing their
 ``__pycache__`` folders (``numbaconv info`` says where they are).
 
-Rounding: each output element of a full row block is a fixed sequence of FMAs in ``k`` order,
-each block of :data:`K_BLOCK` summed apart and then added to the stored value; the last M % MR
-rows are plain multiply-adds in ``k`` order. Which rows are which depends on M alone, never on N
-or on which columns are computed together, so results repeat bit for bit across calls and
-threads, whatever the band widths, and on every machine that picks the same tile shapes (the
-same vector width).
+Rounding: each output element is a fixed sequence of FMAs in ``k`` order, each block of
+:data:`K_BLOCK` summed apart and then added to the stored value, whichever tile (full, short or
+narrow) computes it. So an element's bits depend on neither M nor N nor on which rows or columns
+are computed together: results repeat bit for bit across calls and threads, whatever the band
+widths, and on every machine with the same vector width (where the K blocks are the same; FMA
+rounds alike everywhere).
 """
 
 from __future__ import annotations
@@ -190,17 +191,19 @@ def _store_tile(builder, pointers, values, accumulate, align):
 
 
 def _emit_tile(
-    context, builder, dtype, a_row_at, a_col_, b_row_at, pc, c_row_, depth_, acc_, nv=None
+    context, builder, dtype, a_row_at, a_col_, b_row_at, pc, c_row_, depth_, acc_, nv=None,
+    rows=None,
 ):  # fmt: skip
     """The IR of one register tile: ``MR x NV`` vector accumulators carried as phis through the
     loop over ``k < depth_``, each step broadcasting element ``k`` (``a_col_`` apart) of each of
     A's MR rows (row ``i`` at ``a_row_at(builder, i)``, a pointer) and loading NV vectors of B's
     row ``k`` (``b_row_at(builder, k)``), then the tile stored (or added, when ``acc_``) at
-    ``pc``, rows ``c_row_`` apart. ``nv``: fewer vectors per row than the tile's (a narrow
-    tile for a ragged last panel)."""
+    ``pc``, rows ``c_row_`` apart. ``nv``, ``rows``: fewer vectors per row, or fewer rows, than
+    the tile's (a narrow tile for a ragged last panel, a short one for the last M % MR rows)."""
     elem, suffix, align = _float_ir(dtype)
-    rows, tile_nv = NN_TILES[VECTOR_BITS]
+    tile_rows, tile_nv = NN_TILES[VECTOR_BITS]
     nv = tile_nv if nv is None else nv
+    rows = tile_rows if rows is None else rows
     lanes = VECTOR_BITS // (8 * align)
     vec = ir.VectorType(elem, lanes)
     vec_ptr = vec.as_pointer()
@@ -329,6 +332,65 @@ def tile_nn_narrow(
     return sig, _strided_tile_codegen(1)
 
 
+def _emit_short_tile(builder, rows_, emit):
+    """Branch on the run-time ``rows_`` (an i64, 1 to MR - 1) to a tile of that many rows,
+    ``emit(rows)`` writing its IR; other values do nothing. (One tile per row count: each is
+    compiled wherever this is, so the drivers call it from one place.)"""
+    mr = NN_TILES[VECTOR_BITS][0]
+    exit_ = builder.append_basic_block("tile_short.exit")
+    switch = builder.switch(rows_, exit_)
+    for rows in range(1, mr):
+        block = builder.append_basic_block(f"tile_short.{rows}")
+        switch.add_case(ir.Constant(rows_.type, rows), block)
+        builder.position_at_end(block)
+        emit(rows)
+        builder.branch(exit_)
+    builder.position_at_end(exit_)
+
+
+@intrinsic
+def tile_nn_short(
+    typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate, rows
+):  # fmt: skip
+    """:func:`tile_nn` on its first ``rows`` rows (1 to MR - 1): the last M % MR rows of a
+    product. Each element gets the same sums, in the same order, as in the full tile, so a
+    product's bits do not depend on which rows share a tile."""
+    if not (a.dtype == b.dtype == c.dtype):
+        return None
+    sig = types.void(
+        a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate, rows
+    )
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        (a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_,
+         rows_) = args  # fmt: skip
+        a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_, rows_ = _as_i64(
+            context,
+            builder,
+            (a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_, rows_),
+            (tys[1], tys[2], tys[3], tys[5], tys[6], tys[8], tys[9], tys[10], tys[12]),
+        )
+        pa = builder.gep(_data_pointer(context, builder, tys[0], a_), [a_off_])
+        pb = builder.gep(_data_pointer(context, builder, tys[4], b_), [b_off_])
+        pc = builder.gep(_data_pointer(context, builder, tys[7], c_), [c_off_])
+        accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
+
+        def b_row_at(builder, k):
+            return builder.gep(pb, [builder.mul(k, b_row_)])
+
+        def emit(rows):
+            _emit_tile(
+                context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at,
+                pc, c_row_, depth_, accumulate_, rows=rows,
+            )  # fmt: skip
+
+        _emit_short_tile(builder, rows_, emit)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @intrinsic
 def tile_nn_rows(
     typingctx, a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth,
@@ -371,24 +433,14 @@ def tile_nn_rows(
     return sig, codegen
 
 
-@intrinsic
-def tile_rows_nn(
-    typingctx, a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
-):  # fmt: skip
-    """:func:`tile_nn` with A's rows anywhere in ``a``: row ``i`` is ``depth`` consecutive
-    elements from element ``a_rows[rows_off + i] + a_col`` of ``a``'s data (``a_rows`` an int64
-    array). For implicit GEMM's weight gradient, whose left operand's rows are windows of an
-    image. No bounds checks."""
-    if not (a.dtype == b.dtype == c.dtype) or a_rows.dtype != types.int64:
-        return None
-    sig = types.void(
-        a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
-    )
+def _rows_tile_codegen(short):
+    """The codegen of :func:`tile_rows_nn` (``short`` False) and :func:`tile_rows_nn_short`
+    (True: a last argument, the rows)."""
 
     def codegen(context, builder, signature, args):
         tys = signature.args
         (a_, a_rows_, rows_off_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_,
-         acc_) = args  # fmt: skip
+         acc_) = args[:12]  # fmt: skip
         rows_off_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_ = _as_i64(
             context,
             builder,
@@ -409,13 +461,52 @@ def tile_rows_nn(
             return builder.gep(pb, [builder.mul(k, b_row_)])
 
         accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
-        _emit_tile(
-            context, builder, tys[0].dtype, a_row_at, ir.Constant(i64, 1), b_row_at, pc, c_row_,
-            depth_, accumulate_,
-        )  # fmt: skip
+
+        def emit(rows=None):
+            _emit_tile(
+                context, builder, tys[0].dtype, a_row_at, ir.Constant(i64, 1), b_row_at, pc,
+                c_row_, depth_, accumulate_, rows=rows,
+            )  # fmt: skip
+
+        if short:
+            (rows_,) = _as_i64(context, builder, (args[12],), (tys[12],))
+            _emit_short_tile(builder, rows_, emit)
+        else:
+            emit()
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def tile_rows_nn(
+    typingctx, a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
+):  # fmt: skip
+    """:func:`tile_nn` with A's rows anywhere in ``a``: row ``i`` is ``depth`` consecutive
+    elements from element ``a_rows[rows_off + i] + a_col`` of ``a``'s data (``a_rows`` an int64
+    array). For implicit GEMM's weight gradient, whose left operand's rows are windows of an
+    image. No bounds checks."""
+    if not (a.dtype == b.dtype == c.dtype) or a_rows.dtype != types.int64:
+        return None
+    sig = types.void(
+        a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate
+    )
+    return sig, _rows_tile_codegen(False)
+
+
+@intrinsic
+def tile_rows_nn_short(
+    typingctx, a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate,
+    rows,
+):  # fmt: skip
+    """:func:`tile_rows_nn` on its first ``rows`` rows (1 to MR - 1), as
+    :func:`tile_nn_short`."""
+    if not (a.dtype == b.dtype == c.dtype) or a_rows.dtype != types.int64:
+        return None
+    sig = types.void(
+        a, a_rows, rows_off, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate, rows
+    )
+    return sig, _rows_tile_codegen(True)
 
 
 # The tile shapes as plain globals, which Numba freezes into the compiled drivers.
@@ -487,20 +578,21 @@ def _merge(c, i0, j0, tile, rows, cols, accumulate):
                 dst[j] = src[j]
 
 
-@njit(cache=True, inline="always")
-def _edge_rows(a, i0, i1, k0, kb, b, b_k0, b_j0, c, j0, cols, accumulate):
-    """``c[i0:i1, j0:j0+cols] (+)= a[i0:i1, k0:k0+kb] @ b[b_k0:b_k0+kb, b_j0:b_j0+cols]`` as
-    plain loops (LLVM vectorises the inner one along the row): the rows left below the last full
-    tile, fewer than MR, where a tile would compute up to MR - 1 rows of padding."""
-    for i in range(i0, i1):
-        c_row = c[i, j0 : j0 + cols]
-        if not accumulate:
-            c_row[:] = 0
-        for k in range(kb):
-            a_value = a[i, k0 + k]
-            b_row = b[b_k0 + k, b_j0 : b_j0 + cols]
-            for j in range(cols):
-                c_row[j] += a_value * b_row[j]
+@njit(cache=True)
+def _rest_rows(a, i0, rows, k0, kb, b, b_off, b_row, c, j0, cols, tile, accumulate):
+    """``c[i0:i0+rows, j0:j0+cols] (+)= a[i0:i0+rows, k0:k0+kb] @ B``, B the ``kb x cols``
+    block of ``b`` from element ``b_off``, its rows ``b_row`` apart and readable NR columns wide
+    (a zero-padded packed panel, or ``b`` in place when ``cols`` is NR): the last M % MR rows of
+    a product, on a short tile (:func:`tile_nn_short`) into ``tile``, then merged. (As plain
+    loops these rows cost more than the tiles: 64 x 576 @ 576 x 1792 ran at 43 GFLOP/s against
+    70 for its first 60 rows alone, AVX2, whose 6-row tile leaves 4 rows of every power of two.
+    One call of the tile, in a function of its own, because each holds MR - 1 tiles of code.)"""
+    item = c.itemsize
+    a_row, a_col = a.strides[0] // item, a.strides[1] // item
+    nr = tile.shape[1]
+    a_off = i0 * a_row + k0 * a_col
+    tile_nn_short(a, a_off, a_row, a_col, b, b_off, b_row, tile, 0, nr, kb, False, rows)
+    _merge(c, i0, j0, tile, rows, cols, accumulate)
 
 
 @njit(cache=True, inline="always")
@@ -553,7 +645,10 @@ def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
                 b_pack, 0, nr, tile, 0, nr, kb, False,
             )  # fmt: skip
             _merge(c, ib * mr, j0, tile, mr, cols, accumulate)
-    _edge_rows(a, m_full * mr, m, k0, kb, b_pack, 0, 0, c, j0, cols, accumulate)
+    if m > m_full * mr:
+        _rest_rows(
+            a, m_full * mr, m - m_full * mr, k0, kb, b_pack, 0, nr, c, j0, cols, tile, accumulate
+        )
 
 
 @njit(cache=True)
@@ -566,8 +661,8 @@ def gemm_nn(a, b, c, accumulate):
     NR columns of ``b`` is read in place when its rows are contiguous, else copied into a
     contiguous panel (a transposed ``b``, and the last, ragged panel, zero-padded), and every
     MR-row block of ``a`` runs over it; a ragged last panel goes through a small tile merged into
-    ``c``, and the last M % MR rows through :func:`_edge_rows`. Serial: call it from inside a
-    parallel region, one call per lane."""
+    ``c``, and the last M % MR rows through a short tile (:func:`_rest_rows`). Serial: call it
+    from inside a parallel region, one call per lane."""
     m, depth = a.shape
     n = b.shape[1]
     item = c.itemsize
@@ -592,7 +687,7 @@ def gemm_nn(a, b, c, accumulate):
     kb_max = min(K_BLOCK, depth)
     packed = not in_place or n_rest < nr
     b_pack = np.empty((kb_max if packed else 0, nr), c.dtype)
-    tile = np.empty((mr if n_rest < nr else 0, nr), c.dtype)
+    tile = np.empty((mr if n_rest < nr or m % mr else 0, nr), c.dtype)  # ragged edges
     # K blocks outermost, then panels, then row blocks: a packed or in-place B panel is reused
     # by every row block while it is in L1. (Panels outermost, keeping c's column in cache,
     # re-read all of a per panel: 256^3 ran at 143 GFLOP/s instead of 196.)
@@ -609,7 +704,11 @@ def gemm_nn(a, b, c, accumulate):
                         b, k0 * b_row + j0, b_row,
                         c, ib * mr * c_row + j0, c_row, kb, acc,
                     )  # fmt: skip
-                _edge_rows(a, m_full * mr, m, k0, kb, b, k0, j0, c, j0, cols, acc)
+                if m > m_full * mr:
+                    _rest_rows(
+                        a, m_full * mr, m - m_full * mr, k0, kb, b, k0 * b_row + j0, b_row,
+                        c, j0, cols, tile, acc,
+                    )  # fmt: skip
                 continue
             # (Loops over 0-based slices: Numba's negative-index checks on b[k, j] keep LLVM
             # from vectorising the copy.)
@@ -661,7 +760,7 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
     n_rest = n - (panels - 1) * nr
     kb_max = min(K_BLOCK, depth)
     b_pack = np.empty((kb_max, nr), c.dtype)
-    tile = np.empty((mr if n_rest < nr else 0, nr), c.dtype)
+    tile = np.empty((mr if n_rest < nr or m % mr else 0, nr), c.dtype)  # ragged edges
     # Packed when reused, as in gemm_nn: a panel read in place is kb rows spread over the
     # planes, which every row block would fetch again from L2 (16x256x14x14 3x3 forward ran
     # 0.93x the columns path that way).
@@ -690,7 +789,7 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
             if pack or cols < nr:
                 _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, acc)
             elif m_rest:
-                _edge_rows(a, m_full * mr, m, k0, kb, b_pack, 0, 0, c, j0, cols, acc)
+                _rest_rows(a, m_full * mr, m_rest, k0, kb, b_pack, 0, nr, c, j0, cols, tile, acc)
 
 
 @njit(cache=True)
@@ -700,9 +799,9 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
     along its rows. The implicit GEMM of a weight gradient, ``grad_w.T (+)= windows @ grad_y.T``,
     whose left operand's rows (one per tap) are windows of an image's padded planes, read in
     place. Blocks of K as in :func:`gemm_nn`, every panel of ``b`` packed (zero-padded when
-    ragged) and reused by every row block; the last M % MR rows as plain loops. Each element of
-    a full row block is one FMA per ``k`` in order per block of :data:`K_BLOCK`, as in
-    :func:`gemm_nn`. The caller keeps every row inside ``a``. Serial."""
+    ragged) and reused by every row block, the last M % MR rows on a short tile. Each element is
+    one FMA per ``k`` in order per block of :data:`K_BLOCK`, as in :func:`gemm_nn`. The caller
+    keeps every row inside ``a``. Serial."""
     m = a_rows.shape[0]
     depth, n = b.shape
     item = c.itemsize
@@ -719,7 +818,7 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
     panels = (n + nr - 1) // nr
     n_rest = n - (panels - 1) * nr
     b_pack = np.empty((min(K_BLOCK, depth), nr), c.dtype)
-    tile = np.empty((mr if n_rest < nr else 0, nr), c.dtype)
+    tile = np.empty((mr if n_rest < nr or m % mr else 0, nr), c.dtype)  # ragged edges
     for k0 in range(0, depth, K_BLOCK):
         kb = min(K_BLOCK, depth - k0)
         acc = accumulate or k0 > 0
@@ -742,13 +841,9 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
                 else:
                     tile_rows_nn(a, a_rows, ib * mr, k0, b_pack, 0, nr, tile, 0, nr, kb, False)
                     _merge(c, ib * mr, j0, tile, mr, cols, acc)
-            for i in range(m_full * mr, m):
-                c_out = c[i, j0 : j0 + cols]
-                if not acc:
-                    c_out[:] = 0
-                row = a[a_rows[i] + k0 : a_rows[i] + k0 + kb]
-                for k in range(kb):
-                    a_value = row[k]
-                    b_in = b_pack[k]
-                    for j in range(cols):
-                        c_out[j] += a_value * b_in[j]
+            if m > m_full * mr:
+                rows = m - m_full * mr
+                tile_rows_nn_short(
+                    a, a_rows, m_full * mr, k0, b_pack, 0, nr, tile, 0, nr, kb, False, rows
+                )  # fmt: skip
+                _merge(c, m_full * mr, j0, tile, rows, cols, acc)
