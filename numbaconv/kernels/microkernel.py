@@ -11,11 +11,11 @@ and every multiply-add is one ``llvm.fma``.
 The tile, :func:`tile_nn`: ``C[i, j] (+)= sum_k A[i, k] * B[k, j]`` on an ``MR x (NV * lanes)``
 block of C, A read by broadcasts at any strides (so ``A`` may be a transposed view), B rows
 contiguous. :func:`gemm_nn` cuts any product into such tiles (blocks of ``K``, panels of ``B``
-packed when reused, ragged edges through a zero-padded panel and shorter or narrower tiles) and
-is called from
-inside the kernels' parallel regions, one call per lane: it is serial and allocates only a
-panel and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays` says so to the kernels
-(for ``im2col``'s columns and ``taps``, on AVX-512 targets only: :data:`OWN_GEMM_MIN_VECTOR_BITS`).
+packed when reused, ragged edges through a zero-padded panel and shorter or narrower tiles)
+and is called from inside the kernels' parallel regions, one call per lane: it is serial and
+allocates only a panel and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays`
+says so to the kernels (for ``im2col``'s columns and ``taps``, on AVX-512 targets only:
+:data:`OWN_GEMM_MIN_VECTOR_BITS`).
 
 Tile shapes follow the host's vector width: :data:`VECTOR_BITS` comes from the CPU features in
 Numba's own code-generation target (``codegen.magic_tuple()``). Other CPUs get the 128-bit
@@ -276,13 +276,14 @@ def _strided_rows(pa, a_row_):
     return a_row_at
 
 
-def _strided_tile_codegen(nv):
-    """The codegen of :func:`tile_nn` (``nv`` None: the tile's vectors per row) and of
-    :func:`tile_nn_narrow` (``nv`` 1): A's rows and B's rows at fixed strides."""
+def _strided_tile_codegen(nv, short=False):
+    """The codegen of :func:`tile_nn` (``nv`` None: the tile's vectors per row), of
+    :func:`tile_nn_narrow` (``nv`` 1) and of :func:`tile_nn_short` (``short``: a last
+    argument, the rows): A's rows and B's rows at fixed strides."""
 
     def codegen(context, builder, signature, args):
         tys = signature.args
-        a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_ = args
+        a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_ = args[:12]
         a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_ = _as_i64(
             context,
             builder,
@@ -297,10 +298,18 @@ def _strided_tile_codegen(nv):
             return builder.gep(pb, [builder.mul(k, b_row_)])
 
         accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
-        _emit_tile(
-            context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
-            c_row_, depth_, accumulate_, nv=nv,
-        )  # fmt: skip
+
+        def emit(rows=None):
+            _emit_tile(
+                context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at,
+                pc, c_row_, depth_, accumulate_, nv=nv, rows=rows,
+            )  # fmt: skip
+
+        if short:
+            (rows_,) = _as_i64(context, builder, (args[12],), (tys[12],))
+            _emit_short_tile(builder, rows_, emit)
+        else:
+            emit()
         return context.get_dummy_value()
 
     return codegen
@@ -360,35 +369,7 @@ def tile_nn_short(
     sig = types.void(
         a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate, rows
     )
-
-    def codegen(context, builder, signature, args):
-        tys = signature.args
-        (a_, a_off_, a_row_, a_col_, b_, b_off_, b_row_, c_, c_off_, c_row_, depth_, acc_,
-         rows_) = args  # fmt: skip
-        a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_, rows_ = _as_i64(
-            context,
-            builder,
-            (a_off_, a_row_, a_col_, b_off_, b_row_, c_off_, c_row_, depth_, rows_),
-            (tys[1], tys[2], tys[3], tys[5], tys[6], tys[8], tys[9], tys[10], tys[12]),
-        )
-        pa = builder.gep(_data_pointer(context, builder, tys[0], a_), [a_off_])
-        pb = builder.gep(_data_pointer(context, builder, tys[4], b_), [b_off_])
-        pc = builder.gep(_data_pointer(context, builder, tys[7], c_), [c_off_])
-        accumulate_ = context.cast(builder, acc_, tys[11], types.boolean)
-
-        def b_row_at(builder, k):
-            return builder.gep(pb, [builder.mul(k, b_row_)])
-
-        def emit(rows):
-            _emit_tile(
-                context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at,
-                pc, c_row_, depth_, accumulate_, rows=rows,
-            )  # fmt: skip
-
-        _emit_short_tile(builder, rows_, emit)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    return sig, _strided_tile_codegen(None, short=True)
 
 
 @intrinsic
