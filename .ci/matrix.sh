@@ -5,11 +5,22 @@
 #
 #   .ci/matrix.sh                        every environment: oldest py3.10 py3.12 py3.13
 #   .ci/matrix.sh oldest py3.13          some of them
+#   .ci/matrix.sh py3.13                 one of them, with the whole suite
 #   MATRIX_PYTEST_ARGS="tests/test_cli.py -x" .ci/matrix.sh oldest    a subset of the tests
 #
 # Each environment lives in .venv-matrix/NAME (made afresh on every run; git ignores .venv*/),
 # with its own NUMBA_CACHE_DIR in it, so every environment compiles every kernel from cold and
-# none loads another's cache. It installs numbaconv (editable) with what the tests import: the
+# none loads another's cache: the tests begin with `numbaconv compile` of every kernel at both
+# dtypes, and tests/test_compile.py checks that afterwards no call compiles. The tests are then
+# shared out: with N environments, the i-th runs part i of N of the suite
+# (NUMBACONV_TESTS_SHARD=i/N, tests/conftest.py: a hash of each test's id picks its part) and,
+# whole, the files whose outcome depends on the versions installed (EVERY_SHARD there). So a
+# CI run compiles everything in every environment and runs every test twice: in the main job
+# (Python 3.11, the newest releases) and in one of these. Why not the whole suite everywhere:
+# compiling is most of each environment's time, Numba 0.59 compiles the kernels 3-4 times as
+# slowly as 0.68 (a prange loop that calls gemm_nn: 36-47 s against 14 s), and on a 2-core AMD
+# EPYC (Zen 3) the whole suite in all five environments took past CI's 90 minutes (stop 32:
+# oldest 85 min, py3.13 stopped half-way). It installs numbaconv (editable) with what the tests import: the
 # "test" extra of pyproject.toml less asv, virtualenv and ruff, which only the main job's lint
 # and benchmark smoke run use (a test that needs one of them fails here; it is not skipped).
 # The environments run MATRIX_JOBS (default 2) at a time: most of a run is Numba compiling, on
@@ -24,8 +35,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 envs=("$@")
-# The oldest releases first: Numba 0.59 compiles the kernels about twice as slowly as 0.68
-# (AMD EPYC, 2 cores, at least), so that environment is the longest and must not start last.
+# The oldest releases first: Numba 0.59 compiles the kernels 3-4 times as slowly as 0.68 (AMD
+# EPYC, 2 cores), so that environment is the longest and must not start last.
 [[ ${#envs[@]} -gt 0 ]] || envs=(oldest py3.10 py3.12 py3.13)
 # The oldest supported Python (requires-python); it has wheels of all the oldest releases, as
 # 3.11 has (numpy 1.24 and scipy 1.10 have none for 3.12, numba 0.59 none for 3.13).
@@ -95,7 +106,7 @@ print(platform.python_version(), *(v(n) for n in ("numpy", "numba", "scipy", "tb
 
 # One environment, in a subshell: create it, install, `numbaconv info`, the tests.
 run_env() {
-    local name=$1 version constraints=() python dir
+    local name=$1 shard=$2 version constraints=() python dir
     case $name in
         oldest) version=$oldest_python constraints=(-c .ci/oldest.txt) ;;
         py3.*) version=${name#py} ;;
@@ -113,6 +124,7 @@ run_env() {
         # shellcheck disable=SC1091
         source "$dir/bin/activate"
         export NUMBA_CACHE_DIR=$PWD/$dir/numba-cache
+        export NUMBACONV_TESTS_SHARD=$shard
         python -m pip install --quiet --upgrade pip
         pip install "${constraints[@]}" "${test_requirements[@]}"
         pip check
@@ -136,6 +148,7 @@ mkdir -p .venv-matrix
 for name in "${envs[@]}"; do
     rm -f ".venv-matrix/$name.log" ".venv-matrix/$name.status"
 done
+shard=0
 for name in "${envs[@]}"; do
     while [[ $(jobs -rp | wc -l) -ge $at_once ]]; do
         wait -n || true
@@ -143,13 +156,14 @@ for name in "${envs[@]}"; do
     echo "=== matrix: $name started ($(((SECONDS - start) / 60)) min in) ==="
     (
         began=$SECONDS
-        run_env "$name" > ".venv-matrix/$name.log" 2>&1
+        run_env "$name" "$shard/${#envs[@]}" > ".venv-matrix/$name.log" 2>&1
         code=$?
         echo "$code $(((SECONDS - began + 30) / 60))" > ".venv-matrix/$name.status"
         echo "=== matrix: $name ended, exit $code, after $(((SECONDS - began + 30) / 60)) min ==="
         cat ".venv-matrix/$name.log"
         echo "=== matrix: end of $name's log ==="
     ) &
+    shard=$((shard + 1))
 done
 wait
 

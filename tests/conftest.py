@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 # The thread-count determinism tests compare 1 against 2 and 4 Numba threads; make 4 available
 # even on the 2-core CI machines (on larger machines this is Numba's own default, one thread per
@@ -172,6 +173,58 @@ def pytest_terminal_summary(terminalreporter):
             f"numbaconv: the kernels were compiled ahead of the tests in {compiled.seconds:.0f} s"
             f"{outcome} (once per Numba cache folder; NUMBACONV_TESTS_COMPILE_FIRST=0 turns it off)"
         )
+
+
+#: Test files that every shard runs (``NUMBACONV_TESTS_SHARD``, below): what depends on the
+#: versions installed rather than on the arithmetic (the floors, Numba's internals, the BLAS
+#: binding, the threading layer under fork, the cache and the cold compile of every kernel).
+EVERY_SHARD = frozenset(
+    {
+        "test_supported_versions.py",
+        "test_numba_internals.py",
+        "test_fork.py",
+        "test_cache.py",
+        "test_compile.py",
+    }
+)
+
+
+def shard_of(nodeid: str, shards: int) -> int:
+    """The shard of a test: a hash of its node id, so it does not move when tests are added."""
+    return zlib.crc32(nodeid.encode()) % shards
+
+
+def pytest_collection_modifyitems(config, items):
+    """``NUMBACONV_TESTS_SHARD=i/n`` runs the i-th of n parts of the suite (0 <= i < n), and the
+    files in :data:`EVERY_SHARD` whole. CI's version matrix (.ci/matrix.sh) gives each of its
+    environments one part, so that, with the main job's whole suite, every test runs twice per CI
+    run, once under an older or newer Python, within CI's time on a 2-core machine."""
+    spec = os.environ.get("NUMBACONV_TESTS_SHARD", "")
+    if not spec:
+        return
+    try:
+        index, shards = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"NUMBACONV_TESTS_SHARD={spec!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= index < shards:
+        raise pytest.UsageError(f"NUMBACONV_TESTS_SHARD={spec!r}: needs 0 <= i < n")
+    keep, drop = [], []
+    for item in items:
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        if name in EVERY_SHARD or shard_of(item.nodeid, shards) == index:
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_report_collectionfinish(config, items):
+    spec = os.environ.get("NUMBACONV_TESTS_SHARD", "")
+    if spec:
+        return f"NUMBACONV_TESTS_SHARD={spec}: {len(items)} tests of this part of the suite"
+    return None
 
 
 @pytest.fixture(scope="session")

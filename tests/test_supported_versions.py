@@ -241,3 +241,39 @@ def test_first_gemm_loads_scipys_blas_module_alone():
         assert lines["linalg"] == "False"
     assert lines["later"] == "True True"
     assert lines["capi"] == "True"
+
+
+# ------------------------------------------------------------------------------------------------
+# The matrix's parts of the suite (NUMBACONV_TESTS_SHARD, conftest.py)
+
+
+def _collected(shard: str | None) -> set[str]:
+    env = dict(os.environ, NUMBACONV_TESTS_COMPILE_FIRST="0")
+    env.pop("NUMBACONV_TESTS_SHARD", None)
+    if shard is not None:
+        env["NUMBACONV_TESTS_SHARD"] = shard
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return {line for line in done.stdout.splitlines() if "::" in line}
+
+
+def test_the_matrix_parts_cover_the_suite_once_and_the_version_files_in_each():
+    from conftest import EVERY_SHARD
+
+    whole = _collected(None)
+    parts = [_collected(f"{i}/2") for i in range(2)]
+    in_every = {t for t in whole if t.split("::")[0].rsplit("/", 1)[-1] in EVERY_SHARD}
+    assert len(in_every) > 20  # every file of EVERY_SHARD exists and has tests
+    assert {t.split("::")[0].rsplit("/", 1)[-1] for t in in_every} == set(EVERY_SHARD)
+    assert parts[0] | parts[1] == whole
+    assert parts[0] & parts[1] == in_every
+    # Both parts hold a fair share of the rest.
+    rest = len(whole) - len(in_every)
+    assert all(0.4 * rest < len(part - in_every) < 0.6 * rest for part in parts)
