@@ -17,10 +17,10 @@
 # whole, the files whose outcome depends on the versions installed (EVERY_SHARD there). So a
 # CI run compiles everything in every environment and runs every test twice: in the main job
 # (Python 3.11, the newest releases) and in one of these. Why not the whole suite everywhere:
-# compiling is most of each environment's time, Numba 0.59 compiles the kernels 3-4 times as
-# slowly as 0.68 (a prange loop that calls gemm_nn: 36-47 s against 14 s), and on a 2-core AMD
-# EPYC (Zen 3) the whole suite in all five environments took past CI's 90 minutes (stop 32:
-# oldest 85 min, py3.13 stopped half-way). It installs numbaconv (editable) with what the tests import: the
+# compiling is most of each environment's time, and on a 2-core AMD EPYC (Zen 3) the whole
+# suite in all five environments took past CI's 90 minutes (stop 32: oldest 85 min, py3.13
+# stopped half-way). With the parts, the Numba 0.59 environment was still compiling after 64
+# minutes (0.59 compiles the kernels 3-4 times as slowly as 0.68), so the floor is now 0.62. It installs numbaconv (editable) with what the tests import: the
 # "test" extra of pyproject.toml less asv, virtualenv and ruff, which only the main job's lint
 # and benchmark smoke run use (a test that needs one of them fails here; it is not skipped).
 # The environments run MATRIX_JOBS (default 2) at a time: most of a run is Numba compiling, on
@@ -35,11 +35,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 envs=("$@")
-# The oldest releases first: Numba 0.59 compiles the kernels 3-4 times as slowly as 0.68 (AMD
-# EPYC, 2 cores), so that environment is the longest and must not start last.
+# The oldest releases first: older releases have compiled more slowly (Numba 0.59 3-4 times as
+# slowly as 0.68), so that environment must not start last.
 [[ ${#envs[@]} -gt 0 ]] || envs=(oldest py3.10 py3.12 py3.13)
 # The oldest supported Python (requires-python); it has wheels of all the oldest releases, as
-# 3.11 has (numpy 1.24 and scipy 1.10 have none for 3.12, numba 0.59 none for 3.13).
+# 3.11 has (numpy 1.24 and scipy 1.10 have none for 3.12, numba 0.62 has them).
 oldest_python=3.10
 read -ra pytest_args <<< "${MATRIX_PYTEST_ARGS:-}"
 
