@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The version matrix (issue 16), which .ci/run runs after the main job: the test suite on every
+# The version matrix (issue 16), which .ci/run runs beside the main job: the test suite on every
 # other supported Python, each in a fresh virtual environment with the newest releases pip finds
 # for it, and once more on the oldest releases that pyproject.toml admits (.ci/oldest.txt).
 #
@@ -20,7 +20,8 @@
 # compiling is most of each environment's time, and on a 2-core AMD EPYC (Zen 3) the whole
 # suite in all five environments took past CI's 90 minutes (stop 32: oldest 85 min, py3.13
 # stopped half-way). With the parts, the Numba 0.59 environment was still compiling after 64
-# minutes (0.59 compiles the kernels 3-4 times as slowly as 0.68), so the floor is now 0.62. It installs numbaconv (editable) with what the tests import: the
+# minutes (0.59 compiles the kernels 3-4 times as slowly as 0.68), so the floor is now 0.62.1.
+# Each environment installs numbaconv (editable) with what the tests import: the
 # "test" extra of pyproject.toml less asv, virtualenv and ruff, which only the main job's lint
 # and benchmark smoke run use (a test that needs one of them fails here; it is not skipped).
 # The environments run MATRIX_JOBS (default 2) at a time: most of a run is Numba compiling, on

@@ -189,6 +189,11 @@ EVERY_SHARD = frozenset(
 )
 
 
+def file_of_test(nodeid: str) -> str:
+    """The file name of a test's node id (``tests/test_x.py::test_y[a]`` -> ``test_x.py``)."""
+    return nodeid.split("::")[0].rsplit("/", 1)[-1]
+
+
 def shard_of(nodeid: str, shards: int) -> int:
     """The shard of a test: a hash of its node id, so it does not move when tests are added."""
     return zlib.crc32(nodeid.encode()) % shards
@@ -210,8 +215,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"NUMBACONV_TESTS_SHARD={spec!r}: needs 0 <= i < n")
     keep, drop = [], []
     for item in items:
-        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        if name in EVERY_SHARD or shard_of(item.nodeid, shards) == index:
+        if file_of_test(item.nodeid) in EVERY_SHARD or shard_of(item.nodeid, shards) == index:
             keep.append(item)
         else:
             drop.append(item)

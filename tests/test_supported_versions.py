@@ -265,13 +265,13 @@ def _collected(shard: str | None) -> set[str]:
 
 
 def test_the_matrix_parts_cover_the_suite_once_and_the_version_files_in_each():
-    from conftest import EVERY_SHARD
+    from conftest import EVERY_SHARD, file_of_test
 
     whole = _collected(None)
     parts = [_collected(f"{i}/2") for i in range(2)]
-    in_every = {t for t in whole if t.split("::")[0].rsplit("/", 1)[-1] in EVERY_SHARD}
+    in_every = {t for t in whole if file_of_test(t) in EVERY_SHARD}
     assert len(in_every) > 20  # every file of EVERY_SHARD exists and has tests
-    assert {t.split("::")[0].rsplit("/", 1)[-1] for t in in_every} == set(EVERY_SHARD)
+    assert {file_of_test(t) for t in in_every} == set(EVERY_SHARD)
     assert parts[0] | parts[1] == whole
     assert parts[0] & parts[1] == in_every
     # Both parts hold a fair share of the rest.
