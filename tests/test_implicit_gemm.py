@@ -233,12 +233,56 @@ def test_small_batches_run_bands_of_rows(cfg, dtype):
     assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
 
 
-def test_bands_of_rows_only_for_small_batches():
+def test_bands_of_rows_for_small_batches_and_for_images_too_large_to_be_whole():
     one = make_geometry((1, 32, 256, 256), (32, 32, 3, 3), padding=1)  # U-Net's large image
     # 8 bands of 32 rows would make product rows of 33 KB: halved to 8 rows.
     assert im2col.implicit_band_rows(one, 4) == 8
+    # Whole images where they fit, from 4 images on.
     assert im2col.implicit_band_rows(make_geometry((4, 32, 64, 64), (32, 32, 3, 3)), 4) == 0
+    # A 7x7 stride-2 stem on 224x224 images: 3.9 MB a whole image (planes and product) in
+    # float32, over IMPLICIT_IMAGE_BYTES; bands of 28 of its 112 output rows fit.
+    stem = make_geometry((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3)
+    assert im2col.implicit_image_bytes(stem, 4) > im2col.IMPLICIT_IMAGE_BYTES
+    assert im2col.implicit_band_rows(stem, 4) == 28
+    assert im2col.forward_plan(stem, 4) == (28, 1)
+    assert im2col.implicit_band_rows(stem, 8) == 14
     # No implicit GEMM at all: pointwise, or strided 1x1.
     assert im2col.implicit_band_rows(make_geometry((1, 64, 32, 32), (64, 64, 1, 1)), 4) == 0
     strided_1x1 = make_geometry((1, 64, 32, 32), (64, 64, 1, 1), stride=2)
     assert im2col.implicit_band_rows(strided_1x1, 4) == 0
+
+
+@pytest.mark.parametrize("cfg", [
+    Cfg(4, 8, 30, 27, 64, 5, 5, stride=2, padding=2, name="strided-5x5"),
+    Cfg(5, 16, 23, 19, 64, 3, 3, padding=1, bias=False, name="3x3"),
+], ids=str)  # fmt: skip
+def test_images_too_large_to_be_whole_run_bands_of_rows(cfg, dtype, monkeypatch):
+    """From 4 images on, images whose planes and product exceed IMPLICIT_IMAGE_BYTES run in the
+    largest bands of rows that fit (here the bound is set just under a whole image): right
+    against the reference, with a last band shorter than the others, and the same bits on 1
+    and 2 threads."""
+    import numba
+    from helpers import assert_same_bits
+
+    itemsize = np.dtype(dtype).itemsize
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    monkeypatch.setattr(
+        im2col, "IMPLICIT_IMAGE_BYTES", im2col.implicit_image_bytes(geom, itemsize) - 1
+    )
+    rows = im2col.implicit_band_rows(geom, itemsize)
+    assert 0 < rows < geom.out_height and geom.out_height % rows
+    assert im2col.forward_plan(geom, itemsize) == (rows, 1)
+    assert _plan(cfg, dtype).shape[0] == cfg.c * cfg.r * cfg.s
+    x, w, b, _ = make_data(cfg, dtype, seed=12)
+    pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
+    ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = im2col.forward(x, w, b, geom)
+        numba.set_num_threads(2)
+        two = im2col.forward(x, w, b, geom)
+    finally:
+        numba.set_num_threads(threads)
+    assert_close(two, ref, ref_abs, dtype, f"forward [{cfg}]")
+    assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")

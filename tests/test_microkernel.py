@@ -278,6 +278,35 @@ def test_gemm_nn_rows_is_gemm_nn_on_the_rows_it_names(size, dtype):
     _assert_product(c - start, _reference(a, explicit), a, explicit, k)
 
 
+@pytest.mark.parametrize("spread", [False, True], ids=["in-place", "packed"])
+def test_gemm_nn_rows_packs_only_rows_spread_wider_than_the_cache(spread, dtype):
+    """gemm_nn_rows reads B's rows in place where they all lie within IN_PLACE_MAX_BYTES, and
+    packs them into panels (reused by every row block) where they are spread wider: both give
+    gemm_nn's bits on the explicit matrix, with full tiles, the short tile of the last M % MR
+    rows and a ragged last panel, overwriting and accumulating."""
+    m, k, n = 4 * mk.NN_ROWS + 3, KB + 7, 3 * NR32 + 5
+    itemsize = np.dtype(dtype).itemsize
+    span = (2 * mk.IN_PLACE_MAX_BYTES // itemsize) if spread else 4 * n
+    rng = np.random.default_rng(11 + spread)
+    flat = rng.standard_normal(span + n).astype(dtype)
+    rows = rng.integers(0, span + 1, size=k).astype(np.int64)
+    rows[:2] = 0, span  # the span itself, whatever the draw
+    assert ((rows.max() - rows.min() + n) * itemsize > mk.IN_PLACE_MAX_BYTES) == spread
+    explicit = np.stack([flat[r : r + n] for r in rows])
+    a = rng.standard_normal((m, k)).astype(dtype)
+    expected = np.empty((m, n), dtype)
+    mk.gemm_nn(a, explicit, expected, False)
+    c = np.full((m, n), np.nan, dtype)
+    mk.gemm_nn_rows(a, flat, rows, c, False)
+    np.testing.assert_array_equal(c, expected)
+    _assert_product(c, _reference(a, explicit), a, explicit, k)
+    start = rng.standard_normal((m, n)).astype(dtype)
+    c, summed = start.copy(), start.copy()
+    mk.gemm_nn_rows(a, flat, rows, c, True)
+    mk.gemm_nn(a, explicit, summed, True)
+    np.testing.assert_array_equal(c, summed)
+
+
 @pytest.mark.usefixtures("own_gemm_everywhere")
 def test_deep_products_with_a_transposed_left_operand_go_to_blas():
     """``own_gemm_pays_transposed``: BLAS for products at least OWN_GEMM_TRANSPOSED_MIN_DEPTH

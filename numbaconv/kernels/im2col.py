@@ -26,8 +26,9 @@ ResNet's 16x256x14x14 grad-w with Winograd's grad-x 29.5 -> 24.3).
 :data:`BAND_BYTES` (long 1-D signals) is cut into segments in the forward pass
 (:func:`row_segment`).
 
-Implicit GEMM (:func:`implicit_plan`): where whole small images (or, for batches of fewer than 4,
-bands of rows: :func:`implicit_band_rows`) fit, the forward product reads the taps' windows of
+Implicit GEMM (:func:`implicit_plan`): where whole small images (or bands of rows, for batches of
+fewer than 4 and for images too large to be whole: :func:`implicit_band_rows`) fit, the forward
+product reads the taps' windows of
 zero-padded planes in place, no columns. The backward pass follows it there: grad-w by
 :func:`implicit_weight_gradient` (the windows as the rows of the left operand), and grad-x of
 stride-1 layers as the forward pass of ``grad_y`` with the flipped filters
@@ -973,10 +974,18 @@ IMPLICIT_BAND_JOBS = 8
 
 
 def implicit_band_rows(geom: ConvGeometry, itemsize: int) -> int:
-    """Output rows per band where implicit GEMM runs bands of rows of the images of a small
-    batch (fewer than :data:`SMALL_BATCH_LANES` images, where whole images would leave cores
-    idle), else 0: at least :data:`IMPLICIT_BAND_JOBS` jobs, each band's planes and product
-    within :data:`IMPLICIT_IMAGE_BYTES`, and a band as :func:`_implicit_feasible` asks.
+    """Output rows per band where implicit GEMM runs bands of rows, else 0: in the images of a
+    small batch (fewer than :data:`SMALL_BATCH_LANES` images, where whole images would leave
+    cores idle), at least :data:`IMPLICIT_BAND_JOBS` jobs; in larger batches, only where a
+    whole image's planes and product exceed :data:`IMPLICIT_IMAGE_BYTES`, the largest bands
+    (halving) that fit. Each band's planes and product within :data:`IMPLICIT_IMAGE_BYTES`, and
+    a band as :func:`_implicit_feasible` asks.
+
+    Larger batches (AMD EPYC Zen 3, AVX2, 2 threads, ``auto``, forward ms, medians of 7
+    alternating rounds in long-lived processes, bands of columns on BLAS -> implicit bands):
+    float32 8x3x224x224 7x7 stride-2 stem 19.2 -> 14.4 (bands of 28 rows), float64 34.4 ->
+    29.3 (14 rows); float64 ResNet's 16x64x56x56 3x3 stride 2 28.0 -> 28.9 (14 rows, a loss
+    within this machine's noise, taken for the rule's simplicity).
 
     Measured (AMD EPYC Zen 5, 2 threads, one process, the two alternating, medians of 7
     rounds, forward ms, bands of columns -> implicit bands): float32 U-Net's 1x32x256x256 3x3
@@ -984,11 +993,16 @@ def implicit_band_rows(geom: ConvGeometry, itemsize: int) -> int:
     3.93 -> 3.35, 1x256x14x14 3x3 0.83 -> 0.76, 2x128x28x28 3x3 1.36 -> 1.30, 1x128x28x28 3x3
     0.77 -> 0.77; float64 8.84 -> 7.30, 1.64 -> 1.43, 6.96 -> 6.18, 1.43 -> 1.33, 1x128x28x28
     1.30 -> 1.33. (``auto`` runs Winograd on such 3x3 layers: still faster, or a draw.)"""
-    if geom.batch >= SMALL_BATCH_LANES:
-        return 0
     oh = geom.out_height
-    bands = -(-IMPLICIT_BAND_JOBS // geom.batch)
-    rows = -(-oh // bands)
+    if geom.batch >= SMALL_BATCH_LANES:
+        # Larger batches: whole images where they fit (forward_plan), else the largest bands
+        # that do (a 7x7 stride-2 stem's 224x224 images).
+        if implicit_image_bytes(geom, itemsize) <= IMPLICIT_IMAGE_BYTES:
+            return 0
+        rows = oh
+    else:
+        bands = -(-IMPLICIT_BAND_JOBS // geom.batch)
+        rows = -(-oh // bands)
     # Halved until they fit, and until the product's rows are short enough for the micro-kernel
     # (own_gemm_size_pays: a 256-wide map gives 8 bands of 32 rows, 33 KB a row in float32).
     while rows > 1 and (

@@ -89,6 +89,20 @@ K_BLOCK = 128
 #: 0.6x as fast packed; 256 x 256 @ 256 x 256 gained 5-15 %).
 PACK_MIN_ROW_BLOCKS = 4
 
+#: ... except in :func:`gemm_nn_rows` where B's rows all lie within this many bytes (the span of
+#: implicit GEMM's padded planes), per vector width: there the tiles read them in place, from
+#: L1 or L2, and the copy cost more than it saved. AVX2 (AMD EPYC Zen 3, one core, float32,
+#: GFLOP/s, packed by :func:`copy_panel_rows` -> in place, two alternated runs): 32x75 @
+#: 75x1152 on 15 KB of planes (first5x5) 75-77 -> 86-89, 32x144 @ 144x1088 (72 KB) 76 -> 87,
+#: 64x288 @ 288x288 (40 KB) 87 -> 95, 64x576 @ 576x840 (225 KB) 58-86 -> 90-91, 128x1152 @
+#: 1152x840 (450 KB) 86-88 -> 89-90. Whole layers (2 threads, forward ms, with the slower
+#: copy of slices before copy_panel_rows): first5x5 1.84 -> 1.45-1.54, Inception's 1x7 (195 KB)
+#: 7.75 -> 7.23, but ResNet's 16x64x56x56 stride 2 (841 KB of phase planes) 13.9 -> 15.0. AVX-512
+#: is held to planes that fit in L1: there a 16x256x14x14 3x3 layer's planes (256 KB) read in
+#: place ran 0.93x its explicit columns (before the short tiles), and nothing between was
+#: measured.
+IN_PLACE_MAX_BYTES_BY_WIDTH = {512: 32 * 2**10, 256: 512 * 2**10, 128: 512 * 2**10}
+
 #: :func:`own_gemm_pays`' bounds, from single-threaded float32 products at convolution sizes
 #: (M x K @ K x N, this module against OpenBLAS 0.3.x's sgemm, 2026-11-27, AVX-512): with fewer
 #: than 32 rows or M*K under 1536 the tile's fixed costs (C loads and stores, an edge panel)
@@ -372,24 +386,14 @@ def tile_nn_short(
     return sig, _strided_tile_codegen(None, short=True)
 
 
-@intrinsic
-def tile_nn_rows(
-    typingctx, a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth,
-    accumulate,
-):  # fmt: skip
-    """:func:`tile_nn` with B's rows anywhere in ``b``: row ``k`` starts at element
-    ``b_rows[rows_off + k] + b_col`` of ``b``'s data (``b_rows`` an int64 array). For implicit
-    GEMM: B's rows are windows of an image, no columns copied. No bounds checks."""
-    if not (a.dtype == b.dtype == c.dtype) or b_rows.dtype != types.int64:
-        return None
-    sig = types.void(
-        a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth, accumulate
-    )
+def _table_tile_codegen(short):
+    """The codegen of :func:`tile_nn_rows` (``short`` False) and :func:`tile_nn_rows_short`
+    (True: a last argument, the rows): B's rows through a table of offsets."""
 
     def codegen(context, builder, signature, args):
         tys = signature.args
         (a_, a_off_, a_row_, a_col_, b_, b_rows_, rows_off_, b_col_, c_, c_off_, c_row_, depth_,
-         acc_) = args  # fmt: skip
+         acc_) = args[:13]  # fmt: skip
         a_off_, a_row_, a_col_, rows_off_, b_col_, c_off_, c_row_, depth_ = _as_i64(
             context,
             builder,
@@ -405,13 +409,64 @@ def tile_nn_rows(
             return builder.gep(pb, [builder.load(builder.gep(p_rows, [k]), align=8)])
 
         accumulate_ = context.cast(builder, acc_, tys[12], types.boolean)
-        _emit_tile(
-            context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
-            c_row_, depth_, accumulate_,
-        )  # fmt: skip
+
+        def emit(rows=None):
+            _emit_tile(
+                context, builder, tys[0].dtype, _strided_rows(pa, a_row_), a_col_, b_row_at, pc,
+                c_row_, depth_, accumulate_, rows=rows,
+            )  # fmt: skip
+
+        if short:
+            (rows_,) = _as_i64(context, builder, (args[13],), (tys[13],))
+            _emit_short_tile(builder, rows_, emit)
+        else:
+            emit()
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def tile_nn_rows(
+    typingctx, a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth,
+    accumulate,
+):  # fmt: skip
+    """:func:`tile_nn` with B's rows anywhere in ``b``: row ``k`` starts at element
+    ``b_rows[rows_off + k] + b_col`` of ``b``'s data (``b_rows`` an int64 array). For implicit
+    GEMM: B's rows are windows of an image, no columns copied. No bounds checks."""
+    if not (a.dtype == b.dtype == c.dtype) or b_rows.dtype != types.int64:
+        return None
+    sig = types.void(
+        a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth, accumulate
+    )
+    return sig, _table_tile_codegen(False)
+
+
+@intrinsic
+def tile_nn_rows_short(
+    typingctx, a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth,
+    accumulate, rows,
+):  # fmt: skip
+    """:func:`tile_nn_rows` on its first ``rows`` rows (1 to MR - 1), as :func:`tile_nn_short`."""
+    if not (a.dtype == b.dtype == c.dtype) or b_rows.dtype != types.int64:
+        return None
+    sig = types.void(
+        a,
+        a_off,
+        a_row,
+        a_col,
+        b,
+        b_rows,
+        rows_off,
+        b_col,
+        c,
+        c_off,
+        c_row,
+        depth,
+        accumulate,
+        rows,
+    )
+    return sig, _table_tile_codegen(True)
 
 
 def _rows_tile_codegen(short):
@@ -490,8 +545,91 @@ def tile_rows_nn_short(
     return sig, _rows_tile_codegen(True)
 
 
+def _emit_panel_copy(builder, dtype, b_row_at, pd, depth_):
+    """The IR of a panel copy: for ``k < depth_``, the NV vectors of B's row ``k``
+    (``b_row_at(builder, k)``, a pointer) stored at ``pd + k*NR``, contiguous."""
+    elem, _, align = _float_ir(dtype)
+    lanes = VECTOR_BITS // (8 * align)
+    nv = NN_TILES[VECTOR_BITS][1]
+    vec_ptr = ir.VectorType(elem, lanes).as_pointer()
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block("panel_copy.loop")
+    done = builder.append_basic_block("panel_copy.done")
+    builder.cbranch(builder.icmp_signed(">", depth_, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64, "k")
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    src = b_row_at(builder, k)
+    dst = builder.gep(pd, [builder.mul(k, ir.Constant(i64, nv * lanes))])
+    for v in range(nv):
+        offset = [ir.Constant(i64, lanes * v)]
+        value = builder.load(builder.bitcast(builder.gep(src, offset), vec_ptr), align=align)
+        builder.store(value, builder.bitcast(builder.gep(dst, offset), vec_ptr), align=align)
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    k.add_incoming(k_next, builder.block)
+    builder.cbranch(builder.icmp_signed("<", k_next, depth_), loop, done)
+    builder.position_at_end(done)
+
+
+@intrinsic
+def copy_panel(typingctx, b, b_off, b_row, dst, depth):
+    """``dst[k, :NR] = B[b_off + k*b_row : ... + NR]`` for ``k < depth``: a full panel of B,
+    packed contiguous, NR (:func:`nn_tile`) elements a row, by whole vectors. (As a Numba loop
+    over slices of runtime length a row cost about 10 cycles: a 75-row panel 254 ns.) No bounds
+    checks: ``dst`` holds ``depth`` x NR elements and every row of B NR."""
+    if not (b.dtype == dst.dtype):
+        return None
+    sig = types.void(b, b_off, b_row, dst, depth)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        b_, b_off_, b_row_, dst_, depth_ = args
+        b_off_, b_row_, depth_ = _as_i64(
+            context, builder, (b_off_, b_row_, depth_), (tys[1], tys[2], tys[4])
+        )
+        pb = builder.gep(_data_pointer(context, builder, tys[0], b_), [b_off_])
+
+        def b_row_at(builder, k):
+            return builder.gep(pb, [builder.mul(k, b_row_)])
+
+        pd = _data_pointer(context, builder, tys[3], dst_)
+        _emit_panel_copy(builder, tys[0].dtype, b_row_at, pd, depth_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_panel_rows(typingctx, b, b_rows, rows_off, b_col, dst, depth):
+    """:func:`copy_panel` with B's rows through a table, as :func:`tile_nn_rows`: row ``k`` at
+    element ``b_rows[rows_off + k] + b_col`` of ``b``."""
+    if not (b.dtype == dst.dtype) or b_rows.dtype != types.int64:
+        return None
+    sig = types.void(b, b_rows, rows_off, b_col, dst, depth)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        b_, b_rows_, rows_off_, b_col_, dst_, depth_ = args
+        rows_off_, b_col_, depth_ = _as_i64(
+            context, builder, (rows_off_, b_col_, depth_), (tys[2], tys[3], tys[5])
+        )
+        pb = builder.gep(_data_pointer(context, builder, tys[0], b_), [b_col_])
+        p_rows = builder.gep(_data_pointer(context, builder, tys[1], b_rows_), [rows_off_])
+
+        def b_row_at(builder, k):
+            return builder.gep(pb, [builder.load(builder.gep(p_rows, [k]), align=8)])
+
+        pd = _data_pointer(context, builder, tys[4], dst_)
+        _emit_panel_copy(builder, tys[0].dtype, b_row_at, pd, depth_)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # The tile shapes as plain globals, which Numba freezes into the compiled drivers.
 NN_ROWS, NN_VECTORS = NN_TILES[VECTOR_BITS]
+IN_PLACE_MAX_BYTES = IN_PLACE_MAX_BYTES_BY_WIDTH[VECTOR_BITS]
 VECTOR_BYTES = VECTOR_BITS // 8
 
 
@@ -693,7 +831,9 @@ def gemm_nn(a, b, c, accumulate):
                 continue
             # (Loops over 0-based slices: Numba's negative-index checks on b[k, j] keep LLVM
             # from vectorising the copy.)
-            if b.strides[1] == item:  # rows copied, a ragged last panel zero-padded
+            if b.strides[1] == item and cols == nr:
+                copy_panel(b, k0 * b_row + j0, b_row, b_pack, kb)
+            elif b.strides[1] == item:  # rows copied, a ragged last panel zero-padded
                 for k in range(kb):
                     src = b[k0 + k, j0 : j0 + cols]
                     dst = b_pack[k]
@@ -744,8 +884,16 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
     tile = np.empty((mr if n_rest < nr or m % mr else 0, nr), c.dtype)  # ragged edges
     # Packed when reused, as in gemm_nn: a panel read in place is kb rows spread over the
     # planes, which every row block would fetch again from L2 (16x256x14x14 3x3 forward ran
-    # 0.93x the columns path that way).
-    pack = m_full >= PACK_MIN_ROW_BLOCKS
+    # 0.93x the columns path that way); but not when B's rows all lie in a span that stays in
+    # L1 (IN_PLACE_MAX_BYTES), where the copy costs more than it saves.
+    span = 0
+    if m_full >= PACK_MIN_ROW_BLOCKS:
+        lo, hi = b_rows[0], b_rows[0]
+        for k in range(depth):
+            lo = min(lo, b_rows[k])
+            hi = max(hi, b_rows[k])
+        span = (hi - lo + n) * item
+    pack = m_full >= PACK_MIN_ROW_BLOCKS and span > IN_PLACE_MAX_BYTES
     for k0 in range(0, depth, K_BLOCK):
         kb = min(K_BLOCK, depth - k0)
         acc = accumulate or k0 > 0
@@ -758,19 +906,35 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
                         a, ib * mr * a_row + k0 * a_col, a_row, a_col,
                         b, b_rows, k0, j0, c, ib * mr * c_row + j0, c_row, kb, acc,
                     )  # fmt: skip
-            if pack or cols < nr or m_rest:
-                for k in range(kb):  # the panel, zero-padded (0-based slices: see gemm_nn)
-                    start = b_rows[k0 + k] + j0
-                    src = b[start : start + cols]
-                    dst = b_pack[k]
-                    for j in range(cols):
-                        dst[j] = src[j]
-                    for j in range(cols, nr):
-                        dst[j] = 0
-            if pack or cols < nr:
-                _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, acc)
-            elif m_rest:
-                _rest_rows(a, m_full * mr, m_rest, k0, kb, b_pack, 0, nr, c, j0, cols, tile, acc)
+                if m_rest:
+                    _rest_rows_in_place(a, m_full * mr, m_rest, k0, kb, b, b_rows, j0, c, acc)
+                continue
+            if cols == nr:
+                copy_panel_rows(b, b_rows, k0, j0, b_pack, kb)
+            for k in range(kb if cols < nr else 0):  # zero-padded (0-based slices: see gemm_nn)
+                start = b_rows[k0 + k] + j0
+                src = b[start : start + cols]
+                dst = b_pack[k]
+                for j in range(cols):
+                    dst[j] = src[j]
+                for j in range(cols, nr):
+                    dst[j] = 0
+            _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, acc)
+
+
+@njit(cache=True)
+def _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, j0, c, accumulate):
+    """``c[i0:i0+rows, j0:j0+NR] (+)= a[i0:i0+rows, k0:k0+kb] @ B`` with B's rows read in place
+    through ``b_rows[k0:k0+kb]`` (a full panel): :func:`gemm_nn_rows`' last M % MR rows, stored
+    straight into ``c`` by a short tile (:func:`tile_nn_rows_short`). In a function of its own,
+    as :func:`_rest_rows`."""
+    item = c.itemsize
+    a_row, a_col = a.strides[0] // item, a.strides[1] // item
+    c_row = c.strides[0] // item
+    tile_nn_rows_short(
+        a, i0 * a_row + k0 * a_col, a_row, a_col, b, b_rows, k0, j0,
+        c, i0 * c_row + j0, c_row, kb, accumulate, rows,
+    )  # fmt: skip
 
 
 @njit(cache=True)
@@ -795,6 +959,7 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
     mr = NN_ROWS
     nr = NN_VECTORS * VECTOR_BYTES // item
     c_row = c.strides[0] // item
+    b_row = b.strides[0] // item
     m_full = m // mr
     panels = (n + nr - 1) // nr
     n_rest = n - (panels - 1) * nr
@@ -806,7 +971,10 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
         for jb in range(panels):
             j0 = jb * nr
             cols = min(nr, n - j0)
-            for k in range(kb):  # 0-based slices, as in gemm_nn
+            contiguous = cols == nr and b.strides[1] == item
+            if contiguous:
+                copy_panel(b, k0 * b_row + j0, b_row, b_pack, kb)
+            for k in range(0 if contiguous else kb):  # 0-based slices, as in gemm_nn
                 src = b[k0 + k, j0 : j0 + cols]
                 dst = b_pack[k]
                 for j in range(cols):
