@@ -81,7 +81,7 @@ def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
 # (Not the strided bands: the columns' plan cuts a last band of 2 rows, whose float64 product goes
 # to BLAS.)
 @pytest.mark.parametrize(
-    "cfg", CASES[:3] + TRANSPOSED_CASES + STRIDED_CASES + BAND_CASES[::2], ids=str
+    "cfg", CASES[:3] + CASES[5:6] + TRANSPOSED_CASES + STRIDED_CASES + BAND_CASES[::2], ids=str
 )
 def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
@@ -255,6 +255,8 @@ def test_bands_of_rows_for_small_batches_and_for_images_too_large_to_be_whole():
 @pytest.mark.parametrize("cfg", [
     Cfg(4, 8, 30, 27, 64, 5, 5, stride=2, padding=2, name="strided-5x5"),
     Cfg(5, 16, 23, 19, 64, 3, 3, padding=1, bias=False, name="3x3"),
+    # Output rows 32 wide, a whole number of the tiles' panels: computed straight into y.
+    Cfg(4, 8, 21, 32, 64, 3, 3, padding=1, name="32-wide"),
 ], ids=str)  # fmt: skip
 def test_images_too_large_to_be_whole_run_bands_of_rows(cfg, dtype, monkeypatch):
     """From 4 images on, images whose planes and product exceed IMPLICIT_IMAGE_BYTES run in the

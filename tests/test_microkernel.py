@@ -307,6 +307,35 @@ def test_gemm_nn_rows_packs_only_rows_spread_wider_than_the_cache(spread, dtype)
     np.testing.assert_array_equal(c, summed)
 
 
+@pytest.mark.parametrize("width_panels", [1, 2, 3])
+@pytest.mark.parametrize("spread", [False, True], ids=["in-place", "packed"])
+def test_gemm_nn_rows_on_windows_of_rows(width_panels, spread, dtype):
+    """With ``width`` and ``b_step``, each row of B is N / width windows ``b_step`` apart (the
+    output rows of implicit GEMM, straight into y): gemm_nn's bits on the explicit matrix, in
+    place and packed, with a short tile; a width that does not divide N is refused."""
+    m, k = 4 * mk.NN_ROWS + 5, KB + 3
+    width = width_panels * NR32 // (2 if dtype == np.float64 else 1)
+    windows, b_step = 3, width + 7
+    itemsize = np.dtype(dtype).itemsize
+    span = (2 * mk.IN_PLACE_MAX_BYTES // itemsize) if spread else 50
+    rng = np.random.default_rng(21 + width_panels)
+    flat = rng.standard_normal(span + windows * b_step).astype(dtype)
+    rows = rng.integers(0, span + 1, size=k).astype(np.int64)
+    explicit = np.stack(
+        [np.concatenate([flat[r + i * b_step : r + i * b_step + width] for i in range(windows)])
+         for r in rows]
+    )  # fmt: skip
+    a = rng.standard_normal((m, k)).astype(dtype)
+    expected = np.empty((m, windows * width), dtype)
+    mk.gemm_nn(a, explicit, expected, False)
+    c = np.full((m, windows * width), np.nan, dtype)
+    mk.gemm_nn_rows(a, flat, rows, c, False, width, b_step)
+    np.testing.assert_array_equal(c, expected)
+    _assert_product(c, _reference(a, explicit), a, explicit, k)
+    with pytest.raises(ValueError, match="shapes"):
+        mk.gemm_nn_rows(a, flat, rows, c[:, :-1], False, width, b_step)
+
+
 @pytest.mark.usefixtures("own_gemm_everywhere")
 def test_deep_products_with_a_transposed_left_operand_go_to_blas():
     """``own_gemm_pays_transposed``: BLAS for products at least OWN_GEMM_TRANSPOSED_MIN_DEPTH

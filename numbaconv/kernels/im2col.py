@@ -64,6 +64,8 @@ from ..geometry import ConvGeometry
 from ._blas import gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range, zero_row
 from .microkernel import (
+    NN_VECTORS,
+    VECTOR_BYTES,
     gemm_nn,
     gemm_nn_rows,
     gemm_rows_nn,
@@ -390,11 +392,30 @@ def implicit_image(
     else:
         padded_planes(x, n, planes_ws, geo, padded_h, padded_w, oh0)
         wide = rows * padded_w
+    if not transposed and out_w % (NN_VECTORS * VECTOR_BYTES // y.itemsize) == 0:
+        # Output rows a whole number of the tiles' panels wide: the product computes each row's
+        # OW outputs straight into y (its B rows' windows Wp apart in the planes), none of the
+        # padded width's extra columns and no copy from a product on the padded width. AMD EPYC
+        # Zen 3, float32, 2 threads, auto forward ms, medians of 9 alternating rounds:
+        # first5x5 (32 wide) 1.48 -> 1.21, the 7x7 stride-2 stem (112 wide) 14.0 -> 13.4.
+        p0, p1 = oh0 * out_w, oh1 * out_w
+        for g in range(groups):
+            gemm_nn_rows(
+                w_mat[g * k_g : (g + 1) * k_g], planes_ws,
+                tap_rows[g * taps_g : (g + 1) * taps_g], y[n, g * k_g : (g + 1) * k_g, p0:p1],
+                False, out_w, padded_w,
+            )  # fmt: skip
+        for k in range(n_filters):
+            shift = bias[k]
+            dst = y[n, k, p0:p1]
+            for q in range(p1 - p0):
+                dst[q] += shift
+        return
     ext = out_ws[: n_filters * wide].reshape(n_filters, wide)
     for g in range(groups):
         gemm_nn_rows(
             w_mat[g * k_g : (g + 1) * k_g], planes_ws, tap_rows[g * taps_g : (g + 1) * taps_g],
-            ext[g * k_g : (g + 1) * k_g], False,
+            ext[g * k_g : (g + 1) * k_g], False, 0, 0,
         )  # fmt: skip
     for k in range(n_filters):
         shift = bias[k]

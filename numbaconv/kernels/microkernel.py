@@ -855,17 +855,23 @@ def gemm_nn(a, b, c, accumulate):
 
 
 @njit(cache=True)
-def gemm_nn_rows(a, b, b_rows, c, accumulate):
+def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
     """``c (+)= a @ B`` where row ``k`` of B (K, N) is ``b[b_rows[k] : b_rows[k] + N]``: ``b``
     1-D, ``b_rows`` int64 (K,), ``c`` (M, N) with unit stride along its rows, ``a`` (M, K) at
     any strides. Implicit GEMM: the rows of B are windows of an image (see
     ``im2col.padded_planes``), read in place, so no columns are built. The same blocks, tiles
     and edges as :func:`gemm_nn`, in the same order, so each element gets the same bits as
-    :func:`gemm_nn` on the explicit B. The caller keeps every row inside ``b``. Serial."""
+    :func:`gemm_nn` on the explicit B. The caller keeps every row inside ``b``. Serial.
+
+    With ``width`` > 0 (dividing N), row ``k`` of B is N / ``width`` windows of ``width``
+    elements, ``b_step`` apart: window ``r`` is ``b[b_rows[k] + r*b_step :][:width]``. (Implicit
+    GEMM then computes output rows of their own width straight into ``y``, none of the padded
+    width's extra columns.)"""
     m, depth = a.shape
     n = c.shape[1]
     item = c.itemsize
-    if b_rows.shape[0] != depth or c.shape[0] != m:
+    width = n if width <= 0 else width
+    if b_rows.shape[0] != depth or c.shape[0] != m or n % width:
         raise ValueError("gemm_nn_rows: shapes do not match")
     if _empty_product(m, n, depth, c, accumulate):
         return
@@ -877,8 +883,9 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
     c_row = c.strides[0] // item
     m_full = m // mr
     m_rest = m - m_full * mr
-    panels = (n + nr - 1) // nr
-    n_rest = n - (panels - 1) * nr
+    windows = n // width
+    panels = (width + nr - 1) // nr
+    n_rest = width - (panels - 1) * nr
     kb_max = min(K_BLOCK, depth)
     b_pack = np.empty((kb_max, nr), c.dtype)
     tile = np.empty((mr if n_rest < nr or m % mr else 0, nr), c.dtype)  # ragged edges
@@ -892,27 +899,30 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
         for k in range(depth):
             lo = min(lo, b_rows[k])
             hi = max(hi, b_rows[k])
-        span = (hi - lo + n) * item
+        span = (hi - lo + (windows - 1) * b_step + width) * item
     pack = m_full >= PACK_MIN_ROW_BLOCKS and span > IN_PLACE_MAX_BYTES
     for k0 in range(0, depth, K_BLOCK):
         kb = min(K_BLOCK, depth - k0)
         acc = accumulate or k0 > 0
-        for jb in range(panels):
-            j0 = jb * nr
-            cols = min(nr, n - j0)
+        for jw in range(windows * panels):
+            window, jb = jw // panels, jw % panels
+            j0 = window * width + jb * nr  # in c
+            b_col = window * b_step + jb * nr  # in b, past each row's start
+            cols = min(nr, width - jb * nr)
             if cols == nr and not pack:
                 for ib in range(m_full):
                     tile_nn_rows(
                         a, ib * mr * a_row + k0 * a_col, a_row, a_col,
-                        b, b_rows, k0, j0, c, ib * mr * c_row + j0, c_row, kb, acc,
+                        b, b_rows, k0, b_col, c, ib * mr * c_row + j0, c_row, kb, acc,
                     )  # fmt: skip
                 if m_rest:
-                    _rest_rows_in_place(a, m_full * mr, m_rest, k0, kb, b, b_rows, j0, c, acc)
+                    i0 = m_full * mr
+                    _rest_rows_in_place(a, i0, m_rest, k0, kb, b, b_rows, b_col, c, j0, acc)
                 continue
             if cols == nr:
-                copy_panel_rows(b, b_rows, k0, j0, b_pack, kb)
+                copy_panel_rows(b, b_rows, k0, b_col, b_pack, kb)
             for k in range(kb if cols < nr else 0):  # zero-padded (0-based slices: see gemm_nn)
-                start = b_rows[k0 + k] + j0
+                start = b_rows[k0 + k] + b_col
                 src = b[start : start + cols]
                 dst = b_pack[k]
                 for j in range(cols):
@@ -923,16 +933,16 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate):
 
 
 @njit(cache=True)
-def _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, j0, c, accumulate):
+def _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, b_col, c, j0, accumulate):
     """``c[i0:i0+rows, j0:j0+NR] (+)= a[i0:i0+rows, k0:k0+kb] @ B`` with B's rows read in place
-    through ``b_rows[k0:k0+kb]`` (a full panel): :func:`gemm_nn_rows`' last M % MR rows, stored
-    straight into ``c`` by a short tile (:func:`tile_nn_rows_short`). In a function of its own,
-    as :func:`_rest_rows`."""
+    from ``b_col`` past ``b_rows[k0:k0+kb]`` (a full panel): :func:`gemm_nn_rows`' last M % MR
+    rows, stored straight into ``c`` by a short tile (:func:`tile_nn_rows_short`). In a function
+    of its own, as :func:`_rest_rows`."""
     item = c.itemsize
     a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
     tile_nn_rows_short(
-        a, i0 * a_row + k0 * a_col, a_row, a_col, b, b_rows, k0, j0,
+        a, i0 * a_row + k0 * a_col, a_row, a_col, b, b_rows, k0, b_col,
         c, i0 * c_row + j0, c_row, kb, accumulate, rows,
     )  # fmt: skip
 

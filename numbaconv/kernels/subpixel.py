@@ -386,7 +386,7 @@ def implicit_forward_kernel(
             if rows > 0:
                 gemm_nn_rows(
                     w_mat[phase * c_out : (phase + 1) * c_out], planes[q0 * row_w :], tap_rows,
-                    ext, False,
+                    ext, False, 0, 0,
                 )  # fmt: skip
             for o in range(c_out):
                 shift = bias[o]
