@@ -28,10 +28,10 @@ ResNet's 16x256x14x14 grad-w with Winograd's grad-x 29.5 -> 24.3).
 
 Implicit GEMM (:func:`implicit_plan`): where whole small images (or bands of rows, for batches of
 fewer than 4 and for images too large to be whole: :func:`implicit_band_rows`) fit, the forward
-product reads the taps' windows of
-zero-padded planes in place, no columns. The backward pass follows it there: grad-w by
-:func:`implicit_weight_gradient` (the windows as the rows of the left operand), and grad-x of
-stride-1 layers as the forward pass of ``grad_y`` with the flipped filters
+product reads the taps' windows of zero-padded planes in place, no columns; output rows a whole
+number of the micro-kernel's panels wide go straight into ``y``. The backward pass follows it
+there: grad-w by :func:`implicit_weight_gradient` (the windows as the rows of the left operand),
+and grad-x of stride-1 layers as the forward pass of ``grad_y`` with the flipped filters
 (:func:`input_gradient_as_forward`).
 
 Batch-chunked passes (the fallback where SciPy's OpenBLAS cannot be held to one thread, or with
@@ -1005,8 +1005,10 @@ def implicit_band_rows(geom: ConvGeometry, itemsize: int) -> int:
     Larger batches (AMD EPYC Zen 3, AVX2, 2 threads, ``auto``, forward ms, medians of 7
     alternating rounds in long-lived processes, bands of columns on BLAS -> implicit bands):
     float32 8x3x224x224 7x7 stride-2 stem 19.2 -> 14.4 (bands of 28 rows), float64 34.4 ->
-    29.3 (14 rows); float64 ResNet's 16x64x56x56 3x3 stride 2 28.0 -> 28.9 (14 rows, a loss
-    within this machine's noise, taken for the rule's simplicity).
+    29.3 (14 rows); float64 ResNet's 16x64x56x56 3x3 stride 2 (14 rows) 28.0 -> 28.9 with the
+    panels copied by slices, 34.0 -> 32.0 with :func:`~.microkernel.copy_panel_rows` (the
+    machine slower by then); float64 DeepLab's 4x256x28x28 dilation 2, whose grad-x runs as
+    this forward pass (:func:`input_gradient_as_forward`), backward 169.6 -> 173.4.
 
     Measured (AMD EPYC Zen 5, 2 threads, one process, the two alternating, medians of 7
     rounds, forward ms, bands of columns -> implicit bands): float32 U-Net's 1x32x256x256 3x3

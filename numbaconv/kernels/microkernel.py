@@ -451,21 +451,9 @@ def tile_nn_rows_short(
     if not (a.dtype == b.dtype == c.dtype) or b_rows.dtype != types.int64:
         return None
     sig = types.void(
-        a,
-        a_off,
-        a_row,
-        a_col,
-        b,
-        b_rows,
-        rows_off,
-        b_col,
-        c,
-        c_off,
-        c_row,
-        depth,
-        accumulate,
+        a, a_off, a_row, a_col, b, b_rows, rows_off, b_col, c, c_off, c_row, depth, accumulate,
         rows,
-    )
+    )  # fmt: skip
     return sig, _table_tile_codegen(True)
 
 
