@@ -6,9 +6,10 @@ order)."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
-from helpers import Cfg, assert_close, make_data
+from helpers import Cfg, assert_close, assert_same_bits, make_data
 from naive import conv2d_windows, padding4
 
 import numbaconv as nc
@@ -209,12 +210,21 @@ def test_whole_images_run_implicit_where_their_planes_fit():
     assert im2col.forward_plan(inception, 8) == (17, 1)
 
 
+def _forward_on_1_and_2_threads(x, w, b, geom):
+    """``im2col.forward`` on 1 thread, then on 2."""
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = im2col.forward(x, w, b, geom)
+        numba.set_num_threads(2)
+        return one, im2col.forward(x, w, b, geom)
+    finally:
+        numba.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cfg", BAND_CASES, ids=str)
 def test_small_batches_run_bands_of_rows(cfg, dtype):
     """At least IMPLICIT_BAND_JOBS jobs, the last band shorter; the bits on 1 and 2 threads."""
-    import numba
-    from helpers import assert_same_bits
-
     itemsize = np.dtype(dtype).itemsize
     geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
     rows = im2col.implicit_band_rows(geom, itemsize)
@@ -222,14 +232,7 @@ def test_small_batches_run_bands_of_rows(cfg, dtype):
     assert cfg.n * -(-geom.out_height // rows) >= im2col.IMPLICIT_BAND_JOBS
     assert im2col.forward_plan(geom, itemsize) == (rows, 1)
     x, w, b, _ = make_data(cfg, dtype, seed=3)
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = im2col.forward(x, w, b, geom)
-        numba.set_num_threads(2)
-        two = im2col.forward(x, w, b, geom)
-    finally:
-        numba.set_num_threads(threads)
+    one, two = _forward_on_1_and_2_threads(x, w, b, geom)
     assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
 
 
@@ -263,9 +266,6 @@ def test_images_too_large_to_be_whole_run_bands_of_rows(cfg, dtype, monkeypatch)
     largest bands of rows that fit (here the bound is set just under a whole image): right
     against the reference, with a last band shorter than the others, and the same bits on 1
     and 2 threads."""
-    import numba
-    from helpers import assert_same_bits
-
     itemsize = np.dtype(dtype).itemsize
     geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
     monkeypatch.setattr(
@@ -278,13 +278,6 @@ def test_images_too_large_to_be_whole_run_bands_of_rows(cfg, dtype, monkeypatch)
     x, w, b, _ = make_data(cfg, dtype, seed=12)
     pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
     ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
-    threads = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = im2col.forward(x, w, b, geom)
-        numba.set_num_threads(2)
-        two = im2col.forward(x, w, b, geom)
-    finally:
-        numba.set_num_threads(threads)
+    one, two = _forward_on_1_and_2_threads(x, w, b, geom)
     assert_close(two, ref, ref_abs, dtype, f"forward [{cfg}]")
     assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")

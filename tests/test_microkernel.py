@@ -256,6 +256,18 @@ def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
         assert error < limit, (case, error)
 
 
+def _assert_rows_give_gemm_nn_bits(a, flat, rows, explicit, *windows):
+    """gemm_nn_rows of ``a`` with B's rows named in ``flat`` (``windows``: its width and b_step,
+    or none) gives gemm_nn's bits on the ``explicit`` B, and is right against float64."""
+    m, k = a.shape
+    expected = np.empty((m, explicit.shape[1]), a.dtype)
+    mk.gemm_nn(a, explicit, expected, False)
+    c = np.full_like(expected, np.nan)
+    mk.gemm_nn_rows(a, flat, rows, c, False, *windows)
+    np.testing.assert_array_equal(c, expected)
+    _assert_product(c, _reference(a, explicit), a, explicit, k)
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_gemm_nn_rows_is_gemm_nn_on_the_rows_it_names(size, dtype):
     """B's rows given as offsets into a flat array (overlapping windows, in any order): the
@@ -266,12 +278,7 @@ def test_gemm_nn_rows_is_gemm_nn_on_the_rows_it_names(size, dtype):
     rows = rng.integers(0, flat.shape[0] - n + 1, size=k).astype(np.int64)
     explicit = np.stack([flat[r : r + n] for r in rows]) if k else np.zeros((0, n), dtype)
     a = rng.standard_normal((m, k)).astype(dtype)
-    expected = np.empty((m, n), dtype)
-    mk.gemm_nn(a, explicit, expected, False)
-    c = np.full((m, n), np.nan, dtype)
-    mk.gemm_nn_rows(a, flat, rows, c, False)
-    np.testing.assert_array_equal(c, expected)
-    _assert_product(c, _reference(a, explicit), a, explicit, k)
+    _assert_rows_give_gemm_nn_bits(a, flat, rows, explicit)
     start = rng.standard_normal((m, n)).astype(dtype)
     c = start.copy()
     mk.gemm_nn_rows(np.ascontiguousarray(a.T).T, flat, rows, c, True)
@@ -294,12 +301,7 @@ def test_gemm_nn_rows_packs_only_rows_spread_wider_than_the_cache(spread, dtype)
     assert ((rows.max() - rows.min() + n) * itemsize > mk.IN_PLACE_MAX_BYTES) == spread
     explicit = np.stack([flat[r : r + n] for r in rows])
     a = rng.standard_normal((m, k)).astype(dtype)
-    expected = np.empty((m, n), dtype)
-    mk.gemm_nn(a, explicit, expected, False)
-    c = np.full((m, n), np.nan, dtype)
-    mk.gemm_nn_rows(a, flat, rows, c, False)
-    np.testing.assert_array_equal(c, expected)
-    _assert_product(c, _reference(a, explicit), a, explicit, k)
+    _assert_rows_give_gemm_nn_bits(a, flat, rows, explicit)
     start = rng.standard_normal((m, n)).astype(dtype)
     c, summed = start.copy(), start.copy()
     mk.gemm_nn_rows(a, flat, rows, c, True)
@@ -326,14 +328,10 @@ def test_gemm_nn_rows_on_windows_of_rows(width_panels, spread, dtype):
          for r in rows]
     )  # fmt: skip
     a = rng.standard_normal((m, k)).astype(dtype)
-    expected = np.empty((m, windows * width), dtype)
-    mk.gemm_nn(a, explicit, expected, False)
-    c = np.full((m, windows * width), np.nan, dtype)
-    mk.gemm_nn_rows(a, flat, rows, c, False, width, b_step)
-    np.testing.assert_array_equal(c, expected)
-    _assert_product(c, _reference(a, explicit), a, explicit, k)
+    _assert_rows_give_gemm_nn_bits(a, flat, rows, explicit, width, b_step)
+    c = np.empty((m, windows * width - 1), dtype)
     with pytest.raises(ValueError, match="shapes"):
-        mk.gemm_nn_rows(a, flat, rows, c[:, :-1], False, width, b_step)
+        mk.gemm_nn_rows(a, flat, rows, c, False, width, b_step)
 
 
 @pytest.mark.usefixtures("own_gemm_everywhere")
