@@ -21,7 +21,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", str(max(4, os.cpu_count() or 1)))
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from helpers import DTYPES, KERNELS  # noqa: E402
+from helpers import DTYPES, GEMM_GATES, KERNELS  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from threadprobe import ThreadProbe  # noqa: E402
 
@@ -275,11 +275,14 @@ def force_parallel(monkeypatch):
 
 @pytest.fixture
 def own_gemm_everywhere(monkeypatch):
-    """``microkernel.own_gemm_pays`` as on AVX-512, whatever this machine (on narrower targets
-    it is False: ``OWN_GEMM_ON_THIS_TARGET``, where BLAS measured faster). Its Python function
-    reads the module global at each call, so tests of its size bounds hold on every machine;
-    compiled kernels keep the value they were built with."""
-    monkeypatch.setattr(microkernel, "OWN_GEMM_ON_THIS_TARGET", True)
+    """``microkernel.own_gemm_pays`` and ``own_gemm_pays_transposed`` as on AVX-512, whatever
+    this machine (on narrower targets some are False: ``OWN_GEMM_ON_THIS_TARGET``,
+    ``OWN_GEMM_FLOAT64_ON_THIS_TARGET``, ``OWN_TRANSPOSED_GEMM_ON_THIS_TARGET``, where BLAS
+    measured faster). Their Python functions read the module globals at each call, so tests of
+    their size bounds hold on every machine; compiled kernels keep the values they were built
+    with."""
+    for gate in GEMM_GATES:
+        monkeypatch.setattr(microkernel, gate, True)
 
 
 @pytest.fixture

@@ -218,6 +218,14 @@ def check_against_reference(cfg: Cfg, kernel, dtype, seed=0, ref=None):
 #: Targets other than the host's (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``, the vector bits
 #: numbaconv's intrinsics take for them): AVX2 and a 128-bit CPU, whose instructions any
 #: AVX-512 or AVX2 host runs.
+#: microkernel's gates: float32 and float64 products, products with a transposed operand.
+GEMM_GATES = (
+    "OWN_GEMM_ON_THIS_TARGET",
+    "OWN_GEMM_FLOAT64_ON_THIS_TARGET",
+    "OWN_TRANSPOSED_GEMM_ON_THIS_TARGET",
+)
+
+
 OTHER_CPUS = [
     ("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256),
     ("generic", "", 128),

@@ -65,6 +65,29 @@ def _plan(cfg, dtype):
     return im2col.implicit_plan(geom, band_rows, group, segment, np.dtype(dtype).itemsize)
 
 
+def _columns_on_the_micro_kernel(cfg, dtype) -> bool:
+    """Whether every product of the columns path (``forward_plan``'s bands, segments or groups
+    of images, the last ones shorter) runs on the micro-kernel: ``own_gemm_pays`` as the
+    kernels were compiled (its gates unpatched), for each width the plan gives."""
+    from numbaconv.kernels import microkernel as mk
+
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    itemsize = np.dtype(dtype).itemsize
+    band_rows, group = im2col.forward_plan(geom, itemsize)
+    segment = im2col.row_segment(geom, itemsize, band_rows, group)
+    oh, ow = geom.out_height, geom.out_width
+    if segment < ow:
+        widths = {segment, ow % segment}
+    elif band_rows >= oh:
+        widths = {oh * ow * group, oh * ow * (geom.batch % group or group)}
+    else:
+        widths = {band_rows * ow, oh % band_rows * ow}
+    k_g = geom.out_channels // geom.groups
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    pays = mk.own_gemm_pays.py_func
+    return all(pays(k_g, taps_g, width, itemsize) for width in widths - {0})
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("cfg", CASES + TRANSPOSED_CASES + STRIDED_CASES + BAND_CASES, ids=str)
 def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
@@ -86,12 +109,10 @@ def test_implicit_gemm_matches_the_reference(request, cfg, dtype, parallel):
 )
 def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     """NaN and Inf included: they reach the same outputs (the extra columns on the padded width,
-    which may hold them too, are never in y). The same bits where the columns' product runs on
-    the micro-kernel too (AVX-512: ``microkernel.OWN_GEMM_ON_THIS_TARGET`` as compiled); on
-    other targets it runs on BLAS, and the two agree to rounding, NaN for NaN."""
-    from numbaconv.kernels import microkernel as mk
-
-    own_gemm = mk.OWN_GEMM_ON_THIS_TARGET
+    which may hold them too, are never in y). The same bits where every product of the columns
+    path runs on the micro-kernel too (:func:`_columns_on_the_micro_kernel`); where one runs on
+    BLAS (a small band's product, or a target where ``own_gemm_pays`` is False), the two agree
+    to rounding, NaN for NaN."""
     x, w, b, _ = make_data(cfg, dtype, seed=9)
     x[0, 1, 2, 3] = np.nan
     x[-1, 0, -1, -1] = np.inf
@@ -99,6 +120,7 @@ def test_implicit_gemm_gives_the_columns_bits(cfg, dtype, monkeypatch):
     implicit = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
     monkeypatch.setattr(im2col, "IMPLICIT_MAX_WASTE", -1.0)
     assert _plan(cfg, dtype).shape[0] == 0
+    own_gemm = _columns_on_the_micro_kernel(cfg, dtype)
     columns = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
     if own_gemm:
         np.testing.assert_array_equal(implicit, columns)

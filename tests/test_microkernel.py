@@ -8,12 +8,13 @@ compiled in subprocesses for other CPUs.
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 
 import numba
 import numpy as np
 import pytest
-from helpers import OTHER_CPUS, run_for_cpu
+from helpers import GEMM_GATES, OTHER_CPUS, run_for_cpu
 
 from numbaconv.kernels import microkernel as mk
 
@@ -190,19 +191,33 @@ def test_vector_width_from_features(features, bits):
     assert mk.vector_bits_for(features) == bits
 
 
-def test_own_gemm_runs_on_avx512_targets_only(monkeypatch):
+def test_own_gemm_runs_on_avx2_and_avx512_targets(monkeypatch):
     """``own_gemm_pays``: the size bounds (measured on AVX-512) on targets at least
-    OWN_GEMM_MIN_VECTOR_BITS wide, BLAS for every product elsewhere; the gate is the vector
-    width, so it too follows the cache key alone."""
-    assert mk.OWN_GEMM_ON_THIS_TARGET == (mk.VECTOR_BITS >= mk.OWN_GEMM_MIN_VECTOR_BITS == 512)
+    OWN_GEMM_MIN_VECTOR_BITS (AVX2) wide in float32 and OWN_GEMM_FLOAT64_MIN_VECTOR_BITS
+    (AVX-512) in float64, BLAS for every product elsewhere; ``own_gemm_pays_transposed`` from
+    OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS (AVX-512). The gates are the vector width, so they too
+    follow the cache key alone."""
+    assert mk.OWN_GEMM_MIN_VECTOR_BITS == 256
+    assert mk.OWN_GEMM_FLOAT64_MIN_VECTOR_BITS == mk.OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS == 512
+    assert mk.OWN_GEMM_ON_THIS_TARGET == (mk.VECTOR_BITS >= 256)
+    assert mk.OWN_GEMM_FLOAT64_ON_THIS_TARGET == (mk.VECTOR_BITS >= 512)
+    assert mk.OWN_TRANSPOSED_GEMM_ON_THIS_TARGET == (mk.VECTOR_BITS >= 512)
     shape = (64, 256, 3136, 4)  # ResNet's 1x1 reduce in float32: within every size bound
-    assert mk.own_gemm_size_pays.py_func(*shape)
+    shape64 = (64, 256, 1568, 8)  # and in float64, on half the columns
+    transposed = (64, 64, 3136, 4)  # shallow: within the transposed operand's bounds too
+    for size in (shape, shape64, transposed):
+        assert mk.own_gemm_size_pays.py_func(*size)
     # Compiled first: a compilation reads the module's globals as they are at that moment.
-    assert numba.njit(lambda: mk.own_gemm_pays(64, 256, 3136, 4))() == (mk.VECTOR_BITS >= 512)
-    for target in (True, False):
-        monkeypatch.setattr(mk, "OWN_GEMM_ON_THIS_TARGET", target)
-        assert mk.own_gemm_pays.py_func(*shape) is target
-        assert bool(mk.own_gemm_pays_transposed.py_func(*shape)) is target
+    assert numba.njit(lambda: mk.own_gemm_pays(64, 256, 3136, 4))() == (mk.VECTOR_BITS >= 256)
+    assert numba.njit(lambda: mk.own_gemm_pays(64, 256, 1568, 8))() == (mk.VECTOR_BITS >= 512)
+    compiled = numba.njit(lambda: mk.own_gemm_pays_transposed(64, 64, 3136, 4))()
+    assert compiled == (mk.VECTOR_BITS >= 512)
+    for gates in itertools.product((True, False), repeat=3):
+        for gate, on in zip(GEMM_GATES, gates, strict=True):
+            monkeypatch.setattr(mk, gate, on)
+        assert mk.own_gemm_pays.py_func(*shape) is gates[0]
+        assert mk.own_gemm_pays.py_func(*shape64) is gates[1]
+        assert bool(mk.own_gemm_pays_transposed.py_func(*transposed)) is gates[2]
 
 
 def test_tiles_follow_the_cache_key_alone():
@@ -236,9 +251,12 @@ _OTHER_CPU = textwrap.dedent(
             errors[f"{np.dtype(dtype).name} {m}x{k}x{n}"] = float((np.abs(c - ref) / scale).max())
     from numba import njit
 
-    # The gate as the compiled kernels see it (a global frozen at compile time).
+    # The gates as the compiled kernels see them (globals frozen at compile time).
     pays = njit(lambda: mk.own_gemm_pays(64, 256, 3136, 4))()
-    print(json.dumps({"bits": mk.VECTOR_BITS, "errors": errors, "own_gemm": bool(pays)}))
+    pays64 = njit(lambda: mk.own_gemm_pays(64, 256, 1568, 8))()
+    transposed = njit(lambda: mk.own_gemm_pays_transposed(64, 64, 3136, 4))()
+    report = {"bits": mk.VECTOR_BITS, "errors": errors, "own_gemm": bool(pays)}
+    print(json.dumps(dict(report, own_float64=bool(pays64), own_transposed=bool(transposed))))
     """
 )
 
@@ -247,10 +265,14 @@ _OTHER_CPU = textwrap.dedent(
 def test_other_vector_widths_compile_and_agree(tmp_path, cpu, features, bits):
     """The AVX2 tiles, and the 128-bit ones that LLVM legalises for any CPU, compiled for those
     CPUs (in a fresh cache) and run here, which can run their instructions; the kernels compiled
-    for them leave every product to BLAS."""
+    for AVX2 run the filters' products on the micro-kernel in float32, and on BLAS in float64
+    and those with a transposed operand; those for 128-bit targets every product on BLAS
+    (where it measured faster)."""
     report = run_for_cpu(_OTHER_CPU, cpu, features, tmp_path, timeout=600)
     assert report["bits"] == bits
-    assert report["own_gemm"] is False  # BLAS measured faster there: OWN_GEMM_MIN_VECTOR_BITS
+    assert report["own_gemm"] is (bits >= 256)  # OWN_GEMM_MIN_VECTOR_BITS
+    assert report["own_float64"] is False  # OWN_GEMM_FLOAT64_MIN_VECTOR_BITS
+    assert report["own_transposed"] is False  # OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS
     for case, error in report["errors"].items():
         limit = 1e-5 if case.startswith("float32") else 1e-13
         assert error < limit, (case, error)

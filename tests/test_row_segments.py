@@ -58,12 +58,14 @@ def test_segments_do_not_change_the_bits(cfg, dtype, monkeypatch):
     """numbaconv's own GEMM rounds each column the same whatever columns share its product
     (32 filters x 144 taps: it runs these, the last, ragged segments too, being above its
     1e6 M*K*N bound), so cutting rows into segments changes no bit. Where it does not run
-    (targets narrower than AVX-512: ``microkernel.OWN_GEMM_ON_THIS_TARGET``), BLAS's products
-    may round by their width, and the two agree to rounding."""
-    own_gemm = mk.OWN_GEMM_ON_THIS_TARGET  # as the kernels were compiled, before any patching
+    (targets narrower than AVX2, and float64 on AVX2: ``microkernel.OWN_GEMM_ON_THIS_TARGET``
+    and ``OWN_GEMM_FLOAT64_ON_THIS_TARGET``), BLAS's products may round by their width, and
+    the two agree to rounding."""
+    itemsize = np.dtype(dtype).itemsize
+    # As the kernels were compiled, before any patching.
+    own_gemm = mk.OWN_GEMM_FLOAT64_ON_THIS_TARGET if itemsize == 8 else mk.OWN_GEMM_ON_THIS_TARGET
     geom, segment = _segment(cfg, dtype)
     assert segment < geom.out_width and geom.out_width % segment != 0
-    itemsize = np.dtype(dtype).itemsize
     size_pays = mk.own_gemm_size_pays.py_func
     assert size_pays(32, 144, geom.out_width, itemsize)
     assert size_pays(32, 144, geom.out_width % segment, itemsize)

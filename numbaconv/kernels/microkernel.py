@@ -14,8 +14,9 @@ contiguous. :func:`gemm_nn` cuts any product into such tiles (blocks of ``K``, p
 packed when reused, ragged edges through a zero-padded panel and shorter or narrower tiles)
 and is called from inside the kernels' parallel regions, one call per lane: it is serial and
 allocates only a panel and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays`
-says so to the kernels (for ``im2col``'s columns and ``taps``, on AVX-512 targets only:
-:data:`OWN_GEMM_MIN_VECTOR_BITS`).
+says so to the kernels (for ``im2col``'s columns and ``taps``, on AVX-512 and AVX2 targets:
+:data:`OWN_GEMM_MIN_VECTOR_BITS`; their products with a transposed operand on AVX-512 only:
+:data:`OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS`).
 
 Tile shapes follow the host's vector width: :data:`VECTOR_BITS` comes from the CPU features in
 Numba's own code-generation target (``codegen.magic_tuple()``). Other CPUs get the 128-bit
@@ -140,21 +141,43 @@ OWN_GEMM_MAX_PRODUCT = 2**20
 OWN_GEMM_TRANSPOSED_MIN_DEPTH = 128
 OWN_GEMM_MAX_TRANSPOSED_PRODUCT = 2**15
 
-#: The vector widths on which :func:`own_gemm_pays` lets the micro-kernel run: AVX-512, where
-#: every bound here was measured. On AVX2 (``lscpu`` "AMD EPYC", family 25 model 1: Zen 3 under
-#: KVM, 32 KiB L1d, 2 cores; 2026-11-28) the 6 x 2 tile lost to OpenBLAS's Zen kernels on every
-#: product of ``asv_benchmarks/microkernel_gflops.py`` (0.56-0.96x: the cube 70 against 80
-#: GFLOP/s, 256x64 @ 64x3136 31 against 55, 64x64 @ 64x196 43 against 58), and ``im2col``'s
-#: and ``taps``' layers ran up to 3x faster on BLAS (float32, 2 threads, auto, ms, two
-#: alternated rounds: ResNet's 16x256x56x56 1x1 reduce 61-65 -> 19-20 forward, 50-53 -> 39-40
-#: backward; 16x256x14x14 1x1 3.4-4.2 -> 1.7; DeepLab's dilation 12 (taps) 69 -> 32 in one zoo
-#: run). Winograd's products and implicit GEMM ask :func:`own_gemm_size_pays` instead, on every
+#: The vector widths on which :func:`own_gemm_pays` lets the micro-kernel run the products of
+#: ``im2col``'s and ``taps``' filters with columns or input rows, in float32: AVX-512 and AVX2
+#: (float64: :data:`OWN_GEMM_FLOAT64_MIN_VECTOR_BITS`). On AVX2 (``lscpu`` "AMD EPYC", family
+#: 25 model 1: Zen 3 under KVM, 32 KiB L1d, 2 cores) the 6 x 2 tile first lost to OpenBLAS's
+#: Zen kernels on every product (2026-11-28: 0.56-0.96x; the cube 70 against 80 GFLOP/s, 256x64
+#: @ 64x3136 31 against 55), and ``im2col``'s and ``taps``' layers ran up to 3x faster on BLAS
+#: (ResNet's 16x256x56x56 1x1 reduce 61-65 -> 19-20 ms forward). Since the short tiles, in-place
+#: rows and vector panel copies (2026-12-06) it matches or beats OpenBLAS there (256x64 @
+#: 64x3136 88 against 78 GFLOP/s, one core), and the forward passes gained: float32, 2 threads,
+#: auto, medians of 11 alternating rounds, ms, BLAS -> micro-kernel: ResNet's 16x256x14x14 1x1
+#: 1.35 -> 1.21, 16x64x56x56 1x1 stride 2 2.76 -> 2.29, 16x256x56x56 1x1 13.35 -> 12.66,
+#: 16x64x56x56 1x1 to 256 15.08 -> 14.82, Inception's 7x1 (taps) 6.70 -> 6.13, DeepLab's
+#: dilation 12 (taps) 21.2 -> 21.2, 16x512x7x7 3x3 24.2 -> 23.8, mnist 0.75 -> 0.75; their
+#: backward passes (grad-x products) 0.98-1.03x. 128-bit targets keep BLAS. Derived from
+#: :data:`VECTOR_BITS` alone, so from Numba's cache key (see the module's docstring).
+#: Winograd's products and implicit GEMM ask :func:`own_gemm_size_pays` instead, on every
 #: target: there, two lanes each calling OpenBLAS for many small products lost to the
-#: micro-kernel (same machine, zoo runs, ms: cifar forward 20 against 27, ResNet's 16x64x56x56
-#: 3x3 forward 23 against 30, first5x5 4.3 against 5.3). 128-bit targets follow AVX2. Derived
-#: from :data:`VECTOR_BITS` alone, so from Numba's cache key (see the module's docstring).
-OWN_GEMM_MIN_VECTOR_BITS = 512
+#: micro-kernel even when the tile lost on its own (Zen 3, zoo runs, ms: cifar forward 20
+#: against 27, ResNet's 16x64x56x56 3x3 forward 23 against 30, first5x5 4.3 against 5.3).
+OWN_GEMM_MIN_VECTOR_BITS = 256
 OWN_GEMM_ON_THIS_TARGET = VECTOR_BITS >= OWN_GEMM_MIN_VECTOR_BITS
+
+#: ... in float64: AVX-512 only. On AVX2 (same machine and run, medians of 9 rounds, float64,
+#: ms, BLAS -> micro-kernel) the forward passes were mixed: 16x256x14x14 1x1 1.63 -> 1.50,
+#: but 16x64x56x56 1x1 stride 2 4.34 -> 4.63 and DeepLab's dilation 12 (taps) 41.7 -> 47.1;
+#: 16x256x56x56 1x1 23.6 -> 23.2, Inception's 7x1 12.6 -> 12.2, 16x512x7x7 3x3 69.2 -> 69.1.
+OWN_GEMM_FLOAT64_MIN_VECTOR_BITS = 512
+OWN_GEMM_FLOAT64_ON_THIS_TARGET = VECTOR_BITS >= OWN_GEMM_FLOAT64_MIN_VECTOR_BITS
+
+#: ... and on which the products with a transposed operand run on it: grad-w's (``grad_y @
+#: columns.T``, :func:`own_weight_gradient`) and grad-x's transposed filters
+#: (:func:`own_gemm_pays_transposed`): AVX-512 only. On AVX2 (Zen 3, same run, with the
+#: float32 products above on the micro-kernel too) they were mixed against OpenBLAS: backward
+#: ms, 16x256x14x14 1x1 1.82 -> 1.70, 16x64x56x56 1x1 to 256 26.2 -> 23.9, but 16x512x7x7 3x3
+#: 47.1 -> 51.9 and mnist 1.85 -> 1.95.
+OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS = 512
+OWN_TRANSPOSED_GEMM_ON_THIS_TARGET = VECTOR_BITS >= OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS
 
 #: ... and products of M*K*N up to this went to BLAS too: OpenBLAS's AVX-512 builds run them
 #: with kernels that skip packing (see ``im2col.SMALL_GEMM_SIZE``), which beat the tile on
@@ -624,13 +647,16 @@ VECTOR_BYTES = VECTOR_BITS // 8
 @njit(cache=True, inline="always")
 def own_gemm_pays(rows, depth, columns, itemsize):
     """Whether :func:`gemm_nn` beats BLAS on a ``rows x depth`` by ``depth x columns`` product of
-    ``itemsize``-byte floats, on this target (:data:`OWN_GEMM_ON_THIS_TARGET`)."""
-    return OWN_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)
+    ``itemsize``-byte floats, on this target (:data:`OWN_GEMM_ON_THIS_TARGET`, in float64
+    :data:`OWN_GEMM_FLOAT64_ON_THIS_TARGET`)."""
+    on_target = OWN_GEMM_FLOAT64_ON_THIS_TARGET if itemsize == 8 else OWN_GEMM_ON_THIS_TARGET
+    return on_target and own_gemm_size_pays(rows, depth, columns, itemsize)
 
 
 def own_weight_gradient() -> bool:
     """Whether the grad-w products (``grad_y @ columns.T``) of im2col and taps run on the
-    micro-kernel rather than BLAS: on AVX-512 targets (:data:`OWN_GEMM_ON_THIS_TARGET`) whose
+    micro-kernel rather than BLAS: on AVX-512 targets (:data:`OWN_TRANSPOSED_GEMM_ON_THIS_TARGET`)
+    whose
     OpenBLAS does not run its AVX-512 kernels (:func:`numbaconv._threading.blas_runs_avx512`).
 
     Measured on AMD EPYC Zen 5, 2 threads: products alone (4 jobs of single-threaded products,
@@ -645,7 +671,7 @@ def own_weight_gradient() -> bool:
     Sapphire Rapids, where its AVX-512 kernels ran im2col's band products at 150-200 GFLOP/s per
     core against 110-150. The BLAS a process loads is a run-time fact, not in Numba's cache key,
     so the kernels take the answer as an argument."""
-    return OWN_GEMM_ON_THIS_TARGET and not blas_runs_avx512()
+    return OWN_TRANSPOSED_GEMM_ON_THIS_TARGET and not blas_runs_avx512()
 
 
 @njit(cache=True, inline="always")
@@ -666,9 +692,9 @@ def own_gemm_pays_transposed(rows, depth, columns, itemsize):
     its columns contiguous), such as im2col's filters in the input gradient."""
     # The gate is read here, not through own_gemm_pays: called from Python (``py_func``, as the
     # tests do), this body would reach the compiled own_gemm_pays, whose gate is frozen.
-    return (OWN_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)) and (
-        depth < OWN_GEMM_TRANSPOSED_MIN_DEPTH or rows * depth <= OWN_GEMM_MAX_TRANSPOSED_PRODUCT
-    )
+    return (
+        OWN_TRANSPOSED_GEMM_ON_THIS_TARGET and own_gemm_size_pays(rows, depth, columns, itemsize)
+    ) and (depth < OWN_GEMM_TRANSPOSED_MIN_DEPTH or rows * depth <= OWN_GEMM_MAX_TRANSPOSED_PRODUCT)
 
 
 @njit(cache=True, inline="always")
