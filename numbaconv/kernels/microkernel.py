@@ -14,9 +14,9 @@ contiguous. :func:`gemm_nn` cuts any product into such tiles (blocks of ``K``, p
 packed when reused, ragged edges through a zero-padded panel and shorter or narrower tiles)
 and is called from inside the kernels' parallel regions, one call per lane: it is serial and
 allocates only a panel and a tile. Where it beats BLAS is measured, and :func:`own_gemm_pays`
-says so to the kernels (for ``im2col``'s columns and ``taps``, on AVX-512 and AVX2 targets:
-:data:`OWN_GEMM_MIN_VECTOR_BITS`; their products with a transposed operand on AVX-512 only:
-:data:`OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS`).
+says so to the kernels (for ``im2col``'s columns and ``taps``, on AVX-512 targets, and on AVX2
+in float32: :data:`OWN_GEMM_MIN_VECTOR_BITS`, :data:`OWN_GEMM_FLOAT64_MIN_VECTOR_BITS`; their
+products with a transposed operand on AVX-512 only: :data:`OWN_TRANSPOSED_GEMM_MIN_VECTOR_BITS`).
 
 Tile shapes follow the host's vector width: :data:`VECTOR_BITS` comes from the CPU features in
 Numba's own code-generation target (``codegen.magic_tuple()``). Other CPUs get the 128-bit
