@@ -215,9 +215,6 @@ def check_against_reference(cfg: Cfg, kernel, dtype, seed=0, ref=None):
     assert_close(gb, ref.gb, ref.gb_abs, dtype, f"grad_b {tag}")
 
 
-#: Targets other than the host's (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``, the vector bits
-#: numbaconv's intrinsics take for them): AVX2 and a 128-bit CPU, whose instructions any
-#: AVX-512 or AVX2 host runs.
 #: microkernel's gates: float32 and float64 products, products with a transposed operand.
 GEMM_GATES = (
     "OWN_GEMM_ON_THIS_TARGET",
@@ -226,6 +223,9 @@ GEMM_GATES = (
 )
 
 
+#: Targets other than the host's (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``, the vector bits
+#: numbaconv's intrinsics take for them): AVX2 and a 128-bit CPU, whose instructions any
+#: AVX-512 or AVX2 host runs.
 OTHER_CPUS = [
     ("haswell", "+64bit,+avx,+avx2,+fma,+sse4.2,+popcnt,+cx16,+f16c", 256),
     ("generic", "", 128),

@@ -656,8 +656,8 @@ def own_gemm_pays(rows, depth, columns, itemsize):
 def own_weight_gradient() -> bool:
     """Whether the grad-w products (``grad_y @ columns.T``) of im2col and taps run on the
     micro-kernel rather than BLAS: on AVX-512 targets (:data:`OWN_TRANSPOSED_GEMM_ON_THIS_TARGET`)
-    whose
-    OpenBLAS does not run its AVX-512 kernels (:func:`numbaconv._threading.blas_runs_avx512`).
+    whose OpenBLAS does not run its AVX-512 kernels
+    (:func:`numbaconv._threading.blas_runs_avx512`).
 
     Measured on AMD EPYC Zen 5, 2 threads: products alone (4 jobs of single-threaded products,
     GFLOP/s, BLAS / micro-kernel), with OpenBLAS's AVX2 ``Haswell`` kernels, float32 256x128 @
