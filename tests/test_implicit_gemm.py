@@ -214,6 +214,43 @@ def test_phase_planes_and_tap_rows():
     assert not planes[24 * 6 * plane :].any()  # the room past the planes: zeros
 
 
+@pytest.mark.parametrize(
+    "height, width, filter_hw, stride, padding",
+    [
+        (9, 12, (3, 3), 2, (1, 1)),  # even width, odd left padding: even columns to phase 1
+        (9, 13, (3, 3), 2, (1, 2)),  # odd width, even padding: the last even column alone
+        (8, 11, (3, 4), 2, (0, 0)),  # no padding; the planes end before the row does
+        (7, 10, (5, 5), (1, 2), (2, 3)),  # stride 1 down; padding wider than a phase's column
+        (6, 1, (3, 2), 2, (1, 1)),  # a one-column image
+    ],
+)
+def test_phase_planes_of_stride_two_columns(height, width, filter_hw, stride, padding):
+    # At a column stride of 2 both column phases come from one pass over each input row
+    # (_loops.deinterleave_row): plane (a, b)'s element (m, q) is the padded image's
+    # (sh*m + a, 2q + b), and every element of the planes not in the image is zero.
+    geom = make_geometry((1, 5, height, width), (8, 5, *filter_hw), stride=stride, padding=padding)
+    sh, sw = geom.stride_h, geom.stride_w
+    padded_h, padded_w = im2col._padded_extent(geom)
+    phases_h, phases_w = im2col.plane_phases(geom)
+    assert sw == 2 and phases_w == 2
+    x = np.arange(5 * height * width, dtype=np.float32).reshape(1, 5, height, width) + 1
+    room, _ = im2col.implicit_workspace(geom)
+    planes = np.full(room, np.nan, dtype=np.float32)
+    im2col.padded_planes(x, 0, planes, im2col.geometry_args(geom), padded_h, padded_w, 0)
+    pad_t, pad_l = geom.pad_top, geom.pad_left
+    padded = np.zeros((5, pad_t + sh * padded_h + 2, pad_l + sw * padded_w + 2), np.float32)
+    padded[:, pad_t : pad_t + height, pad_l : pad_l + width] = x[0]
+    plane = padded_h * padded_w
+    for c in range(5):
+        for a in range(phases_h):
+            for b in range(phases_w):
+                start = ((c * phases_h + a) * phases_w + b) * plane
+                got = planes[start : start + plane].reshape(padded_h, padded_w)
+                want = padded[c, a::sh][:padded_h, b::sw][:, :padded_w]
+                np.testing.assert_array_equal(got, want)
+    assert not planes[5 * phases_h * phases_w * plane :].any()
+
+
 def test_whole_images_run_implicit_where_their_planes_fit():
     # ResNet's 16x64x56x56 3x3: columns in 8-row bands; planes and product 1.7 MB in float32.
     geom = make_geometry((16, 64, 56, 56), (64, 64, 3, 3), padding=1)

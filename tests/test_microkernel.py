@@ -127,7 +127,8 @@ def test_bits_do_not_depend_on_the_rows_computed(dtype):
     """Likewise along the rows: the last M % MR rows run on a short tile with the full tile's
     operations, so a product over some of a's rows equals those rows of the full product, bit
     for bit, wherever the rows fall in the tiles (gemm_nn, in place and packed, and the
-    implicit drivers gemm_nn_rows and gemm_rows_nn)."""
+    implicit drivers gemm_nn_rows and gemm_rows_nn), and where 1 or 2 rows past the last full
+    tile make it two short tiles (_row_tiles)."""
     rng = np.random.default_rng(6)
     m, k, n = 5 * MR + 3, KB + 9, 2 * NR32 + 5
     a, b = _operands(rng, m, k, n, dtype)
@@ -136,7 +137,9 @@ def test_bits_do_not_depend_on_the_rows_computed(dtype):
     flat_b = np.ascontiguousarray(b).ravel()
     b_rows = np.arange(k, dtype=np.int64) * n
     flat_a = np.ascontiguousarray(a).ravel()
-    for i0, i1 in [(0, 1), (1, MR + 2), (MR - 1, m), (2, 5 * MR + 1), (0, MR - 1)]:
+    # Rows (1, MR + 2) and (3, 2*MR + 4) leave 1 past their full tiles, (0, 4*MR + 2) 2 (packed).
+    ranges = [(0, 1), (1, MR + 2), (MR - 1, m), (2, 5 * MR + 1), (0, MR - 1)]
+    for i0, i1 in ranges + [(3, 2 * MR + 4), (0, 4 * MR + 2)]:
         rows = np.ascontiguousarray(a[i0:i1])
         part = np.empty((i1 - i0, n), dtype)
         mk.gemm_nn(rows, b, part, False)
@@ -148,6 +151,18 @@ def test_bits_do_not_depend_on_the_rows_computed(dtype):
         a_rows = np.arange(i0, i1, dtype=np.int64) * k
         mk.gemm_rows_nn(flat_a, a_rows, b, part, False)
         np.testing.assert_array_equal(part, full[i0:i1])
+
+
+def test_row_tiles_cover_the_rows_without_tiles_of_one_or_two_rows():
+    """_row_tiles: full tiles then short ones cover the M rows exactly, short tiles are shorter
+    than MR, and past the first MR rows none is shorter than SPLIT_REST_BELOW."""
+    for m in range(1, 6 * MR):
+        full, short = mk._row_tiles.py_func(m)
+        tiles = [MR] * full + [min(short, m - i0) for i0 in range(full * MR, m, short)]
+        assert sum(tiles) == m, m
+        assert all(rows < MR for rows in tiles[full:]), (m, tiles)
+        if m >= MR:
+            assert min(tiles) >= mk.SPLIT_REST_BELOW, (m, tiles)
 
 
 def test_nan_and_inf_propagate(dtype):

@@ -47,6 +47,29 @@ def gather_row(dst, src, first, stride):
 
 
 @njit(cache=True, inline="always")
+def deinterleave_row(phase0, phase1, src, pad):
+    """A row ``src`` padded with ``pad`` zeros on the left, split by the parity of the padded
+    index: element ``w`` to ``(phase0, phase1)[(w + pad) % 2][(w + pad) // 2]``, those that
+    fall past the end of its phase row dropped. (Both phases of a stride-2 filter's columns,
+    :func:`gather_row` twice at stride 2, in one pass over ``src``.) The padding is not written."""
+    even, odd = (phase0, phase1) if pad % 2 == 0 else (phase1, phase0)
+    even_q0, odd_q0 = pad // 2, (pad + 1) // 2  # where src[0] and src[1] land
+    n_even = max(0, min((src.shape[0] + 1) // 2, even.shape[0] - even_q0))
+    n_odd = max(0, min(src.shape[0] // 2, odd.shape[0] - odd_q0))
+    pairs = min(n_even, n_odd)
+    s2 = src[: 2 * pairs]
+    de = even[even_q0 : even_q0 + pairs]
+    do = odd[odd_q0 : odd_q0 + pairs]
+    for i in range(pairs):
+        de[i] = s2[2 * i]
+        do[i] = s2[2 * i + 1]
+    for i in range(pairs, n_even):
+        even[even_q0 + i] = src[2 * i]
+    for i in range(pairs, n_odd):
+        odd[odd_q0 + i] = src[2 * i + 1]
+
+
+@njit(cache=True, inline="always")
 def scatter_row(dst, src, first, stride):
     """``dst[first + i*stride] = src[i]`` for every ``i`` of ``src``."""
     count = src.shape[0]

@@ -185,6 +185,19 @@ OWN_TRANSPOSED_GEMM_ON_THIS_TARGET = VECTOR_BITS >= OWN_TRANSPOSED_GEMM_MIN_VECT
 #: 185 against 142), while just above it the tile won (64x64x392: 1.13x, 32x75x1024: 1.35x).
 OWN_GEMM_MIN_VOLUME = 1_000_000
 
+#: The rows past the last full MR-row tile run on short tiles (:func:`tile_nn_short` and its
+#: twins). Where fewer than this many are left (1 or 2: AVX2's 6-row tile on M = 32, 128, 512),
+#: the last full tile's rows join them and the MR + 1 or MR + 2 rows run as two short tiles of
+#: about half that (:func:`_row_tiles`; 4 + 4 rows for 8): a 2-row tile keeps 4 accumulators,
+#: too few to hide the FMA's latency (4 cycles on each of 2 pipes wants 8 in flight), a 4-row
+#: tile 8. The bits do not change (see the module's docstring: an element's sums do not depend
+#: on its tile). AMD EPYC Zen 3, one core, float32, GFLOP/s of M = 128 rows against the first
+#: 126 alone (no short tile), the two alternating in one process, 2-row tile -> 4 + 4 rows:
+#: ResNet's 16x64x56x56 stride-2 implicit product, 128x576 @ 576x812 packed, 0.93-0.94 ->
+#: 0.97-0.99; first5x5's 32x75 @ 75x1152 in place (M = 32 against 30) 0.88-0.90 both ways
+#: (75 deep, the short tiles' calls cost as much as their latency).
+SPLIT_REST_BELOW = 3
+
 
 def nn_tile(dtype) -> tuple[int, int]:
     """``(MR, NR)``: rows and columns of :func:`tile_nn`'s tile for a NumPy dtype."""
@@ -398,9 +411,9 @@ def _emit_short_tile(builder, rows_, emit):
 def tile_nn_short(
     typingctx, a, a_off, a_row, a_col, b, b_off, b_row, c, c_off, c_row, depth, accumulate, rows
 ):  # fmt: skip
-    """:func:`tile_nn` on its first ``rows`` rows (1 to MR - 1): the last M % MR rows of a
-    product. Each element gets the same sums, in the same order, as in the full tile, so a
-    product's bits do not depend on which rows share a tile."""
+    """:func:`tile_nn` on its first ``rows`` rows (1 to MR - 1): the rows of a product past
+    its last full tile (:func:`_row_tiles`). Each element gets the same sums, in the same order,
+    as in the full tile, so a product's bits do not depend on which rows share a tile."""
     if not (a.dtype == b.dtype == c.dtype):
         return None
     sig = types.void(
@@ -698,6 +711,18 @@ def own_gemm_pays_transposed(rows, depth, columns, itemsize):
 
 
 @njit(cache=True, inline="always")
+def _row_tiles(m):
+    """``(full, short)``: an M-row product runs full MR-row tiles over its first ``full * MR``
+    rows, then short tiles of ``short`` rows (the last one fewer) over the rest: one, or two
+    where fewer than :data:`SPLIT_REST_BELOW` rows would be left for it."""
+    mr = NN_ROWS
+    full, rest = m // mr, m % mr
+    if 0 < rest < SPLIT_REST_BELOW and full > 0:
+        return full - 1, (mr + rest + 1) // 2
+    return full, mr - 1
+
+
+@njit(cache=True, inline="always")
 def _merge(c, i0, j0, tile, rows, cols, accumulate):
     """``c[i0:i0+rows, j0:j0+cols] (+)= tile[:rows, :cols]``."""
     for i in range(rows):
@@ -715,11 +740,12 @@ def _merge(c, i0, j0, tile, rows, cols, accumulate):
 def _rest_rows(a, i0, rows, k0, kb, b, b_off, b_row, c, j0, cols, tile, accumulate):
     """``c[i0:i0+rows, j0:j0+cols] (+)= a[i0:i0+rows, k0:k0+kb] @ B``, B the ``kb x cols``
     block of ``b`` from element ``b_off``, its rows ``b_row`` apart and readable NR columns wide
-    (a zero-padded packed panel, or ``b`` in place when ``cols`` is NR): the last M % MR rows of
-    a product, on a short tile (:func:`tile_nn_short`) into ``tile``, then merged. (As plain
-    loops these rows cost more than the tiles: 64 x 576 @ 576 x 1792 ran at 43 GFLOP/s against
-    70 for its first 60 rows alone, AVX2, whose 6-row tile leaves 4 rows of every power of two.
-    One call of the tile, in a function of its own, because each holds MR - 1 tiles of code.)"""
+    (a zero-padded packed panel, or ``b`` in place when ``cols`` is NR): rows past a product's
+    last full tile (:func:`_row_tiles`), on a short tile (:func:`tile_nn_short`) into ``tile``,
+    then merged. (As plain loops these rows cost more than the tiles: 64 x 576 @ 576 x 1792 ran
+    at 43 GFLOP/s against 70 for its first 60 rows alone, AVX2, whose 6-row tile leaves 4 rows
+    of every power of two. One call of the tile, in a function of its own, because each holds
+    MR - 1 tiles of code.)"""
     item = c.itemsize
     a_row, a_col = a.strides[0] // item, a.strides[1] // item
     nr = tile.shape[1]
@@ -754,7 +780,7 @@ def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
     narrow = nr // NN_VECTORS  # one vector
     a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
-    m_full = m // mr
+    m_full, short = _row_tiles(m)
     for ib in range(m_full):
         if cols == nr:
             tile_nn(
@@ -778,10 +804,9 @@ def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
                 b_pack, 0, nr, tile, 0, nr, kb, False,
             )  # fmt: skip
             _merge(c, ib * mr, j0, tile, mr, cols, accumulate)
-    if m > m_full * mr:
-        _rest_rows(
-            a, m_full * mr, m - m_full * mr, k0, kb, b_pack, 0, nr, c, j0, cols, tile, accumulate
-        )
+    for i0 in range(m_full * mr, m, short):
+        rows = min(short, m - i0)
+        _rest_rows(a, i0, rows, k0, kb, b_pack, 0, nr, c, j0, cols, tile, accumulate)
 
 
 @njit(cache=True)
@@ -794,7 +819,8 @@ def gemm_nn(a, b, c, accumulate):
     NR columns of ``b`` is read in place when its rows are contiguous, else copied into a
     contiguous panel (a transposed ``b``, and the last, ragged panel, zero-padded), and every
     MR-row block of ``a`` runs over it; a ragged last panel goes through a small tile merged into
-    ``c``, and the last M % MR rows through a short tile (:func:`_rest_rows`). Serial: call it
+    ``c``, and the rows past the last full tile through short tiles (:func:`_row_tiles`,
+    :func:`_rest_rows`). Serial: call it
     from inside a parallel region, one call per lane."""
     m, depth = a.shape
     n = b.shape[1]
@@ -814,7 +840,7 @@ def gemm_nn(a, b, c, accumulate):
     # contiguous panel avoids cache-set conflicts between b's rows (power-of-two row lengths)
     # and a TLB entry per row (long rows), and costs one copy of b.
     in_place = (n == 1 or b.strides[1] == item) and m // NN_ROWS < PACK_MIN_ROW_BLOCKS
-    m_full = m // mr
+    m_full, short = _row_tiles(m)
     panels = (n + nr - 1) // nr
     n_rest = n - (panels - 1) * nr
     kb_max = min(K_BLOCK, depth)
@@ -837,9 +863,9 @@ def gemm_nn(a, b, c, accumulate):
                         b, k0 * b_row + j0, b_row,
                         c, ib * mr * c_row + j0, c_row, kb, acc,
                     )  # fmt: skip
-                if m > m_full * mr:
+                for i0 in range(m_full * mr, m, short):
                     _rest_rows(
-                        a, m_full * mr, m - m_full * mr, k0, kb, b, k0 * b_row + j0, b_row,
+                        a, i0, min(short, m - i0), k0, kb, b, k0 * b_row + j0, b_row,
                         c, j0, cols, tile, acc,
                     )  # fmt: skip
                 continue
@@ -895,8 +921,7 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
     nr = NN_VECTORS * VECTOR_BYTES // item
     a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
-    m_full = m // mr
-    m_rest = m - m_full * mr
+    m_full, short = _row_tiles(m)
     windows = n // width
     panels = (width + nr - 1) // nr
     n_rest = width - (panels - 1) * nr
@@ -908,13 +933,13 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
     # 0.93x the columns path that way); but not when B's rows all lie in a span that stays in
     # L1 (IN_PLACE_MAX_BYTES), where the copy costs more than it saves.
     span = 0
-    if m_full >= PACK_MIN_ROW_BLOCKS:
+    if m // mr >= PACK_MIN_ROW_BLOCKS:
         lo, hi = b_rows[0], b_rows[0]
         for k in range(depth):
             lo = min(lo, b_rows[k])
             hi = max(hi, b_rows[k])
         span = (hi - lo + (windows - 1) * b_step + width) * item
-    pack = m_full >= PACK_MIN_ROW_BLOCKS and span > IN_PLACE_MAX_BYTES
+    pack = m // mr >= PACK_MIN_ROW_BLOCKS and span > IN_PLACE_MAX_BYTES
     for k0 in range(0, depth, K_BLOCK):
         kb = min(K_BLOCK, depth - k0)
         acc = accumulate or k0 > 0
@@ -929,9 +954,9 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
                         a, ib * mr * a_row + k0 * a_col, a_row, a_col,
                         b, b_rows, k0, b_col, c, ib * mr * c_row + j0, c_row, kb, acc,
                     )  # fmt: skip
-                if m_rest:
-                    i0 = m_full * mr
-                    _rest_rows_in_place(a, i0, m_rest, k0, kb, b, b_rows, b_col, c, j0, acc)
+                for i0 in range(m_full * mr, m, short):
+                    rows = min(short, m - i0)
+                    _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, b_col, c, j0, acc)
                 continue
             if cols == nr:
                 copy_panel_rows(b, b_rows, k0, b_col, b_pack, kb)
@@ -949,9 +974,9 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
 @njit(cache=True)
 def _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, b_col, c, j0, accumulate):
     """``c[i0:i0+rows, j0:j0+NR] (+)= a[i0:i0+rows, k0:k0+kb] @ B`` with B's rows read in place
-    from ``b_col`` past ``b_rows[k0:k0+kb]`` (a full panel): :func:`gemm_nn_rows`' last M % MR
-    rows, stored straight into ``c`` by a short tile (:func:`tile_nn_rows_short`). In a function
-    of its own, as :func:`_rest_rows`."""
+    from ``b_col`` past ``b_rows[k0:k0+kb]`` (a full panel): :func:`gemm_nn_rows`' rows past its
+    last full tile, stored straight into ``c`` by a short tile (:func:`tile_nn_rows_short`). In
+    a function of its own, as :func:`_rest_rows`."""
     item = c.itemsize
     a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
@@ -968,7 +993,8 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
     along its rows. The implicit GEMM of a weight gradient, ``grad_w.T (+)= windows @ grad_y.T``,
     whose left operand's rows (one per tap) are windows of an image's padded planes, read in
     place. Blocks of K as in :func:`gemm_nn`, every panel of ``b`` packed (zero-padded when
-    ragged) and reused by every row block, the last M % MR rows on a short tile. Each element is
+    ragged) and reused by every row block, the rows past the last full tile on short ones. Each
+    element is
     one FMA per ``k`` in order per block of :data:`K_BLOCK`, as in :func:`gemm_nn`. The caller
     keeps every row inside ``a``. Serial."""
     m = a_rows.shape[0]
@@ -984,7 +1010,7 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
     nr = NN_VECTORS * VECTOR_BYTES // item
     c_row = c.strides[0] // item
     b_row = b.strides[0] // item
-    m_full = m // mr
+    m_full, short = _row_tiles(m)
     panels = (n + nr - 1) // nr
     n_rest = n - (panels - 1) * nr
     b_pack = np.empty((min(K_BLOCK, depth), nr), c.dtype)
@@ -1014,9 +1040,7 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
                 else:
                     tile_rows_nn(a, a_rows, ib * mr, k0, b_pack, 0, nr, tile, 0, nr, kb, False)
                     _merge(c, ib * mr, j0, tile, mr, cols, acc)
-            if m > m_full * mr:
-                rows = m - m_full * mr
-                tile_rows_nn_short(
-                    a, a_rows, m_full * mr, k0, b_pack, 0, nr, tile, 0, nr, kb, False, rows
-                )  # fmt: skip
-                _merge(c, m_full * mr, j0, tile, rows, cols, acc)
+            for i0 in range(m_full * mr, m, short):
+                rows = min(short, m - i0)
+                tile_rows_nn_short(a, a_rows, i0, k0, b_pack, 0, nr, tile, 0, nr, kb, False, rows)
+                _merge(c, i0, j0, tile, rows, cols, acc)
