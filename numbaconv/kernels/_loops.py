@@ -48,7 +48,7 @@ def gather_row(dst, src, first, stride):
 
 @njit(cache=True, inline="always")
 def deinterleave_row(phase0, phase1, src, pad):
-    """A row ``src`` padded with ``pad`` zeros on the left, split by the parity of the padded
+    """A row ``src`` padded with ``pad`` >= 0 zeros on the left, split by the parity of the padded
     index: element ``w`` to ``(phase0, phase1)[(w + pad) % 2][(w + pad) // 2]``, those that
     fall past the end of its phase row dropped. (Both phases of a stride-2 filter's columns,
     :func:`gather_row` twice at stride 2, in one pass over ``src``.) The padding is not written."""

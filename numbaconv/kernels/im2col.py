@@ -349,8 +349,9 @@ def channel_planes(x, n, c, dst, sh, sw, phases_h, phases_w, pad_t, pad_l, padde
             # Both column phases from one pass over each input row: its even and odd elements
             # (an interleaved load that LLVM vectorises), where a pass per phase read each row
             # twice, with a stride of 2, in short loops. AMD EPYC Zen 3, one core, float32,
-            # ResNet's 16x64x56x56 stride-2 planes (841 KB an image), all 16 images, ms: 2.25
-            # -> 1.50.
+            # ResNet's 16x64x56x56 stride-2 planes (841 KB an image), all 16 images, the two
+            # alternating in one process, ms, three runs: 3.69 -> 2.65, 2.82 -> 2.15, 3.29 ->
+            # 2.58 (the whole layer: 1.00-1.04x, within the machine's noise).
             row0 = a * phases_w * plane
             for m in range(m0, m1):
                 deinterleave_row(
