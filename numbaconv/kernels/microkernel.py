@@ -820,8 +820,7 @@ def gemm_nn(a, b, c, accumulate):
     contiguous panel (a transposed ``b``, and the last, ragged panel, zero-padded), and every
     MR-row block of ``a`` runs over it; a ragged last panel goes through a small tile merged into
     ``c``, and the rows past the last full tile through short tiles (:func:`_row_tiles`,
-    :func:`_rest_rows`). Serial: call it
-    from inside a parallel region, one call per lane."""
+    :func:`_rest_rows`). Serial: call it from inside a parallel region, one call per lane."""
     m, depth = a.shape
     n = b.shape[1]
     item = c.itemsize
@@ -994,9 +993,8 @@ def gemm_rows_nn(a, a_rows, b, c, accumulate):
     whose left operand's rows (one per tap) are windows of an image's padded planes, read in
     place. Blocks of K as in :func:`gemm_nn`, every panel of ``b`` packed (zero-padded when
     ragged) and reused by every row block, the rows past the last full tile on short ones. Each
-    element is
-    one FMA per ``k`` in order per block of :data:`K_BLOCK`, as in :func:`gemm_nn`. The caller
-    keeps every row inside ``a``. Serial."""
+    element is one FMA per ``k`` in order per block of :data:`K_BLOCK`, as in :func:`gemm_nn`.
+    The caller keeps every row inside ``a``. Serial."""
     m = a_rows.shape[0]
     depth, n = b.shape
     item = c.itemsize
