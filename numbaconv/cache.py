@@ -103,7 +103,7 @@ def warm(kernel: str, dtype: str, path: str) -> str:
             functional.conv_transpose2d_backward(y, x, w, stride=2, padding=r // 4, kernel="auto")
         # ... and the forward pass phase by phase (subpixel.implicit_forward: 32 filters a
         # phase over 256 taps and 128 outputs, enough for subpixel.implicit_applies).
-        x = rng.standard_normal((1, 64, 8, 15)).astype(dtype)
+        x = rng.standard_normal((1, 64, 8, 16)).astype(dtype)
         w = rng.standard_normal((64, 32, 4, 4)).astype(dtype)
         functional.conv_transpose2d(x, w, b, stride=2, padding=1, kernel="auto")
         # ... and the 2x2 one's backward pass image by image on a batch of 4

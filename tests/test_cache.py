@@ -57,7 +57,7 @@ WORKLOAD = textwrap.dedent(
                     gt = rng.standard_normal((1, 16, 16, 16)).astype(dtype)
                     nc.conv_transpose2d_backward(gt, xt, wt, stride=2, padding=1, kernel="im2col")
                     # The forward pass phase by phase (subpixel.implicit_forward).
-                    xt = rng.standard_normal((1, 64, 8, 15)).astype(dtype)
+                    xt = rng.standard_normal((1, 64, 8, 16)).astype(dtype)
                     wt = rng.standard_normal((64, 32, 4, 4)).astype(dtype)
                     nc.conv_transpose2d(xt, wt, stride=2, padding=1, kernel="auto")
         finally:

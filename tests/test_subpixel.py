@@ -222,3 +222,30 @@ def test_phase_by_phase_where_auto_runs_it(options, dtype):
     got = nc.conv_transpose2d(x, w, stride=2, kernel="auto", **options)
     want = conv_transpose2d_naive(x, w, None, stride=2, **options)
     assert_close(got, want, scale, dtype, "phase by phase, no bias")
+
+
+# Batches that give the forward pass phase by phase several images a job
+# (subpixel.implicit_group), the last job short of images: images interleaved pixel by pixel
+# (more than one column tap) or side by side (one column tap), padding cropping columns.
+GROUP_CASES = [
+    (11, 5, 5, 7, 6, 4, 4, (2, 2), (1, 2), (1, 0)),  # interleaved, 2 a job
+    (17, 3, 4, 5, 4, 4, 2, (2, 2), (1, 1), (0, 1)),  # side by side, 4 a job
+    (9, 4, 3, 6, 5, 2, 6, (2, 3), (0, 2), (1, 0)),  # interleaved, 3 column taps, 2 a job
+]
+
+
+@pytest.mark.parametrize("case", GROUP_CASES, ids=str)
+def test_phase_by_phase_with_images_grouped(case, dtype, monkeypatch):
+    monkeypatch.setattr(
+        registry, "transposed_via_subpixel", lambda geom, *_: subpixel.applies(geom)
+    )
+    monkeypatch.setattr(subpixel, "implicit_applies", lambda *_: True)
+    x, w, b, _, options = data(case, dtype, 5)
+    plan = subpixel.plan(make_transposed_geometry(x.shape, w.shape, **options), x.shape)
+    group = subpixel.implicit_group(plan, x.itemsize)
+    assert group > 1 and x.shape[0] % group != 0
+    got = nc.conv_transpose2d(x, w, b, kernel="auto", **options)
+    want = conv_transpose2d_naive(x, w, b, **options)
+    scale = conv_transpose2d_naive(np.abs(x), np.abs(w), np.abs(b), **options)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert_close(got, want, scale, dtype, f"y {case}")

@@ -11,7 +11,8 @@ one convolution with ``s_h * s_w * C_out`` filters (the "sub-pixel" form of ESPC
 upsampling layers), and its output is shuffled into the phases' rows and columns: the same
 products as the scatter of :func:`numbaconv.functional.conv_transpose2d`'s adjoint kernels, summed
 in another order, plus the few products of the padded edge's outputs that no output keeps (for
-DCGAN's 4x4 stride-2 layer on 8x8 inputs, 9x9 per phase where 8x8 are kept).
+DCGAN's 4x4 stride-2 layer on 8x8 inputs, 9x9 per phase where 8x8 are kept; phase by phase,
+:func:`implicit_forward` computes only the kept ones).
 
 Why: the stride-1 convolution runs on the fastest dense paths (GEMMs with ``s_h * s_w`` times
 more filters, no column scatter); a 2x2 stride-2 up-convolution (U-Net) becomes a 1x1
@@ -311,9 +312,10 @@ def unshuffle(grad_y: np.ndarray, sp: SubPixel) -> np.ndarray:
 # The forward pass by implicit GEMM, one phase at a time
 
 
-#: Images side by side in one job of :func:`implicit_forward_kernel`, at most: DCGAN's 16x256x8x8
-#: -> 128 4x4 forward, float32, one core, GFLOP/s of one phase's product (128 x 1024 @ 1024 x
-#: 72 G): 164 (G = 1), 208 (2), 240 (4), 233 (8); and so that a batch gives at least 4 jobs.
+#: Images in one job of :func:`implicit_forward_kernel`, at most: DCGAN's 16x256x8x8 -> 128 4x4
+#: forward, float32, one core, GFLOP/s of one phase's product (128 x 1024 @ 1024 x 72 G, when
+#: the images lay side by side along the planes' rows): 164 (G = 1), 208 (2), 240 (4), 233 (8)
+#: (AMD EPYC Zen 5); and so that a batch gives at least 4 jobs.
 IMPLICIT_MAX_GROUP = 4
 
 #: ... and within this many bytes of planes per lane (they stay in L2 while the phases read
@@ -330,15 +332,23 @@ def implicit_forward_kernel(
     output or the shuffle: per job (``group`` images, one phase ``(a, c)``), phase ``(a, c)``'s
     filters (rows ``(a*s_w + c)*C_out`` on of ``w_mat``, (s_h*s_w*C_out, C*T_h*T_w)) times
     windows of the images' padded planes, read in place (:func:`~.microkernel.gemm_nn_rows`), for
-    the rows ``q`` of the stacked convolution that phase keeps; each product element goes
-    straight to ``y[n, o, s_h*q + a - pad_top, s_w*l + c - pad_left]``, plus ``bias[o]``.
+    the rows ``q`` and columns ``l`` of the stacked convolution that phase keeps; each product
+    element goes straight to ``y[n, o, s_h*q + a - pad_top, s_w*l + c - pad_left]``, plus
+    ``bias[o]``.
 
-    The planes: per channel ``H + 2(T_h - 1)`` rows of ``group * (W + T_w - 1)``, image ``i``'s
-    pixels at columns ``i*(W + T_w - 1) + T_w - 1`` on, zeros elsewhere: the ``T_w - 1`` zero
-    columns before an image are its left padding and the right padding of the image before it
-    (the last image's right padding is the next row's first columns), so a row computes
-    ``W + T_w - 1`` outputs an image, the stacked convolution's output width, and no more.
-    ``tap_rows[(ch*T_h + k)*T_w + m]`` is tap ``(ch, k, m)``'s offset for output row 0.
+    The planes interleave the images pixel by pixel where the sub-filters have more than one
+    column tap: per channel ``H + 2(T_h - 1)`` rows of ``W + 2(T_w - 1)`` pixels (the image and
+    its padding of ``T_w - 1`` columns each side) of ``group`` elements, image ``i``'s at
+    element ``i``; zeros outside the images. So the columns that a phase keeps in an output row
+    are one run of ``kept * group`` elements, a window of :func:`~.microkernel.gemm_nn_rows`
+    (``row_w`` apart from row to row), and the product computes no output that the phase drops.
+    (Images side by side along a row, each with its own ``T_w - 1`` zero columns, computed
+    ``W + T_w - 1`` outputs an image where a phase keeps ``W``: DCGAN's 4x4 stride-2 layer on
+    8x8 inputs, 9 columns for 8.) With one column tap there are no padding columns, and the
+    images lie side by side, ``W`` each, copied row by row: the product computes whole rows,
+    all kept but for the columns that the padding crops. (Interleaved, U-Net's 2x2 stride-2
+    layer ran 0.89x as fast: strided copies in and out, for nothing saved.)
+    ``tap_rows[(ch*T_h + k)*T_w + m]`` is tap ``(ch, k, m)``'s offset from a window's start.
 
     A lane's jobs run image block by image block, so it builds each block's planes once for
     its phases. Each output element comes from one product element: the same bits whatever the
@@ -347,13 +357,16 @@ def implicit_forward_kernel(
     c_out, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
     phases = stride_h * stride_w
     z_h, z_w = height + taps_h - 1, width + taps_w - 1
-    row_w = group * z_w
+    row_w = group * (width + 2 * (taps_w - 1))
     plane = (height + 2 * (taps_h - 1)) * row_w
+    interleave = taps_w > 1
     blocks = (n_batch + group - 1) // group
     jobs = blocks * phases
     lanes = planes_ws.shape[0]
+    y_flat = y.reshape(-1)
     for lane in prange(lanes):
         planes = planes_ws[lane]
+        product = ext_ws[lane]
         built = -1
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
             block = job // phases
@@ -362,14 +375,19 @@ def implicit_forward_kernel(
             images = min(group, n_batch - n0)
             if block != built:
                 zero_row(planes)
-                for i in range(images):
-                    for ch in range(channels):
-                        for h in range(height):
-                            start = ch * plane + (h + taps_h - 1) * row_w + i * z_w + taps_w - 1
-                            dst = planes[start : start + width]
+                for ch in range(channels):
+                    for h in range(height):
+                        start = ch * plane + (h + taps_h - 1) * row_w + (taps_w - 1) * group
+                        for i in range(images):
                             src = x[n0 + i, ch, h]
-                            for u in range(width):
-                                dst[u] = src[u]
+                            if interleave:
+                                dst = planes[start + i : start + width * group]
+                                for u in range(width):
+                                    dst[u * group] = src[u]
+                            else:
+                                dst = planes[start + i * width : start + (i + 1) * width]
+                                for u in range(width):
+                                    dst[u] = src[u]
                 built = block
             a = phase // stride_w
             c = phase - a * stride_w
@@ -381,33 +399,48 @@ def implicit_forward_kernel(
             l_end = max(l0, (out_w - 1 + pad_left - c) // stride_w + 1)
             l1 = max(l0, min(l_end, z_w))
             rows = q1 - q0
-            wide = rows * row_w
-            ext = ext_ws[lane, : c_out * wide].reshape(c_out, wide)
-            if rows > 0:
+            # Interleaved, a window per output row: its kept columns, all images. Side by side,
+            # whole rows.
+            first = l0 if interleave else 0
+            kept = (l1 - l0) * group if interleave else row_w
+            wide = rows * kept
+            if wide > 0:
+                # Windows that tile whole rows run as one: only the product's last panel is
+                # ragged, not each window's.
+                window = kept if kept < row_w else 0
                 gemm_nn_rows(
-                    w_mat[phase * c_out : (phase + 1) * c_out], planes[q0 * row_w :], tap_rows,
-                    ext, False, 0, 0,
+                    w_mat[phase * c_out : (phase + 1) * c_out],
+                    planes[q0 * row_w + first * group :], tap_rows,
+                    product[: c_out * wide].reshape(c_out, wide), False, window, row_w,
                 )  # fmt: skip
+            # Into y by flat offsets.
             for o in range(c_out):
                 shift = bias[o]
                 for i in range(images):
+                    y_row = ((n0 + i) * c_out + o) * out_h * out_w + c - pad_left
                     for q in range(q0, q_end):
-                        dst = y[n0 + i, o, stride_h * q + a - pad_top]
+                        at = y_row + (stride_h * q + a - pad_top) * out_w
+                        rest = l0
                         if q < q1:
-                            src = ext[o, (q - q0) * row_w + i * z_w :]
-                            for col in range(l0, l1):
-                                dst[stride_w * col + c - pad_left] = src[col] + shift
-                            first = l1
-                        else:
-                            first = l0
-                        for col in range(first, l_end):  # beyond the filter's reach
-                            dst[stride_w * col + c - pad_left] = shift
+                            src = o * wide + (q - q0) * kept
+                            if interleave:
+                                src += i - first * group
+                                for col in range(l0, l1):
+                                    value = product[src + col * group]
+                                    y_flat[at + stride_w * col] = value + shift
+                            else:  # unit steps, which LLVM vectorises
+                                src += i * width
+                                for col in range(l0, l1):
+                                    y_flat[at + stride_w * col] = product[src + col] + shift
+                            rest = l1
+                        for col in range(rest, l_end):  # beyond the filter's reach
+                            y_flat[at + stride_w * col] = shift
 
 
 def implicit_group(sp: SubPixel, itemsize: int) -> int:
     """Images per job of :func:`implicit_forward_kernel` (see :data:`IMPLICIT_MAX_GROUP`)."""
     n, c, h, w = sp.x_shape
-    per_image = c * (h + 2 * (sp.taps_h - 1)) * (w + sp.taps_w - 1) * itemsize
+    per_image = c * (h + 2 * (sp.taps_h - 1)) * (w + 2 * (sp.taps_w - 1)) * itemsize
     return int(max(1, min(IMPLICIT_MAX_GROUP, n // 4, IMPLICIT_PLANES_BYTES // per_image)))
 
 
@@ -415,7 +448,7 @@ def implicit_applies(sp: SubPixel, itemsize: int) -> bool:
     """Whether :func:`implicit_forward` runs: a phase's product is one numbaconv's own GEMM runs
     (``own_gemm_size_pays``: on every target, as im2col's implicit GEMM)."""
     group = implicit_group(sp, itemsize)
-    wide = sp.x_shape[2] * group * sp.out_w
+    wide = sp.x_shape[2] * group * sp.x_shape[3]
     taps = sp.x_shape[1] * sp.taps_h * sp.taps_w
     return bool(own_gemm_size_pays.py_func(sp.geom.in_channels, taps, wide, itemsize))
 
@@ -426,15 +459,15 @@ def implicit_forward(x: np.ndarray, stacked: np.ndarray, b, sp: SubPixel) -> np.
     g = sp.geom
     n, c, h, w = sp.x_shape
     group = implicit_group(sp, x.itemsize)
-    row_w = group * sp.out_w
+    row_w = group * (w + 2 * (sp.taps_w - 1))
     plane = (h + 2 * (sp.taps_h - 1)) * row_w
     jobs = -(-n // group) * g.stride_h * g.stride_w
     lanes = max(1, min(numba.get_num_threads(), jobs))
-    # Room past the planes for the last window's reach (zeros, never kept).
-    planes = take("subpixel.planes", (lanes, c * plane + sp.taps_w - 1), x.dtype)
-    ext = take("subpixel.product", (lanes, g.in_channels * sp.out_h * row_w), x.dtype)
+    planes = take("subpixel.planes", (lanes, c * plane), x.dtype)
+    ext = take("subpixel.product", (lanes, g.in_channels * sp.out_h * sp.out_w * group), x.dtype)
     ch, k, m = np.meshgrid(np.arange(c), np.arange(sp.taps_h), np.arange(sp.taps_w), indexing="ij")
-    tap_rows = (ch * plane + k * row_w + m).reshape(-1).astype(np.int64)
+    # (Images interleaved where there are column taps: see implicit_forward_kernel.)
+    tap_rows = (ch * plane + k * row_w + m * group).reshape(-1).astype(np.int64)
     y = np.empty(g.input_shape, dtype=x.dtype)
     bias = b if b is not None else np.zeros(g.in_channels, dtype=x.dtype)
     implicit_forward_kernel(
