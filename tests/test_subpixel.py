@@ -53,6 +53,16 @@ def data(case, dtype, seed=0):
     return x, wt, b, gy, options
 
 
+# Batches that give the forward pass phase by phase several images a job
+# (subpixel.implicit_group), the last job short of images: images interleaved pixel by pixel
+# (more than one column tap) or side by side (one column tap), padding cropping columns.
+GROUP_CASES = [
+    (11, 5, 5, 7, 6, 4, 4, (2, 2), (1, 2), (1, 0)),  # interleaved, 2 a job
+    (17, 3, 4, 5, 4, 4, 2, (2, 2), (1, 1), (0, 1)),  # side by side, 4 a job
+    (9, 4, 3, 6, 5, 2, 6, (2, 3), (0, 2), (1, 0)),  # interleaved, 3 column taps, 2 a job
+]
+
+
 @pytest.fixture(params=["stacked", "phases"])
 def subpixel_both_ways(request, monkeypatch):
     """The sub-pixel route wherever it applies, both ways, whatever the sizes and dtype; its
@@ -184,8 +194,8 @@ def test_one_tap_backward_where():
 @pytest.mark.usefixtures("subpixel_both_ways", "force_parallel", "restore_num_threads")
 @pytest.mark.parametrize(
     "case",
-    [(3, 8, 6, 5, 6, 4, 4, (2, 2), (1, 1), (1, 0)), ONE_TAP_CASES[1]],
-    ids=["4x4", "one tap"],
+    [(3, 8, 6, 5, 6, 4, 4, (2, 2), (1, 1), (1, 0)), GROUP_CASES[0], ONE_TAP_CASES[1]],
+    ids=["4x4", "4x4, images interleaved", "one tap"],
 )
 def test_same_bits_on_any_thread_count(case):
     x, w, b, gy, options = data(case, np.float32, 4)
@@ -222,16 +232,6 @@ def test_phase_by_phase_where_auto_runs_it(options, dtype):
     got = nc.conv_transpose2d(x, w, stride=2, kernel="auto", **options)
     want = conv_transpose2d_naive(x, w, None, stride=2, **options)
     assert_close(got, want, scale, dtype, "phase by phase, no bias")
-
-
-# Batches that give the forward pass phase by phase several images a job
-# (subpixel.implicit_group), the last job short of images: images interleaved pixel by pixel
-# (more than one column tap) or side by side (one column tap), padding cropping columns.
-GROUP_CASES = [
-    (11, 5, 5, 7, 6, 4, 4, (2, 2), (1, 2), (1, 0)),  # interleaved, 2 a job
-    (17, 3, 4, 5, 4, 4, 2, (2, 2), (1, 1), (0, 1)),  # side by side, 4 a job
-    (9, 4, 3, 6, 5, 2, 6, (2, 3), (0, 2), (1, 0)),  # interleaved, 3 column taps, 2 a job
-]
 
 
 @pytest.mark.parametrize("case", GROUP_CASES, ids=str)
