@@ -393,9 +393,10 @@ def conv_transpose2d(
     name = registry.resolve(kernel)
     if name == "auto" and geom.batch and registry.transposed_via_subpixel(geom, x.dtype):
         plan = subpixel.plan(geom, x.shape)
+        implicit = subpixel.implicit_applies(plan, x.itemsize)
         with kernel_guard(w.size):
-            stacked = subpixel.stacked_weights(_for_kernel(w), plan)
-        if subpixel.implicit_applies(plan, x.itemsize):
+            stacked = subpixel.stacked_weights(_for_kernel(w), plan, packed=implicit)
+        if implicit:
             bias = None if b is None else _for_kernel(b)
             with kernel_guard(geom.flops):
                 return subpixel.implicit_forward(_for_kernel(x), stacked, bias, plan)

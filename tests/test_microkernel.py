@@ -371,6 +371,50 @@ def test_gemm_nn_rows_on_windows_of_rows(width_panels, spread, dtype):
         mk.gemm_nn_rows(a, flat, rows, c, False, width, b_step)
 
 
+@pytest.mark.parametrize("m", [1, 5, mk.NN_ROWS, 2 * mk.NN_ROWS + 1, 3 * mk.NN_ROWS + 2, 22])
+def test_pack_rows_lays_out_each_tiles_rows_column_by_column(m, dtype):
+    """pack_rows: the block of each tile (row_blocks: full tiles, then the short ones) holds its
+    rows of A column by column, the blocks in order, covering every row once."""
+    k = 9
+    a = np.random.default_rng(m).standard_normal((k, m)).astype(dtype).T  # any strides
+    out = np.full((m, k), np.nan, dtype)
+    mk.pack_rows(a, out)
+    blocks = mk.row_blocks(m)
+    assert [i0 for i0, _ in blocks] == list(itertools.accumulate([0] + [r for _, r in blocks]))[:-1]
+    assert sum(rows for _, rows in blocks) == m
+    assert all(rows == mk.NN_ROWS for _, rows in blocks[: m // mk.NN_ROWS - 1])
+    flat = out.reshape(-1)
+    for i0, rows in blocks:
+        block = flat[i0 * k : (i0 + rows) * k].reshape(k, rows)
+        np.testing.assert_array_equal(block, a[i0 : i0 + rows].T)
+
+
+@pytest.mark.parametrize("m", [5, 4 * mk.NN_ROWS + 1, 4 * mk.NN_ROWS + 3, 9 * mk.NN_ROWS])
+@pytest.mark.parametrize("spread", [False, True], ids=["in-place", "packed"])
+def test_gemm_nn_rows_on_packed_rows_of_a(m, spread, dtype):
+    """``a_packed``: A laid out by pack_rows gives the bits of A itself, with B's rows in place
+    or packed, windows, a ragged last panel, short tiles (one, or two where M % MR is 1 or 2),
+    overwriting and accumulating."""
+    k, width, windows = KB + 5, NR32 + 3, 2
+    b_step = width + 4
+    itemsize = np.dtype(dtype).itemsize
+    span = (2 * mk.IN_PLACE_MAX_BYTES // itemsize) if spread else 60
+    rng = np.random.default_rng(m + spread)
+    flat = rng.standard_normal(span + windows * b_step).astype(dtype)
+    rows = rng.integers(0, span + 1, size=k).astype(np.int64)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    packed = np.empty_like(a)
+    mk.pack_rows(a, packed)
+    start = rng.standard_normal((m, windows * width)).astype(dtype)
+    for accumulate in (False, True):
+        expected, c = start.copy(), start.copy()
+        mk.gemm_nn_rows(a, flat, rows, expected, accumulate, width, b_step)
+        mk.gemm_nn_rows(packed, flat, rows, c, accumulate, width, b_step, True)
+        np.testing.assert_array_equal(c, expected)
+    with pytest.raises(ValueError, match="contiguous"):
+        mk.gemm_nn_rows(packed.T.T[:, ::-1], flat, rows, c, False, width, b_step, True)
+
+
 @pytest.mark.usefixtures("own_gemm_everywhere")
 def test_deep_products_with_a_transposed_left_operand_go_to_blas():
     """``own_gemm_pays_transposed``: BLAS for products at least OWN_GEMM_TRANSPOSED_MIN_DEPTH

@@ -15,6 +15,7 @@ import numbaconv as nc
 from numbaconv import functional as F
 from numbaconv import registry
 from numbaconv.geometry import make_transposed_geometry
+from numbaconv.kernels import microkernel as mk
 from numbaconv.kernels import subpixel
 
 # (n, c_in, h, w, c_out, r, s, stride, padding, output_padding): filter sizes multiples of the
@@ -136,6 +137,13 @@ def test_stacked_weights_round_trip(case):
     stacked = subpixel.stacked_weights(w, plan)
     assert stacked.shape == (plan.stacked, w.shape[0], plan.taps_h, plan.taps_w)
     np.testing.assert_array_equal(subpixel.weights_from_stacked(stacked, plan), w)
+    # packed: each phase's filters as microkernel.pack_rows lays them out
+    packed = subpixel.stacked_weights(w, plan, packed=True).reshape(plan.stacked, -1)
+    c_out = plan.geom.in_channels
+    for p in range(plan.stacked // c_out):
+        expected = np.empty((c_out, packed.shape[1]))
+        mk.pack_rows(stacked.reshape(plan.stacked, -1)[p * c_out : (p + 1) * c_out], expected)
+        np.testing.assert_array_equal(packed[p * c_out : (p + 1) * c_out], expected)
     # shuffle and unshuffle are adjoint: <shuffle(z), g> == <z, unshuffle(g)>
     rng = np.random.default_rng(1)
     z = rng.standard_normal((x.shape[0], plan.stacked, plan.out_h, plan.out_w))

@@ -722,6 +722,46 @@ def _row_tiles(m):
     return full, mr - 1
 
 
+def row_blocks(m: int) -> list[tuple[int, int]]:
+    """``(first row, rows)`` of each block of rows that the tiles of an M-row product take, in
+    order (:func:`_row_tiles`): the layout of :func:`pack_rows`."""
+    full, short = _row_tiles.py_func(m)
+    return [(i * NN_ROWS, NN_ROWS) for i in range(full)] + [
+        (i0, min(short, m - i0)) for i0 in range(full * NN_ROWS, m, short)
+    ]
+
+
+@njit(cache=True)
+def pack_rows(a, out):
+    """``a`` (M, K) at any strides into ``out`` (M, K, contiguous) laid out for the tiles: the
+    block of ``rows`` rows from row ``i0`` (:func:`row_blocks`) fills ``out``'s rows ``i0`` to
+    ``i0 + rows``, column by column (element ``(i0 + i, k)`` at ``k*rows + i`` past the block's
+    start), so a tile reads its rows of A as one stream instead of MR. Products given
+    ``a_packed`` (:func:`gemm_nn_rows`) read it so."""
+    m, depth = a.shape
+    flat = out.reshape(-1)
+    full, short = _row_tiles(m)
+    i0 = 0
+    while i0 < m:
+        rows = NN_ROWS if i0 < full * NN_ROWS else min(short, m - i0)
+        for k in range(depth):
+            for i in range(rows):
+                flat[i0 * depth + k * rows + i] = a[i0 + i, k]
+        i0 += rows
+
+
+@njit(cache=True, inline="always")
+def _a_block(a, a_packed, i0, rows, k0):
+    """``(offset, row step, column step)`` in elements of the block of ``a`` from row ``i0``
+    (``rows`` of them, a tile's) and column ``k0``: ``a`` as its strides say, or laid out by
+    :func:`pack_rows` when ``a_packed``."""
+    if a_packed:
+        return i0 * a.shape[1] + k0 * rows, 1, rows
+    item = a.itemsize
+    a_row, a_col = a.strides[0] // item, a.strides[1] // item
+    return i0 * a_row + k0 * a_col, a_row, a_col
+
+
 @njit(cache=True, inline="always")
 def _merge(c, i0, j0, tile, rows, cols, accumulate):
     """``c[i0:i0+rows, j0:j0+cols] (+)= tile[:rows, :cols]``."""
@@ -737,7 +777,7 @@ def _merge(c, i0, j0, tile, rows, cols, accumulate):
 
 
 @njit(cache=True)
-def _rest_rows(a, i0, rows, k0, kb, b, b_off, b_row, c, j0, cols, tile, accumulate):
+def _rest_rows(a, a_packed, i0, rows, k0, kb, b, b_off, b_row, c, j0, cols, tile, accumulate):
     """``c[i0:i0+rows, j0:j0+cols] (+)= a[i0:i0+rows, k0:k0+kb] @ B``, B the ``kb x cols``
     block of ``b`` from element ``b_off``, its rows ``b_row`` apart and readable NR columns wide
     (a zero-padded packed panel, or ``b`` in place when ``cols`` is NR): rows past a product's
@@ -746,10 +786,8 @@ def _rest_rows(a, i0, rows, k0, kb, b, b_off, b_row, c, j0, cols, tile, accumula
     at 43 GFLOP/s against 70 for its first 60 rows alone, AVX2, whose 6-row tile leaves 4 rows
     of every power of two. One call of the tile, in a function of its own, because each holds
     MR - 1 tiles of code.)"""
-    item = c.itemsize
-    a_row, a_col = a.strides[0] // item, a.strides[1] // item
     nr = tile.shape[1]
-    a_off = i0 * a_row + k0 * a_col
+    a_off, a_row, a_col = _a_block(a, a_packed, i0, rows, k0)
     tile_nn_short(a, a_off, a_row, a_col, b, b_off, b_row, tile, 0, nr, kb, False, rows)
     _merge(c, i0, j0, tile, rows, cols, accumulate)
 
@@ -768,7 +806,7 @@ def _empty_product(m, n, depth, c, accumulate):
 
 
 @njit(cache=True, inline="always")
-def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
+def _over_packed_panel(a, a_packed, k0, kb, b_pack, c, j0, cols, tile, accumulate):
     """Every row block of ``a`` (columns ``k0:k0+kb``) over a packed panel ``b_pack`` (kb x NR,
     ``cols`` of them real, the rest zeros) into ``c[:, j0:j0+cols]``: tiles written in place,
     or through ``tile`` and merged for a ragged panel (one vector wide, :func:`tile_nn_narrow`,
@@ -778,35 +816,35 @@ def _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, accumulate):
     mr = NN_ROWS
     nr = b_pack.shape[1]
     narrow = nr // NN_VECTORS  # one vector
-    a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
     m_full, short = _row_tiles(m)
     for ib in range(m_full):
+        a_off, a_row, a_col = _a_block(a, a_packed, ib * mr, mr, k0)
         if cols == nr:
             tile_nn(
-                a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                a, a_off, a_row, a_col,
                 b_pack, 0, nr, c, ib * mr * c_row + j0, c_row, kb, accumulate,
             )  # fmt: skip
         elif cols == narrow:
             tile_nn_narrow(
-                a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                a, a_off, a_row, a_col,
                 b_pack, 0, nr, c, ib * mr * c_row + j0, c_row, kb, accumulate,
             )  # fmt: skip
         elif cols < narrow:
             tile_nn_narrow(
-                a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                a, a_off, a_row, a_col,
                 b_pack, 0, nr, tile, 0, nr, kb, False,
             )  # fmt: skip
             _merge(c, ib * mr, j0, tile, mr, cols, accumulate)
         else:
             tile_nn(
-                a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                a, a_off, a_row, a_col,
                 b_pack, 0, nr, tile, 0, nr, kb, False,
             )  # fmt: skip
             _merge(c, ib * mr, j0, tile, mr, cols, accumulate)
     for i0 in range(m_full * mr, m, short):
         rows = min(short, m - i0)
-        _rest_rows(a, i0, rows, k0, kb, b_pack, 0, nr, c, j0, cols, tile, accumulate)
+        _rest_rows(a, a_packed, i0, rows, k0, kb, b_pack, 0, nr, c, j0, cols, tile, accumulate)
 
 
 @njit(cache=True)
@@ -864,7 +902,7 @@ def gemm_nn(a, b, c, accumulate):
                     )  # fmt: skip
                 for i0 in range(m_full * mr, m, short):
                     _rest_rows(
-                        a, i0, min(short, m - i0), k0, kb, b, k0 * b_row + j0, b_row,
+                        a, False, i0, min(short, m - i0), k0, kb, b, k0 * b_row + j0, b_row,
                         c, j0, cols, tile, acc,
                     )  # fmt: skip
                 continue
@@ -890,11 +928,11 @@ def gemm_nn(a, b, c, accumulate):
                     dst = b_pack[k]
                     for j in range(cols, nr):
                         dst[j] = 0
-            _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, acc)
+            _over_packed_panel(a, False, k0, kb, b_pack, c, j0, cols, tile, acc)
 
 
 @njit(cache=True)
-def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
+def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0, a_packed=False):
     """``c (+)= a @ B`` where row ``k`` of B (K, N) is ``b[b_rows[k] : b_rows[k] + N]``: ``b``
     1-D, ``b_rows`` int64 (K,), ``c`` (M, N) with unit stride along its rows, ``a`` (M, K) at
     any strides. Implicit GEMM: the rows of B are windows of an image (see
@@ -905,7 +943,11 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
     With ``width`` > 0 (dividing N), row ``k`` of B is N / ``width`` windows of ``width``
     elements, ``b_step`` apart: window ``r`` is ``b[b_rows[k] + r*b_step :][:width]``. (Implicit
     GEMM then computes output rows of their own width straight into ``y``, none of the padded
-    width's extra columns.)"""
+    width's extra columns.)
+
+    With ``a_packed``, ``a`` (M, K, contiguous) holds A laid out by :func:`pack_rows`: a
+    caller that runs many products on the same A packs it once (the transposed forward pass
+    stacks its filters so), for the same bits as A itself."""
     m, depth = a.shape
     n = c.shape[1]
     item = c.itemsize
@@ -916,9 +958,10 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
         return
     if n > 1 and c.strides[1] != item:
         raise ValueError("gemm_nn_rows: c needs unit stride along its rows")
+    if a_packed and not a.flags.c_contiguous:
+        raise ValueError("gemm_nn_rows: a packed a needs to be contiguous")
     mr = NN_ROWS
     nr = NN_VECTORS * VECTOR_BYTES // item
-    a_row, a_col = a.strides[0] // item, a.strides[1] // item
     c_row = c.strides[0] // item
     m_full, short = _row_tiles(m)
     windows = n // width
@@ -949,13 +992,16 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
             cols = min(nr, width - jb * nr)
             if cols == nr and not pack:
                 for ib in range(m_full):
+                    a_off, a_row, a_col = _a_block(a, a_packed, ib * mr, mr, k0)
                     tile_nn_rows(
-                        a, ib * mr * a_row + k0 * a_col, a_row, a_col,
+                        a, a_off, a_row, a_col,
                         b, b_rows, k0, b_col, c, ib * mr * c_row + j0, c_row, kb, acc,
                     )  # fmt: skip
                 for i0 in range(m_full * mr, m, short):
                     rows = min(short, m - i0)
-                    _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, b_col, c, j0, acc)
+                    _rest_rows_in_place(
+                        a, a_packed, i0, rows, k0, kb, b, b_rows, b_col, c, j0, acc
+                    )  # fmt: skip
                 continue
             if cols == nr:
                 copy_panel_rows(b, b_rows, k0, b_col, b_pack, kb)
@@ -967,20 +1013,19 @@ def gemm_nn_rows(a, b, b_rows, c, accumulate, width=0, b_step=0):
                     dst[j] = src[j]
                 for j in range(cols, nr):
                     dst[j] = 0
-            _over_packed_panel(a, k0, kb, b_pack, c, j0, cols, tile, acc)
+            _over_packed_panel(a, a_packed, k0, kb, b_pack, c, j0, cols, tile, acc)
 
 
 @njit(cache=True)
-def _rest_rows_in_place(a, i0, rows, k0, kb, b, b_rows, b_col, c, j0, accumulate):
+def _rest_rows_in_place(a, a_packed, i0, rows, k0, kb, b, b_rows, b_col, c, j0, accumulate):
     """``c[i0:i0+rows, j0:j0+NR] (+)= a[i0:i0+rows, k0:k0+kb] @ B`` with B's rows read in place
     from ``b_col`` past ``b_rows[k0:k0+kb]`` (a full panel): :func:`gemm_nn_rows`' rows past its
     last full tile, stored straight into ``c`` by a short tile (:func:`tile_nn_rows_short`). In
     a function of its own, as :func:`_rest_rows`."""
-    item = c.itemsize
-    a_row, a_col = a.strides[0] // item, a.strides[1] // item
-    c_row = c.strides[0] // item
+    c_row = c.strides[0] // c.itemsize
+    a_off, a_row, a_col = _a_block(a, a_packed, i0, rows, k0)
     tile_nn_rows_short(
-        a, i0 * a_row + k0 * a_col, a_row, a_col, b, b_rows, k0, b_col,
+        a, a_off, a_row, a_col, b, b_rows, k0, b_col,
         c, i0 * c_row + j0, c_row, kb, accumulate, rows,
     )  # fmt: skip
 

@@ -44,6 +44,7 @@ from .microkernel import (
     own_gemm_pays,
     own_gemm_size_pays,
     own_weight_gradient,
+    row_blocks,
 )
 
 
@@ -109,22 +110,28 @@ STACK_BLOCK = 16
 
 
 @njit(parallel=True, cache=True)
-def stack_kernel(w, stacked, stride_h, stride_w):
+def stack_kernel(w, stacked, stride_h, stride_w, starts, packed):
     """``stacked[(a*s_w + c)*C_out + o, i, k, m] = w[i, o, a + s_h*(T_h-1-k),
-    c + s_w*(T_w-1-m)]`` (``T``: the sub-filters' taps). A job is :data:`STACK_BLOCK` stacked
-    filters, input channel by input channel: it reads a run of ``w[i]`` and writes one run per
-    filter. (A stacked filter per job, reading ``w`` at a stride of C_out*R*S for each ``i``,
-    took 0.27 ms on DCGAN's 256x128x4x4 filters; an input channel per job, writing to 512
-    filters' pages at each, 0.60 ms; 2 threads, AMD EPYC Zen 5.)"""
+    c + s_w*(T_w-1-m)]`` (``T``: the sub-filters' taps). A job is the stacked filters from
+    ``starts[job]`` to ``starts[job + 1]``, input channel by input channel: it reads a run of
+    ``w[i]`` and writes one run per filter. (A stacked filter per job, reading ``w`` at a stride
+    of C_out*R*S for each ``i``, took 0.27 ms on DCGAN's 256x128x4x4 filters; an input channel
+    per job, writing to 512 filters' pages at each, 0.60 ms; 2 threads, AMD EPYC Zen 5.)
+
+    ``packed``: each job's filters are a block of a tile's rows, laid out as
+    :func:`~.microkernel.pack_rows` lays them out (column by column), one run for the job."""
     c_in, c_out, _, _ = w.shape
     filters, _, taps_h, taps_w = stacked.shape
     _, _, filter_h, filter_w = w.shape
     taps = taps_h * taps_w
+    depth = c_in * taps
     w_flat = w.reshape(-1)
     out = stacked.reshape(-1)
-    for block in prange((filters + STACK_BLOCK - 1) // STACK_BLOCK):
-        f0 = block * STACK_BLOCK
-        count = min(filters, f0 + STACK_BLOCK) - f0
+    for block in prange(starts.shape[0] - 1):
+        f0 = starts[block]
+        count = starts[block + 1] - f0
+        # Element (filter f0 + j, column k) of the block, k = i*taps + t, at j*j_step + k*k_step.
+        j_step, k_step = (1, count) if packed else (depth, 1)
         # Per filter and tap, the offset of its source in w[i] (integer divisions and array
         # views in the channel loop cost more than the copies).
         source = np.empty((count, taps), dtype=np.int64)
@@ -141,10 +148,10 @@ def stack_kernel(w, stacked, stride_h, stride_w):
         per_input = c_out * filter_h * filter_w
         for i in range(c_in):
             base = i * per_input
-            for j in range(count):
-                dst = ((f0 + j) * c_in + i) * taps
-                for t in range(taps):
-                    out[dst + t] = w_flat[base + source[j, t]]
+            for t in range(taps):
+                dst = f0 * depth + (i * taps + t) * k_step
+                for j in range(count):
+                    out[dst + j * j_step] = w_flat[base + source[j, t]]
 
 
 @njit(parallel=True, cache=True)
@@ -268,11 +275,19 @@ def unshuffle_kernel(grad_y, grad_z, stride_h, pad_top, stride_w, pad_left):
         )  # fmt: skip
 
 
-def stacked_weights(w: np.ndarray, sp: SubPixel) -> np.ndarray:
+def stacked_weights(w: np.ndarray, sp: SubPixel, packed: bool = False) -> np.ndarray:
     """The stride-1 convolution's filters, phase-major: filter ``(a*s_w + c)*C_out + o`` is
-    ``w[:, o, a::s_h, c::s_w]`` flipped."""
+    ``w[:, o, a::s_h, c::s_w]`` flipped. ``packed``: each phase's filters, as the rows of a
+    (C_out, C*T_h*T_w) matrix, laid out for the tiles (:func:`~.microkernel.pack_rows`), which
+    :func:`implicit_forward` reads."""
     stacked = np.empty((sp.stacked, w.shape[0], sp.taps_h, sp.taps_w), dtype=w.dtype)
-    stack_kernel(w, stacked, sp.geom.stride_h, sp.geom.stride_w)
+    if packed:
+        c_out = sp.geom.in_channels
+        starts = [p * c_out + i0 for p in range(sp.stacked // c_out) for i0, _ in row_blocks(c_out)]
+    else:
+        starts = list(range(0, sp.stacked, STACK_BLOCK))
+    starts = np.array(starts + [sp.stacked], dtype=np.int64)
+    stack_kernel(w, stacked, sp.geom.stride_h, sp.geom.stride_w, starts, packed)
     return stacked
 
 
@@ -330,7 +345,8 @@ def implicit_forward_kernel(
 ):  # fmt: skip
     """The transposed convolution's output, phase by phase, without the stacked convolution's
     output or the shuffle: per job (``group`` images, one phase ``(a, c)``), phase ``(a, c)``'s
-    filters (rows ``(a*s_w + c)*C_out`` on of ``w_mat``, (s_h*s_w*C_out, C*T_h*T_w)) times
+    filters (rows ``(a*s_w + c)*C_out`` on of ``w_mat``, (s_h*s_w*C_out, C*T_h*T_w), each phase's
+    rows packed for the tiles: ``stacked_weights(..., packed=True)``) times
     windows of the images' padded planes, read in place (:func:`~.microkernel.gemm_nn_rows`), for
     the rows ``q`` and columns ``l`` of the stacked convolution that phase keeps; each product
     element goes straight to ``y[n, o, s_h*q + a - pad_top, s_w*l + c - pad_left]``, plus
@@ -411,7 +427,7 @@ def implicit_forward_kernel(
                 gemm_nn_rows(
                     w_mat[phase * c_out : (phase + 1) * c_out],
                     planes[q0 * row_w + first * group :], tap_rows,
-                    product[: c_out * wide].reshape(c_out, wide), False, window, row_w,
+                    product[: c_out * wide].reshape(c_out, wide), False, window, row_w, True,
                 )  # fmt: skip
             # Into y by flat offsets.
             for o in range(c_out):
@@ -454,8 +470,8 @@ def implicit_applies(sp: SubPixel, itemsize: int) -> bool:
 
 
 def implicit_forward(x: np.ndarray, stacked: np.ndarray, b, sp: SubPixel) -> np.ndarray:
-    """The transposed convolution's output from :func:`stacked_weights`' filters by
-    :func:`implicit_forward_kernel` (``b``: the bias or None)."""
+    """The transposed convolution's output from :func:`stacked_weights`' filters, ``packed``,
+    by :func:`implicit_forward_kernel` (``b``: the bias or None)."""
     g = sp.geom
     n, c, h, w = sp.x_shape
     group = implicit_group(sp, x.itemsize)
