@@ -372,21 +372,24 @@ def test_gemm_nn_rows_on_windows_of_rows(width_panels, spread, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 5, mk.NN_ROWS, 2 * mk.NN_ROWS + 1, 3 * mk.NN_ROWS + 2, 22])
-def test_pack_rows_lays_out_each_tiles_rows_column_by_column(m, dtype):
+@pytest.mark.parametrize("groups", [1, 3])
+def test_pack_rows_lays_out_each_tiles_rows_column_by_column(m, groups, dtype):
     """pack_rows: the block of each tile (row_blocks: full tiles, then the short ones) holds its
-    rows of A column by column, the blocks in order, covering every row once."""
+    rows of A column by column, the blocks in order, covering every row once; with groups, each
+    group's rows as a matrix of their own."""
     k = 9
-    a = np.random.default_rng(m).standard_normal((k, m)).astype(dtype).T  # any strides
-    out = np.full((m, k), np.nan, dtype)
-    mk.pack_rows(a, out)
+    a = np.random.default_rng(m).standard_normal((k, m * groups)).astype(dtype).T  # any strides
+    out = np.full(a.shape, np.nan, dtype)
+    mk.pack_rows(a, out, groups)
     blocks = mk.row_blocks(m)
     assert [i0 for i0, _ in blocks] == list(itertools.accumulate([0] + [r for _, r in blocks]))[:-1]
     assert sum(rows for _, rows in blocks) == m
     assert all(rows == mk.NN_ROWS for _, rows in blocks[: m // mk.NN_ROWS - 1])
-    flat = out.reshape(-1)
-    for i0, rows in blocks:
-        block = flat[i0 * k : (i0 + rows) * k].reshape(k, rows)
-        np.testing.assert_array_equal(block, a[i0 : i0 + rows].T)
+    for g in range(groups):
+        flat = out[g * m : (g + 1) * m].reshape(-1)
+        for i0, rows in blocks:
+            block = flat[i0 * k : (i0 + rows) * k].reshape(k, rows)
+            np.testing.assert_array_equal(block, a[g * m + i0 : g * m + i0 + rows].T)
 
 
 @pytest.mark.parametrize("m", [5, 4 * mk.NN_ROWS + 1, 4 * mk.NN_ROWS + 3, 9 * mk.NN_ROWS])

@@ -73,6 +73,7 @@ from .microkernel import (
     own_gemm_pays_transposed,
     own_gemm_size_pays,
     own_weight_gradient,
+    pack_rows,
 )
 
 #: Upper bound, in bytes, for the per-chunk workspace (columns + GEMM result); one image's
@@ -418,7 +419,7 @@ def implicit_image(
             gemm_nn_rows(
                 w_mat[g * k_g : (g + 1) * k_g], planes_ws,
                 tap_rows[g * taps_g : (g + 1) * taps_g], y[n, g * k_g : (g + 1) * k_g, p0:p1],
-                False, out_w, padded_w,
+                False, out_w, padded_w, True,
             )  # fmt: skip
         for k in range(n_filters):
             shift = bias[k]
@@ -430,7 +431,7 @@ def implicit_image(
     for g in range(groups):
         gemm_nn_rows(
             w_mat[g * k_g : (g + 1) * k_g], planes_ws, tap_rows[g * taps_g : (g + 1) * taps_g],
-            ext[g * k_g : (g + 1) * k_g], False, 0, 0,
+            ext[g * k_g : (g + 1) * k_g], False, 0, 0, True,
         )  # fmt: skip
     for k in range(n_filters):
         shift = bias[k]
@@ -468,9 +469,10 @@ def fused_forward_kernel(
     is a segment of ``segment`` output columns of a row, so that very wide rows (long 1-D
     signals) still get columns that fit in the cache.
 
-    ``tap_rows`` non-empty (implicit GEMM, see :func:`implicit_plan`; a job is one image): no
-    columns. The image is copied into zero-padded planes in the lane's ``cols_ws`` row
-    (:func:`padded_planes`; strided layers: one per channel and phase), and the output on the
+    ``tap_rows`` non-empty (implicit GEMM, see :func:`implicit_plan`; a job is one image; the
+    filters ``w_mat`` packed for the tiles, :func:`_packed_filters`): no columns. The image is
+    copied into zero-padded planes in the lane's ``cols_ws`` row (:func:`padded_planes`;
+    strided layers: one per channel and phase), and the output on the
     padded width, OH x Wp, is the product of the filters with rows that are windows of those
     planes, starting at ``tap_rows[(c*R + r)*S + s]`` (:func:`~.microkernel.gemm_nn_rows`); its
     first OW columns of each row are ``y``'s. With ``transposed``, the planes are stored
@@ -1178,6 +1180,14 @@ def _table_workspace(
     return take(name, (jobs, size), dtype), index
 
 
+def _packed_filters(w_mat: np.ndarray, groups: int) -> np.ndarray:
+    """The filters laid out for the tiles (:func:`~.microkernel.pack_rows`, group by group),
+    for implicit GEMM, whose every job's products read all of them again."""
+    packed = np.empty(w_mat.shape, dtype=w_mat.dtype)
+    pack_rows(w_mat, packed, groups)
+    return packed
+
+
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     if not blas_inside_kernels() or geom.batch == 0:
         return _chunked_forward(x, w, b, geom)
@@ -1204,6 +1214,8 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     w_mat = w.reshape(k, -1)
+    if tap_rows.shape[0]:
+        w_mat = _packed_filters(w_mat, geom.groups)
     with single_threaded_blas():
         fused_forward_kernel(
             x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, pointwise,

@@ -732,22 +732,26 @@ def row_blocks(m: int) -> list[tuple[int, int]]:
 
 
 @njit(cache=True)
-def pack_rows(a, out):
+def pack_rows(a, out, groups=1):
     """``a`` (M, K) at any strides into ``out`` (M, K, contiguous) laid out for the tiles: the
     block of ``rows`` rows from row ``i0`` (:func:`row_blocks`) fills ``out``'s rows ``i0`` to
     ``i0 + rows``, column by column (element ``(i0 + i, k)`` at ``k*rows + i`` past the block's
     start), so a tile reads its rows of A as one stream instead of MR. Products given
-    ``a_packed`` (:func:`gemm_nn_rows`) read it so."""
+    ``a_packed`` (:func:`gemm_nn_rows`) read it so. With ``groups``, each group's M / groups
+    rows are packed as a matrix of their own (a grouped convolution's products)."""
     m, depth = a.shape
     flat = out.reshape(-1)
-    full, short = _row_tiles(m)
-    i0 = 0
-    while i0 < m:
-        rows = NN_ROWS if i0 < full * NN_ROWS else min(short, m - i0)
-        for k in range(depth):
-            for i in range(rows):
-                flat[i0 * depth + k * rows + i] = a[i0 + i, k]
-        i0 += rows
+    m_g = m // groups
+    full, short = _row_tiles(m_g)
+    for g in range(groups):
+        i0 = 0
+        while i0 < m_g:
+            rows = NN_ROWS if i0 < full * NN_ROWS else min(short, m_g - i0)
+            base = (g * m_g + i0) * depth
+            for k in range(depth):
+                for i in range(rows):
+                    flat[base + k * rows + i] = a[g * m_g + i0 + i, k]
+            i0 += rows
 
 
 @njit(cache=True, inline="always")
