@@ -314,6 +314,31 @@ def test_bands_of_rows_for_small_batches_and_for_images_too_large_to_be_whole():
     assert im2col.implicit_band_rows(strided_1x1, 4) == 0
 
 
+def test_small_maps_group_whole_images_even_when_one_image_exceeds_a_band(dtype, monkeypatch):
+    """Maps under MIN_GEMM_COLUMNS pixels whose one image's columns exceed BAND_BYTES run whole
+    images side by side (within GROUP_BYTES), not bands of a few rows: ResNet's 16x512x7x7 3x3
+    in float64 (1.8 MB of columns an image, 4-row bands of 28 columns before). Here the band
+    bound is set just under one image's columns: right against the reference, 9 images in jobs
+    of 2 (the last one image), the same bits on 1 and 2 threads."""
+    deep = make_geometry((16, 512, 7, 7), (512, 512, 3, 3), padding=1)
+    assert im2col._band_rows(deep, 8, im2col.PLAN_LANES, 0) < 7
+    assert im2col.forward_plan(deep, 8) == (7, 2)
+    assert im2col.forward_plan(deep, 4) == (7, 4)
+    cfg = Cfg(9, 16, 6, 7, 32, 3, 3, padding=1, name="small-map")
+    itemsize = np.dtype(dtype).itemsize
+    geom = make_geometry(cfg.x_shape, cfg.w_shape, **cfg.kwargs)
+    columns = cfg.c * cfg.r * cfg.s * geom.out_height * geom.out_width * itemsize
+    monkeypatch.setattr(im2col, "BAND_BYTES", columns - 1)
+    assert im2col._band_rows(geom, itemsize, im2col.PLAN_LANES, 0) < geom.out_height
+    assert im2col.forward_plan(geom, itemsize) == (geom.out_height, 2)
+    x, w, b, _ = make_data(cfg, dtype, seed=13)
+    pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
+    ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
+    one, two = _forward_on_1_and_2_threads(x, w, b, geom)
+    assert_close(two, ref, ref_abs, dtype, f"forward [{cfg}]")
+    assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
+
+
 @pytest.mark.parametrize("cfg", [
     Cfg(4, 8, 30, 27, 64, 5, 5, stride=2, padding=2, name="strided-5x5"),
     Cfg(5, 16, 23, 19, 64, 3, 3, padding=1, bias=False, name="3x3"),
