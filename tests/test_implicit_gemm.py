@@ -281,6 +281,17 @@ def _forward_on_1_and_2_threads(x, w, b, geom):
         numba.set_num_threads(threads)
 
 
+def _check_forward_on_1_and_2_threads(cfg, dtype, geom, seed):
+    """``im2col.forward`` on ``cfg``'s data: right against the reference on 2 threads, and the
+    same bits on 1."""
+    x, w, b, _ = make_data(cfg, dtype, seed=seed)
+    pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
+    ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
+    one, two = _forward_on_1_and_2_threads(x, w, b, geom)
+    assert_close(two, ref, ref_abs, dtype, f"forward [{cfg}]")
+    assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
+
+
 @pytest.mark.parametrize("cfg", BAND_CASES, ids=str)
 def test_small_batches_run_bands_of_rows(cfg, dtype):
     """At least IMPLICIT_BAND_JOBS jobs, the last band shorter; the bits on 1 and 2 threads."""
@@ -331,12 +342,7 @@ def test_small_maps_group_whole_images_even_when_one_image_exceeds_a_band(dtype,
     monkeypatch.setattr(im2col, "BAND_BYTES", columns - 1)
     assert im2col._band_rows(geom, itemsize, im2col.PLAN_LANES, 0) < geom.out_height
     assert im2col.forward_plan(geom, itemsize) == (geom.out_height, 2)
-    x, w, b, _ = make_data(cfg, dtype, seed=13)
-    pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
-    ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
-    one, two = _forward_on_1_and_2_threads(x, w, b, geom)
-    assert_close(two, ref, ref_abs, dtype, f"forward [{cfg}]")
-    assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
+    _check_forward_on_1_and_2_threads(cfg, dtype, geom, seed=13)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -359,9 +365,4 @@ def test_images_too_large_to_be_whole_run_bands_of_rows(cfg, dtype, monkeypatch)
     assert 0 < rows < geom.out_height and geom.out_height % rows
     assert im2col.forward_plan(geom, itemsize) == (rows, 1)
     assert _plan(cfg, dtype).shape[0] == cfg.c * cfg.r * cfg.s
-    x, w, b, _ = make_data(cfg, dtype, seed=12)
-    pad4 = (geom.pad_top, geom.pad_bottom, geom.pad_left, geom.pad_right)
-    ref, ref_abs = conv2d_windows(x, w, b, cfg.stride, pad4, cfg.dilation, cfg.groups)
-    one, two = _forward_on_1_and_2_threads(x, w, b, geom)
-    assert_close(two, ref, ref_abs, dtype, f"forward [{cfg}]")
-    assert_same_bits(one, two, f"[{cfg}] 1 vs 2 threads")
+    _check_forward_on_1_and_2_threads(cfg, dtype, geom, seed=12)
