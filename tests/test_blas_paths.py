@@ -106,6 +106,8 @@ THREAD_CFGS = [
     Cfg(16, 32, 8, 8, 32, 3, 3, padding=1, name="16-images-32-channels"),
     Cfg(5, 8, 23, 17, 6, 3, 3, padding=1, name="5-images-odd"),
     Cfg(6, 16, 9, 7, 8, 1, 1, name="pointwise"),
+    # Winograd's forward pass cuts one image's 72 filters into blocks of 40 and 32.
+    Cfg(1, 8, 10, 13, 72, 3, 3, padding=1, name="1-image-72-filters"),
 ]
 
 

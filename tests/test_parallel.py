@@ -16,7 +16,15 @@ import threading
 import numba
 import numpy as np
 import pytest
-from helpers import Cfg, assert_close, check_against_reference, make_data, reference, run_all
+from helpers import (
+    Cfg,
+    assert_close,
+    assert_same_bits,
+    check_against_reference,
+    make_data,
+    reference,
+    run_all,
+)
 from test_conv_grid import GRID
 from threadprobe import KERNEL_MODULES, LANE_ARGUMENTS, parallel_kernels
 
@@ -62,6 +70,11 @@ LAYERS = [
     Cfg(2, 32, 14, 14, 32, 3, 3, padding=6, dilation=6, name="auto-taps"),
 ]
 BY_NAME = {cfg.name: cfg for cfg in LAYERS}
+
+# One image of 72 filters: Winograd's forward pass cuts them into blocks of 40 and 32, then its 3
+# tile rows into bands of 2 and 1 (4 jobs); partial tiles at the bottom and right. (Not among
+# LAYERS: with 8 channels, auto and im2col run its forward pass on one lane.)
+FILTER_BLOCKS = Cfg(1, 8, 10, 13, 72, 3, 3, padding=1, name="winograd-filter-blocks")
 
 
 def geometry(cfg: Cfg):
@@ -218,7 +231,7 @@ def test_plans_split_the_batch(
     # job one image.
     tiles_h = winograd._tiles(geom)[0]
     assert winograd._image_group(geom, itemsize, im2col.PLAN_LANES, tiles_h) == 2
-    assert winograd._forward_plan(geom, itemsize) == (tiles_h, 4)
+    assert winograd._forward_plan(geom, itemsize) == (tiles_h, 4, cfg.k)
     assert [len(r) for r in _runs(5, threads)] == [2, 3] and cfg.n % 4 == 1
     # Winograd grad-w: whole images in groups of 3 (planned for 8 lanes), so 6 jobs, the last a
     # group of 2, one per lane.
@@ -257,6 +270,43 @@ def test_batch_of_one_splits_winograd_weight_gradient(force_parallel, thread_pro
 # -------------------------------------------------------------------------------------------
 # Every kernel x dtype x pass against the reference, in parallel
 # -------------------------------------------------------------------------------------------
+
+
+def test_winograd_forward_cuts_a_small_batchs_filters_into_blocks(
+    dtype, force_parallel, thread_probe, restore_num_threads
+):
+    """One image gives Winograd's forward pass one (image, band) job: its filters are cut into
+    blocks (MIN_FILTER_BLOCK, whole tiles of 8), then its bands only as far as MIN_JOBS jobs
+    still ask. Right against the reference, two lanes, the same bits on 1 and 2 threads, and a
+    NaN in one filter of the last block still sends the call to the plain path."""
+    cfg = FILTER_BLOCKS
+    geom = geometry(cfg)
+    itemsize = np.dtype(dtype).itemsize
+    assert winograd._tiles(geom)[0] == 3
+    assert winograd._forward_plan(geom, itemsize) == (2, 1, 40)
+    # auto's backward rule reads the tiles of the plan without blocks, whose bands are single
+    # tile rows (3 jobs, still fewer than MIN_JOBS): 4 tiles.
+    assert winograd.tiles_per_gemm(geom, itemsize) == 4
+    x, w, b, _ = layer_data(cfg, dtype)
+    ref = layer_reference(cfg)
+    numba.set_num_threads(2)
+    thread_probe.clear()
+    two = nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs)
+    assert [(r.name, r.lanes) for r in thread_probe.regions if "filter_" not in r.name] == [
+        ("winograd.fused_winograd_kernel", 2)
+    ]
+    assert_close(two, ref.y, ref.y_abs, dtype, f"forward [{cfg}]")
+    numba.set_num_threads(1)
+    assert_same_bits(nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs), two, "1 vs 2 threads")
+    numba.set_num_threads(2)
+    w_nan = w.copy()
+    w_nan[70, 3, 1, 1] = np.nan
+    y = nc.conv2d(x, w_nan, b, kernel="winograd", **cfg.kwargs)
+    plain = nc.conv2d(x, w_nan, b, kernel="im2col", **cfg.kwargs)
+    assert np.isnan(y[:, 70]).all() and not np.isnan(np.delete(y, 70, axis=1)).any()
+    assert_close(np.delete(y, 70, axis=1), np.delete(ref.y, 70, axis=1),
+                 np.delete(ref.y_abs, 70, axis=1), dtype, "the other filters")  # fmt: skip
+    assert_same_bits(y, plain, "NaN filter: the plain path's result")
 
 
 @pytest.mark.parametrize("cfg", LAYERS, ids=str)

@@ -616,7 +616,7 @@ def input_transform_band(x, n, th0, th1, v, first_tile, count, rows, tiles_w, pa
 
 
 @njit(cache=True)
-def output_transform_band(m, bias, y, rows, n, th0, th1, tiles_w, count, tile0):
+def output_transform_band(m, bias, y, rows, n, th0, th1, tiles_w, count, tile0, k0, k1):
     """``y[n, k]``'s 4x4 tiles of tile rows ``th0:th1`` = ``A^T M A`` + ``bias[k]``, cropped at
     the edges, for every filter ``k``, from the band's GEMM results ``m[e, k*count + tile0 + t]``;
     whether any value computed was NaN or Inf. ``rows`` is (40, >= per-image tiles) scratch.
@@ -629,11 +629,11 @@ def output_transform_band(m, bias, y, rows, n, th0, th1, tiles_w, count, tile0):
     8.93 -> 7.62 on DeepLab's dilation 2; 1x128x28x28 0.63 -> 0.66 (0.58 -> 0.59 in a second
     run). float64 within 5 % both ways (CIFAR 10.5 -> 9.8, 16x256x14x14 13.9 -> 14.6).
     """
-    n_filters, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
+    out_h, out_w = y.shape[2], y.shape[3]
     per_image = (th1 - th0) * tiles_w
     full = out_w // 4  # tiles whose four columns are all inside the output
     bad = False
-    for k in range(n_filters):
+    for k in range(k0, k1):
         start = bias[k]
         base = k * count + tile0
         # A^T M down the columns: rows[6*a + j, t] = (A^T M)[a, j] of tile t ...
@@ -706,8 +706,8 @@ def output_transform_band(m, bias, y, rows, n, th0, th1, tiles_w, count, tile0):
 
 @njit(parallel=True, cache=True)
 def fused_winograd_kernel(
-    x, u, bias, y, nonfinite, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, group, pad_t,
-    pad_l,
+    x, u, bias, y, nonfinite, v_ws, m_ws, row_ws, tiles_h, tiles_w, band_tiles, group,
+    filter_block, pad_t, pad_l,
 ):  # fmt: skip
     """The whole Winograd F(4x4, 3x3) forward pass in one parallel region, one band of tile rows
     of ``group`` images at a time (``group`` > 1 only when a band is a whole image, so that
@@ -724,33 +724,44 @@ def fused_winograd_kernel(
     n_batch, n_chan = x.shape[0], x.shape[1]
     n_filters = u.shape[1]
     bands = (tiles_h + band_tiles - 1) // band_tiles
-    jobs = (n_batch + group - 1) // group * bands
+    blocks = (n_filters + filter_block - 1) // filter_block
+    jobs = (n_batch + group - 1) // group * bands * blocks
     lanes = v_ws.shape[0]
     for lane in prange(lanes):
         rows = row_ws[lane]
         bad = False
+        done = -1  # the (image group, band) whose input transform v holds
         for job in range(jobs * lane // lanes, jobs * (lane + 1) // lanes):
-            n0 = job // bands * group
+            band_job = job // blocks
+            k0 = (job - band_job * blocks) * filter_block
+            k1 = min(n_filters, k0 + filter_block)
+            n0 = band_job // bands * group
             n1 = min(n_batch, n0 + group)
-            th0 = (job % bands) * band_tiles
+            th0 = (band_job % bands) * band_tiles
             th1 = min(tiles_h, th0 + band_tiles)
             per_image = (th1 - th0) * tiles_w
             count = (n1 - n0) * per_image
             v = v_ws[lane]
             m = m_ws[lane]
-            for n in range(n0, n1):
-                first = (n - n0) * per_image
-                input_transform_band(x, n, th0, th1, v, first, count, rows, tiles_w, pad_t, pad_l)
+            if band_job != done:
+                for n in range(n0, n1):
+                    first = (n - n0) * per_image
+                    input_transform_band(
+                        x, n, th0, th1, v, first, count, rows, tiles_w, pad_t, pad_l
+                    )
+                done = band_job
             for e in range(36):
                 v_e = v[e, : n_chan * count].reshape(n_chan, count)
-                m_e = m[e, : n_filters * count].reshape(n_filters, count)
-                if own_gemm_size_pays(n_filters, n_chan, count, m_e.itemsize):
-                    gemm_nn(u[e], v_e, m_e, False)
+                m_e = m[e, : n_filters * count].reshape(n_filters, count)[k0:k1]
+                if own_gemm_size_pays(k1 - k0, n_chan, count, m_e.itemsize):
+                    gemm_nn(u[e, k0:k1], v_e, m_e, False)
                 else:
-                    np.dot(u[e], v_e, m_e)
+                    np.dot(u[e, k0:k1], v_e, m_e)
             for n in range(n0, n1):
                 tile0 = (n - n0) * per_image
-                bad |= output_transform_band(m, bias, y, rows, n, th0, th1, tiles_w, count, tile0)
+                bad |= output_transform_band(
+                    m, bias, y, rows, n, th0, th1, tiles_w, count, tile0, k0, k1
+                )
         nonfinite[lane] = bad
 
 
@@ -799,17 +810,56 @@ def _split_for_jobs(tiles_h: int, band_tiles: int, blocks: int, wanted: int) -> 
     return -(-tiles_h // -(-wanted // blocks))  # ceil(tiles_h / bands wanted per group)
 
 
-def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int]:
-    """``(band_tiles, group)`` of the banded forward pass. Like ``im2col.forward``'s bands, a
-    function of the geometry only: planned for ``im2col.PLAN_LANES`` lanes, whatever the thread
-    count (the GEMMs' width, and with it BLAS's rounding, must not depend on it), and cut into at
-    least :data:`MIN_JOBS` jobs where the image allows."""
+def _band_plan(geom: ConvGeometry, itemsize: int, filter_blocks: int = 1) -> tuple[int, int]:
+    """``(band_tiles, group)`` of the banded forward pass, with the filters cut into
+    ``filter_blocks`` blocks. Like ``im2col.forward``'s bands, a function of the geometry only:
+    planned for ``im2col.PLAN_LANES`` lanes, whatever the thread count (the GEMMs' width, and
+    with it the rounding, must not depend on it), and cut into at least :data:`MIN_JOBS` jobs
+    where the image allows."""
     band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
     group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
     tiles_h = _tiles(geom)[0]
-    band_tiles = _split_for_jobs(tiles_h, band_tiles, -(-geom.batch // group), MIN_JOBS)
+    band_tiles = _split_for_jobs(
+        tiles_h, band_tiles, -(-geom.batch // group) * filter_blocks, MIN_JOBS
+    )
     group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
     return band_tiles, _wide_group(geom, itemsize, band_tiles, group)
+
+
+def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int]:
+    """``(band_tiles, group, filter_block)`` of the banded forward pass: :func:`_band_plan`,
+    except that a small batch whose (image group, band) jobs would be fewer than
+    :data:`MIN_JOBS` first cuts its filters into blocks (:func:`_filter_block`), then its bands
+    only as far as the jobs are still too few."""
+    # The (image group, band) jobs before _split_for_jobs cuts the bands for MIN_JOBS.
+    band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
+    group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
+    band_jobs = -(-geom.batch // group) * -(-_tiles(geom)[0] // band_tiles)
+    filter_block = _filter_block(geom.out_channels, band_jobs)
+    blocks = -(-geom.out_channels // filter_block)
+    return (*_band_plan(geom, itemsize, blocks), filter_block)
+
+
+#: The fewest filters in a block where the forward pass cuts a small batch's filters among its
+#: jobs (:func:`_forward_plan`). Cutting the bands instead made each job's 36 GEMMs narrow and
+#: had every job read all the transformed filters (2.4 MB for 128 x 128, from L3); blocks of
+#: filters keep whole images, each job reading its block's filters once. Measured (AMD EPYC
+#: Zen 4, AVX-512, 2 threads, one process, the two plans alternating, medians of 7 rounds of 9
+#: calls, ``winograd`` forward ms, bands -> blocks): float32 ResNet's 1x128x28x28 1.73 -> 1.28
+#: (0.88 -> 0.80 in a quieter hour), 2x128x28x28 1.30 -> 1.21, 1x256x14x14 1.43 -> 1.18,
+#: 1x64x56x56 0.80 -> 0.77; float64 1.43 -> 1.45, 2.10 -> 2.10, 4.54 -> 3.87, 1.21 -> 1.21.
+MIN_FILTER_BLOCK = 32
+
+
+def _filter_block(n_filters: int, band_jobs: int) -> int:
+    """Filters per job of the forward pass: all of them, unless ``band_jobs`` (image group, band)
+    jobs are fewer than :data:`MIN_JOBS`; then blocks of at least :data:`MIN_FILTER_BLOCK`
+    filters, a multiple of 8 (whole tiles of the micro-kernel), as many as give MIN_JOBS jobs."""
+    if band_jobs >= MIN_JOBS or n_filters < 2 * MIN_FILTER_BLOCK:
+        return n_filters
+    blocks = min(-(-MIN_JOBS // band_jobs), n_filters // MIN_FILTER_BLOCK)
+    per_block = -(-n_filters // blocks)
+    return -(-per_block // 8) * 8
 
 
 #: On small maps the forward pass groups images until each GEMM has about this many tiles (its
@@ -839,9 +889,13 @@ def _wide_group(geom: ConvGeometry, itemsize: int, band_tiles: int, group: int) 
 
 
 def tiles_per_gemm(geom: ConvGeometry, itemsize: int) -> int:
-    """How many tiles each of the forward pass's GEMMs covers (at most; the last band of an
-    image may have fewer): the planned band of tile rows, times the images grouped per job."""
-    band_tiles, group = _forward_plan(geom, itemsize)
+    """How many tiles each of the forward pass's GEMMs would cover (at most; the last band of an
+    image may have fewer) without the filter blocks of a small batch (:func:`_forward_plan`): a
+    band of tile rows, times the images grouped per job. ``auto``'s backward rule
+    (``registry.WINOGRAD_MIN_TILES``) was measured on this count, and the filter blocks do not
+    change the weight gradient that decides it: ResNet's 1x128x28x28 backward, float32, AMD EPYC
+    Zen 4, with the blocks in grad-x, im2col 4.6 ms against Winograd's 5.7."""
+    band_tiles, group = _band_plan(geom, itemsize)
     return group * band_tiles * _tiles(geom)[1]
 
 
@@ -850,8 +904,9 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = _tiles(geom)
-    band_tiles, group = _forward_plan(geom, x.itemsize)
-    jobs = -(-n // group) * -(-tiles_h // band_tiles)  # the thread count only sets how many run
+    band_tiles, group, filter_block = _forward_plan(geom, x.itemsize)
+    # The thread count only sets how many lanes run the jobs.
+    jobs = -(-n // group) * -(-tiles_h // band_tiles) * -(-k // filter_block)
     lanes = max(1, min(numba.get_num_threads(), jobs, im2col.PLAN_LANES))
     count = group * band_tiles * tiles_w
     v_ws = take("winograd.band_input", (lanes, 36, _plane(c * count)), x.dtype)
@@ -868,7 +923,7 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     with single_threaded_blas():
         fused_winograd_kernel(
             x, filter_transform4(w), bias, y, nonfinite, v_ws, m_ws, row_ws, tiles_h, tiles_w,
-            band_tiles, group, geom.pad_top, geom.pad_left,
+            band_tiles, group, filter_block, geom.pad_top, geom.pad_left,
         )  # fmt: skip
     return y, not nonfinite.any()
 
