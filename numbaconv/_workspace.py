@@ -27,6 +27,9 @@ import numpy as np
 #: Bytes one thread's pool may keep. One call's workspace is kept under 32 MiB by the kernels
 #: (``WORKSPACE_BYTES`` in :mod:`numbaconv.kernels.im2col` and ``.winograd``); Winograd's backward
 #: pass holds a grad-w and a grad-x workspace one after the other, so twice that keeps both.
+#: Winograd's transformed filters come from here too (37.7 MB for 512 x 512 in float32; float64's
+#: 75 MB are over the bound, so allocated afresh): with them, the band workspace of its forward
+#: pass (at most 32 MiB) may push older buffers out.
 POOL_BYTES = 64 * 2**20
 
 #: Buffers start on a cache line (the kernels' vector loads and BLAS prefer aligned rows).

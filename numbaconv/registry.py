@@ -98,6 +98,14 @@ WINOGRAD_MIN_TILES = 32
 #: from 202 to 245 MiB in float32, 252 to 333 in float64 (fresh processes, two calls).
 WINOGRAD_SMALL_MAP_MIN_TILES = 16
 
+#: The forward pass too runs Winograd with such filters on maps of at most ``im2col``'s
+#: :data:`~numbaconv.kernels.im2col.MIN_GEMM_COLUMNS` output pixels, since its transformed filters
+#: come from the workspace pool (no fresh pages at each call) and its deep plan
+#: (``winograd._deep_plan``) reads them once per group of images rather than once per image band.
+#: AMD EPYC Zen 4, AVX-512, 2 threads, one process, alternating, medians of 5 rounds of 5 calls,
+#: forward ms, im2col against winograd: float32 16x512x7x7 21.2 against 14.4, 16x512x14x14 104
+#: against 39; float64 16x512x7x7 45.7 against 28.1, 16x512x14x14 248 against 79.
+#:
 #: ... and only up to this many transformed filter values: the measured layers' 512 x 512
 #: filters (9.4 million, 38 MB in float32) are within it, while 1024 x 1024 filters (38 million,
 #: 151 MB, 302 in float64, allocated at every call) were not measured.
@@ -148,8 +156,10 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
       and at most :data:`WINOGRAD_MAX_FILTER_VALUES` transformed filter values use ``winograd``
       for the forward pass, and for the backward pass too where its GEMMs see at least
       :data:`WINOGRAD_MIN_TILES` tiles each (resnet3x3 float32: 8.4 ms forward and 22.3 ms
-      backward, against 18.5 and 38.1 ms for ``im2col``); larger filters on small maps, for
-      the backward pass only (:data:`WINOGRAD_SMALL_MAP_MIN_TILES`);
+      backward, against 18.5 and 38.1 ms for ``im2col``); larger filters (up to
+      :data:`WINOGRAD_SMALL_MAP_MAX_FILTER_VALUES`) on small maps, for the forward pass where
+      Winograd's deep plan applies and for the backward pass where its GEMMs see at least
+      :data:`WINOGRAD_SMALL_MAP_MIN_TILES` tiles;
     - depthwise layers, and stride-1 layers with at most
       :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
     - layers where most of ``im2col``'s products would meet padding (large dilations on small
@@ -183,7 +193,12 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     filter_values = 36 * geom.in_channels * geom.out_channels
     filters_fit = filter_values <= WINOGRAD_MAX_FILTER_VALUES
     if direction == "forward":
-        return "winograd" if filters_fit else "im2col"
+        deep_small_map = (
+            filter_values <= WINOGRAD_SMALL_MAP_MAX_FILTER_VALUES
+            and geom.out_height * geom.out_width <= im2col.MIN_GEMM_COLUMNS
+            and winograd.deep_plan_applies(runs, itemsize)
+        )
+        return "winograd" if filters_fit or deep_small_map else "im2col"
     tiles = winograd.tiles_per_gemm(runs, itemsize)
     if filters_fit and tiles >= WINOGRAD_MIN_TILES:
         return "winograd"

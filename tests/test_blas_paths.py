@@ -261,9 +261,11 @@ def test_auto_winograd_rule_on_the_measured_layers():
     for direction in ("forward", "backward"):
         assert choose(resnet, np.float32, direction) == "winograd"
         assert choose(wide_small, np.float32, direction) == "winograd"
-    # 512 x 512 filters: the forward pass on im2col; the backward pass on Winograd on maps
-    # under im2col.MIN_GEMM_COLUMNS pixels with at least WINOGRAD_SMALL_MAP_MIN_TILES tiles.
-    assert choose(deep, np.float32, "forward") == choose(deep, np.float64, "forward") == "im2col"
+    # 512 x 512 filters: the forward pass on Winograd's deep plan on maps of at most
+    # im2col.MIN_GEMM_COLUMNS pixels; the backward pass on Winograd on maps under that with at
+    # least WINOGRAD_SMALL_MAP_MIN_TILES tiles.
+    assert winograd._forward_plan(deep, 4) == winograd._forward_plan(deep, 8) == (2, 8, 256)
+    assert choose(deep, np.float32, "forward") == choose(deep, np.float64, "forward") == "winograd"
     for dtype in (np.float32, np.float64):
         assert choose(deep, dtype, "backward") == "winograd"
     assert winograd.tiles_per_gemm(deep, 4) == nc.registry.WINOGRAD_SMALL_MAP_MIN_TILES
@@ -275,10 +277,15 @@ def test_auto_winograd_rule_on_the_measured_layers():
     assert choose(bigger, np.float64, "backward") == "im2col"  # 4 tiles
     wide_deep = make((16, 512, 14, 14), (512, 512, 3, 3), padding=1)
     assert choose(wide_deep, np.float32, "backward") == "im2col"  # 196 pixels
+    assert winograd._forward_plan(wide_deep, 4) == (4, 4, 512)
+    assert choose(wide_deep, np.float32, "forward") == "winograd"
+    wider_deep = make((16, 512, 15, 15), (512, 512, 3, 3), padding=1)
+    assert choose(wider_deep, np.float32, "forward") == "im2col"  # 225 pixels
     widest = make((16, 1024, 7, 7), (1024, 1024, 3, 3), padding=1)
     assert winograd.tiles_per_gemm(widest, 4) == nc.registry.WINOGRAD_SMALL_MAP_MIN_TILES
     assert 36 * 1024 * 1024 > nc.registry.WINOGRAD_SMALL_MAP_MAX_FILTER_VALUES
     assert choose(widest, np.float32, "backward") == "im2col"  # 151 MB of transformed filters
+    assert choose(widest, np.float32, "forward") == "im2col"
     assert choose(wide_small, np.float64, "forward") == "winograd"
     assert choose(wide_small, np.float64, "backward") == "im2col"
     assert choose(batch1, np.float32, "forward") == "winograd"

@@ -75,6 +75,8 @@ BY_NAME = {cfg.name: cfg for cfg in LAYERS}
 # tile rows into bands of 2 and 1 (4 jobs); partial tiles at the bottom and right. (Not among
 # LAYERS: with 8 channels, auto and im2col run its forward pass on one lane.)
 FILTER_BLOCKS = Cfg(1, 8, 10, 13, 72, 3, 3, padding=1, name="winograd-filter-blocks")
+# Five images of 5x9 (2 x 3 tiles), 72 filters: Winograd's deep plan when forced.
+DEEP = Cfg(5, 8, 5, 9, 72, 3, 3, padding=1, name="winograd-deep")
 
 
 def geometry(cfg: Cfg):
@@ -307,6 +309,34 @@ def test_winograd_forward_cuts_a_small_batchs_filters_into_blocks(
     assert_close(np.delete(y, 70, axis=1), np.delete(ref.y, 70, axis=1),
                  np.delete(ref.y_abs, 70, axis=1), dtype, "the other filters")  # fmt: skip
     assert_same_bits(y, plain, "NaN filter: the plain path's result")
+
+
+def test_winograd_deep_plan_groups_images_and_blocks_filters(
+    dtype, force_parallel, thread_probe, restore_num_threads, monkeypatch
+):
+    """Winograd's deep plan (here for a small layer, DEEP_FILTER_BYTES set to 0): whole images
+    in groups of 3, at most half the batch (5 images: groups of 3 and 2), filters in blocks of
+    40 and 32 for 4 jobs; the lanes capped at WORKSPACE_BYTES // their workspace (3 of 4
+    threads). Right against the reference, the same bits on 1 and 4 threads."""
+    cfg = DEEP
+    geom = geometry(cfg)
+    itemsize = np.dtype(dtype).itemsize
+    monkeypatch.setattr(winograd, "DEEP_FILTER_BYTES", 0)
+    per_image = winograd._deep_lane_bytes(geom, itemsize, 1)
+    monkeypatch.setattr(winograd, "WORKSPACE_BYTES", 3 * 3 * per_image)
+    assert winograd._tiles(geom) == (2, 3)
+    assert winograd._forward_plan(geom, itemsize) == (2, 3, 40)
+    x, w, b, _ = layer_data(cfg, dtype)
+    ref = layer_reference(cfg)
+    numba.set_num_threads(4)
+    thread_probe.clear()
+    four = nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs)
+    assert [(r.name, r.lanes) for r in thread_probe.regions if "filter_" not in r.name] == [
+        ("winograd.fused_winograd_kernel", 3)
+    ]
+    assert_close(four, ref.y, ref.y_abs, dtype, f"forward [{cfg}]")
+    numba.set_num_threads(1)
+    assert_same_bits(nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs), four, "1 vs 4 threads")
 
 
 @pytest.mark.parametrize("cfg", LAYERS, ids=str)

@@ -148,8 +148,16 @@ def filter_gradient_kernel(sums, g, grad_w):
                     grad_w[k, c, r, s] = result[r, s, c]
 
 
-def _filter_transform(w: np.ndarray, g: np.ndarray) -> np.ndarray:
-    u = np.empty((g.shape[0] ** 2, w.shape[0], w.shape[1]), dtype=w.dtype)
+def _filter_transform(w: np.ndarray, g: np.ndarray, workspace: str | None = None) -> np.ndarray:
+    """``U`` for the ``m x 3`` matrix ``g``: a new array, or with ``workspace`` the scratch
+    buffer of that name (:func:`~numbaconv._workspace.take`), valid until its next use.
+
+    The passes take the workspace: 36 x 512 x 512 float32 values are 37.7 MB, whose fresh pages
+    the system faulted in and zeroed on every call. ``filter_transform4`` of 512 x 512 filters,
+    float32, 2 threads, AMD EPYC Zen 4, medians of 7 calls: 12.5 ms into a new array, 4.1 into
+    one used before (256 x 256: 0.59 and 0.41 ms)."""
+    shape = (g.shape[0] ** 2, w.shape[0], w.shape[1])
+    u = np.empty(shape, dtype=w.dtype) if workspace is None else take(workspace, shape, w.dtype)
     filter_transform_kernel(np.ascontiguousarray(w), g, u)
     return u
 
@@ -267,7 +275,7 @@ def _winograd_conv(x, w, bias, geom: ConvGeometry) -> np.ndarray | None:
         return y if finite else None
     if not _all_finite(x, w) or (bias is not None and not _all_finite(bias)):
         return None
-    u = filter_transform(w)
+    u = _filter_transform(w, G2, "winograd.chunk_filters")
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     tiles_h, tiles_w = (oh + 1) // 2, (ow + 1) // 2
@@ -831,6 +839,9 @@ def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int]:
     except that a small batch whose (image group, band) jobs would be fewer than
     :data:`MIN_JOBS` first cuts its filters into blocks (:func:`_filter_block`), then its bands
     only as far as the jobs are still too few."""
+    deep = _deep_plan(geom, itemsize)
+    if deep is not None:
+        return deep
     # The (image group, band) jobs before _split_for_jobs cuts the bands for MIN_JOBS.
     band_tiles = _band_tiles(geom, itemsize, im2col.PLAN_LANES, 0)
     group = _image_group(geom, itemsize, im2col.PLAN_LANES, band_tiles)
@@ -838,6 +849,49 @@ def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int]:
     filter_block = _filter_block(geom.out_channels, band_jobs)
     blocks = -(-geom.out_channels // filter_block)
     return (*_band_plan(geom, itemsize, blocks), filter_block)
+
+
+#: Transformed filters (36 x K x C values) above this many bytes make a layer "deep" for the
+#: forward pass (:func:`_deep_plan`): 512 x 512 in float32 (37.7 MB), 256 x 256 in float64.
+DEEP_FILTER_BYTES = 16 * 2**20
+
+#: A lane of the deep plan holds at most this share of :data:`WORKSPACE_BYTES` (its group's
+#: transformed input and GEMM results), so that at least 3 lanes fit in it.
+DEEP_LANE_SHARE = 3
+
+
+def _deep_lane_bytes(geom: ConvGeometry, itemsize: int, group: int) -> int:
+    """Bytes of one lane's transformed input and GEMM results for ``group`` whole images."""
+    tiles_h, tiles_w = _tiles(geom)
+    return 36 * (geom.in_channels + geom.out_channels) * group * tiles_h * tiles_w * itemsize
+
+
+def _deep_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int] | None:
+    """``(band_tiles, group, filter_block)`` for a deep layer (:data:`DEEP_FILTER_BYTES`), or
+    None: whole images, as many per job as a lane's share of the workspace holds
+    (:data:`DEEP_LANE_SHARE`) and at most half the batch, then the filters cut into blocks for
+    :data:`MIN_JOBS` jobs (:func:`_filter_block`).
+
+    Every job reads all of its block's transformed filters, so they are read (band jobs) times
+    in all; the byte budget of :func:`_band_tiles` cut ResNet's 16x512x14x14 into 32 jobs of
+    half an image, each reading 37.7 MB. Measured (AMD EPYC Zen 4, AVX-512, 2 threads, one
+    process, alternating, medians of 5 rounds of 5 calls, ``winograd`` forward ms, plan ->
+    this plan): float32 16x512x7x7 18.5 (4 jobs of 4 images) -> 14.9 (2 groups of 8 x 2
+    blocks of 256), 16x512x14x14 101 (32 half images) -> 38.8 (4 groups of 4); float64
+    16x512x7x7 30.2 -> 28.1. ``im2col`` took 22.4, 104 and 45.7 ms."""
+    k, c = geom.out_channels, geom.in_channels
+    if 36 * k * c * itemsize <= DEEP_FILTER_BYTES or geom.batch < 2:
+        return None
+    budget = WORKSPACE_BYTES // DEEP_LANE_SHARE
+    group = min(budget // _deep_lane_bytes(geom, itemsize, 1), -(-geom.batch // 2))
+    if group < 1:
+        return None
+    return _tiles(geom)[0], group, _filter_block(k, -(-geom.batch // group))
+
+
+def deep_plan_applies(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether the forward pass runs :func:`_deep_plan` on ``geom``."""
+    return _deep_plan(geom, itemsize) is not None
 
 
 #: The fewest filters in a block where the forward pass cuts a small batch's filters among its
@@ -907,8 +961,13 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     band_tiles, group, filter_block = _forward_plan(geom, x.itemsize)
     # The thread count only sets how many lanes run the jobs.
     jobs = -(-n // group) * -(-tiles_h // band_tiles) * -(-k // filter_block)
-    lanes = max(1, min(numba.get_num_threads(), jobs, im2col.PLAN_LANES))
     count = group * band_tiles * tiles_w
+    # Lanes within WORKSPACE_BYTES (the deep plan's may hold a third of it each); their number
+    # does not change the results.
+    per_lane = 36 * (c + k) * count * x.itemsize
+    lanes = max(
+        1, min(numba.get_num_threads(), jobs, im2col.PLAN_LANES, WORKSPACE_BYTES // per_lane)
+    )
     v_ws = take("winograd.band_input", (lanes, 36, _plane(c * count)), x.dtype)
     m_ws = take("winograd.band_gemm", (lanes, 36, _plane(k * count)), x.dtype)
     # Rows 0-11: the input transform's; 0-23 and 24-39: the output transform's two stages.
@@ -922,7 +981,8 @@ def _fused_winograd_conv(x, w, bias, geom: ConvGeometry) -> tuple[np.ndarray, bo
     nonfinite = np.zeros(lanes, dtype=np.bool_)
     with single_threaded_blas():
         fused_winograd_kernel(
-            x, filter_transform4(w), bias, y, nonfinite, v_ws, m_ws, row_ws, tiles_h, tiles_w,
+            x, _filter_transform(w, G4, "winograd.filters"), bias, y, nonfinite, v_ws, m_ws,
+            row_ws, tiles_h, tiles_w,
             band_tiles, group, filter_block, geom.pad_top, geom.pad_left,
         )  # fmt: skip
     return y, not nonfinite.any()
