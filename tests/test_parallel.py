@@ -274,6 +274,26 @@ def test_batch_of_one_splits_winograd_weight_gradient(force_parallel, thread_pro
 # -------------------------------------------------------------------------------------------
 
 
+def _winograd_forward_in_lanes(cfg: Cfg, dtype, threads: int, lanes: int, thread_probe):
+    """``(x, w, b, ref, y)``: Winograd's forward pass of ``cfg`` on ``threads`` threads, asserted
+    to run ``lanes`` lanes, right against the reference and the same bits on 1 thread. Leaves
+    ``threads`` threads set."""
+    x, w, b, _ = layer_data(cfg, dtype)
+    ref = layer_reference(cfg)
+    numba.set_num_threads(threads)
+    thread_probe.clear()
+    y = nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs)
+    assert [(r.name, r.lanes) for r in thread_probe.regions if "filter_" not in r.name] == [
+        ("winograd.fused_winograd_kernel", lanes)
+    ]
+    assert_close(y, ref.y, ref.y_abs, dtype, f"forward [{cfg}]")
+    numba.set_num_threads(1)
+    one = nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs)
+    assert_same_bits(one, y, f"[{cfg}] 1 vs {threads} threads")
+    numba.set_num_threads(threads)
+    return x, w, b, ref, y
+
+
 def test_winograd_forward_cuts_a_small_batchs_filters_into_blocks(
     dtype, force_parallel, thread_probe, restore_num_threads
 ):
@@ -289,18 +309,7 @@ def test_winograd_forward_cuts_a_small_batchs_filters_into_blocks(
     # auto's backward rule reads the tiles of the plan without blocks, whose bands are single
     # tile rows (3 jobs, still fewer than MIN_JOBS): 4 tiles.
     assert winograd.tiles_per_gemm(geom, itemsize) == 4
-    x, w, b, _ = layer_data(cfg, dtype)
-    ref = layer_reference(cfg)
-    numba.set_num_threads(2)
-    thread_probe.clear()
-    two = nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs)
-    assert [(r.name, r.lanes) for r in thread_probe.regions if "filter_" not in r.name] == [
-        ("winograd.fused_winograd_kernel", 2)
-    ]
-    assert_close(two, ref.y, ref.y_abs, dtype, f"forward [{cfg}]")
-    numba.set_num_threads(1)
-    assert_same_bits(nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs), two, "1 vs 2 threads")
-    numba.set_num_threads(2)
+    x, w, b, ref, _ = _winograd_forward_in_lanes(cfg, dtype, 2, 2, thread_probe)
     w_nan = w.copy()
     w_nan[70, 3, 1, 1] = np.nan
     y = nc.conv2d(x, w_nan, b, kernel="winograd", **cfg.kwargs)
@@ -326,17 +335,7 @@ def test_winograd_deep_plan_groups_images_and_blocks_filters(
     monkeypatch.setattr(winograd, "WORKSPACE_BYTES", 3 * 3 * per_image)
     assert winograd._tiles(geom) == (2, 3)
     assert winograd._forward_plan(geom, itemsize) == (2, 3, 40)
-    x, w, b, _ = layer_data(cfg, dtype)
-    ref = layer_reference(cfg)
-    numba.set_num_threads(4)
-    thread_probe.clear()
-    four = nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs)
-    assert [(r.name, r.lanes) for r in thread_probe.regions if "filter_" not in r.name] == [
-        ("winograd.fused_winograd_kernel", 3)
-    ]
-    assert_close(four, ref.y, ref.y_abs, dtype, f"forward [{cfg}]")
-    numba.set_num_threads(1)
-    assert_same_bits(nc.conv2d(x, w, b, kernel="winograd", **cfg.kwargs), four, "1 vs 4 threads")
+    _winograd_forward_in_lanes(cfg, dtype, 4, 3, thread_probe)
 
 
 @pytest.mark.parametrize("cfg", LAYERS, ids=str)

@@ -149,22 +149,18 @@ def filter_gradient_kernel(sums, g, grad_w):
 
 
 def _filter_transform(w: np.ndarray, g: np.ndarray, workspace: str | None = None) -> np.ndarray:
-    """``U`` for the ``m x 3`` matrix ``g``: a new array, or with ``workspace`` the scratch
-    buffer of that name (:func:`~numbaconv._workspace.take`), valid until its next use.
+    """``U[e, k, c]`` with ``U = G g G^T`` per (k, c), e = m*i + j, for the ``m x 3`` matrix
+    ``g`` (computed in float64): a new array, or with ``workspace`` the scratch buffer of that
+    name (:func:`~numbaconv._workspace.take`), valid until its next use.
 
     The passes take the workspace: 36 x 512 x 512 float32 values are 37.7 MB, whose fresh pages
-    the system faulted in and zeroed on every call. ``filter_transform4`` of 512 x 512 filters,
+    the system faulted in and zeroed on every call. The F(4x4, 3x3) transform of 512 x 512 filters,
     float32, 2 threads, AMD EPYC Zen 4, medians of 7 calls: 12.5 ms into a new array, 4.1 into
     one used before (256 x 256: 0.59 and 0.41 ms)."""
     shape = (g.shape[0] ** 2, w.shape[0], w.shape[1])
     u = np.empty(shape, dtype=w.dtype) if workspace is None else take(workspace, shape, w.dtype)
     filter_transform_kernel(np.ascontiguousarray(w), g, u)
     return u
-
-
-def filter_transform(w: np.ndarray) -> np.ndarray:
-    """``U[e, k, c]`` with ``U = G g G^T`` per (k, c), e = 4*i + j; computed in float64."""
-    return _filter_transform(w, G2)
 
 
 @njit(parallel=True, cache=True)
@@ -316,11 +312,6 @@ G4 = np.array(
         [0, 0, 1],
     ]
 )
-
-
-def filter_transform4(w: np.ndarray) -> np.ndarray:
-    """``U[e, k, c]`` with ``U = G g G^T`` (6x6) per (k, c), e = 6*i + j; computed in float64."""
-    return _filter_transform(w, G4)
 
 
 # The transforms multiply only by 2, 4 and 8, written as additions: an integer literal would
@@ -835,10 +826,10 @@ def _band_plan(geom: ConvGeometry, itemsize: int, filter_blocks: int = 1) -> tup
 
 
 def _forward_plan(geom: ConvGeometry, itemsize: int) -> tuple[int, int, int]:
-    """``(band_tiles, group, filter_block)`` of the banded forward pass: :func:`_band_plan`,
-    except that a small batch whose (image group, band) jobs would be fewer than
-    :data:`MIN_JOBS` first cuts its filters into blocks (:func:`_filter_block`), then its bands
-    only as far as the jobs are still too few."""
+    """``(band_tiles, group, filter_block)`` of the banded forward pass: :func:`_deep_plan` for
+    deep layers, else :func:`_band_plan`, except that a small batch whose (image group, band)
+    jobs would be fewer than :data:`MIN_JOBS` first cuts its filters into blocks
+    (:func:`_filter_block`), then its bands only as far as the jobs are still too few."""
     deep = _deep_plan(geom, itemsize)
     if deep is not None:
         return deep
