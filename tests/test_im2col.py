@@ -196,3 +196,54 @@ def test_image_columns_from_a_padded_plane_match_the_row_copies(x_shape, w_shape
             kernels.image_columns(x, n, c, table, n * pixels, geo, plane, index)
     np.testing.assert_array_equal(table, rows)
     assert np.isnan(table).any() and np.isinf(table).any()
+
+
+def test_strided_row_loops_match_numpy_on_every_count(dtype):
+    """The row helpers of the kernels (``_loops``: gather, scatter, scatter-add) at strides 1, 2
+    and 3 against NumPy's strided slices, for counts around the stride-2 loops' blocks
+    (STRIDE2_BLOCK: full blocks, ragged tails, none), and offsets; NaN and Inf carried as
+    values; nothing outside the strided elements touched."""
+    from numba import njit
+
+    from numbaconv.kernels import _loops
+
+    @njit
+    def gather(dst, src, first, stride):
+        _loops.gather_row(dst, src, first, stride)
+
+    @njit
+    def scatter(dst, src, first, stride):
+        _loops.scatter_row(dst, src, first, stride)
+
+    @njit
+    def scatter_add(dst, src, first, stride):
+        _loops.scatter_add_row(dst, src, first, stride)
+
+    rng = np.random.default_rng(11)
+    block = _loops.STRIDE2_BLOCK
+    for stride in (1, 2, 3):
+        for count in (0, 1, block - 1, block, block + 3, 2 * block, 3 * block + 5):
+            for first in (0, 1, 3):
+                size = first + stride * count + 2
+                src = rng.standard_normal(size).astype(dtype)
+                src[first] = np.nan
+                src[-1] = np.inf
+                dst = np.full(count, 7.0, dtype)
+                gather(dst, src, first, stride)
+                np.testing.assert_array_equal(dst, src[first : first + stride * count : stride])
+
+                values = rng.standard_normal(count).astype(dtype)
+                if count:
+                    values[-1] = np.nan
+                base = rng.standard_normal(size).astype(dtype)
+                out = base.copy()
+                scatter(out, values, first, stride)
+                expect = base.copy()
+                expect[first : first + stride * count : stride] = values
+                np.testing.assert_array_equal(out, expect)
+
+                out = base.copy()
+                scatter_add(out, values, first, stride)
+                expect = base.copy()
+                expect[first : first + stride * count : stride] += values
+                np.testing.assert_array_equal(out, expect)

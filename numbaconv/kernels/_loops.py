@@ -27,6 +27,16 @@ def valid_range(n_out, stride, offset, size):
 # Row loops below index 0-based slices: Numba checks every index that might be negative
 # (Python's wraparound), and such a check in a loop body keeps LLVM from vectorising it. Strides
 # 1 and 2 get loops with a constant stride (contiguous or interleaved vector loads and stores).
+#
+# At stride 2 the loops run in blocks of STRIDE2_BLOCK elements with a constant trip count, which
+# LLVM turns into fixed shuffles: a plain loop over a runtime count was vectorised only with a
+# width times interleave (32 elements on AVX-512) above the rows of small maps, which then ran
+# scalar. AMD EPYC Zen 4, 1 thread, rows of 28 from 56-wide planes (ResNet's stride-2 layers),
+# ms per 1024 planes, plain -> blocks of 8: gather float64 3.19 -> 1.32, float32 1.27 -> 0.43;
+# scatter-add 4.91 -> 1.40 and 3.74 -> 0.42; scatter 2.39 -> 1.37 and 1.44 -> 0.48; rows of
+# 112: gather 2.32 -> 1.63 and 1.76 -> 0.97, scatter-add 3.90 -> 1.59 and 3.53 -> 1.05. (Blocks
+# of 4 and 16 were no better overall; at stride 1 blocks lost, 28-wide copies 0.20 -> 0.29.)
+STRIDE2_BLOCK = 8
 
 
 @njit(cache=True, inline="always")
@@ -39,7 +49,11 @@ def gather_row(dst, src, first, stride):
             dst[i] = s1[i]
     elif stride == 2:
         s2 = src[first : first + 2 * count]
-        for i in range(count):
+        full = count - count % STRIDE2_BLOCK
+        for i0 in range(0, full, STRIDE2_BLOCK):
+            for j in range(STRIDE2_BLOCK):
+                dst[i0 + j] = s2[2 * (i0 + j)]
+        for i in range(full, count):
             dst[i] = s2[2 * i]
     else:
         for i in range(count):
@@ -79,7 +93,11 @@ def scatter_row(dst, src, first, stride):
             d1[i] = src[i]
     elif stride == 2:
         d2 = dst[first : first + 2 * count - 1]
-        for i in range(count):
+        full = count - count % STRIDE2_BLOCK
+        for i0 in range(0, full, STRIDE2_BLOCK):
+            for j in range(STRIDE2_BLOCK):
+                d2[2 * (i0 + j)] = src[i0 + j]
+        for i in range(full, count):
             d2[2 * i] = src[i]
     else:
         for i in range(count):
@@ -96,7 +114,11 @@ def scatter_add_row(dst, src, first, stride):
             d1[i] += src[i]
     elif stride == 2:
         d2 = dst[first : first + 2 * count]
-        for i in range(count):
+        full = count - count % STRIDE2_BLOCK
+        for i0 in range(0, full, STRIDE2_BLOCK):
+            for j in range(STRIDE2_BLOCK):
+                d2[2 * (i0 + j)] += src[i0 + j]
+        for i in range(full, count):
             d2[2 * i] += src[i]
     else:
         for i in range(count):

@@ -1151,6 +1151,10 @@ def implicit_plan(
 #: row copies -> table: 16x512x7x7 3x3 13.2 -> 1.9 (2.2 -> 1.5 on a quiet machine),
 #: 16x128x16x16 4x4 stride 2 6.6 -> 0.8, 16x64x56x56 3x3 stride 2 15.6 -> 8.3, 16x64x28x28 3x3
 #: 8.6 -> 7.5, 1x128x28x28 0.29 -> 0.30; 16x64x56x56 3x3 26.1 -> 28.0 (lost).
+#: A 1x1 filter reads its window once, so copying the window into a plane first only adds a pass:
+#: never the table there. ResNet's 16x64x56x56 1x1 stride-2 shortcut, forward, 2 threads, AMD EPYC
+#: Zen 4, table -> row copies (with :data:`~._loops.STRIDE2_BLOCK`): float32 2.09 -> 1.69 ms,
+#: float64 3.89 -> 3.25 (before those blocks, row copies lost: 2.19 -> 2.84).
 TABLE_MAX_WIDTH = 16
 
 
@@ -1160,7 +1164,8 @@ def column_table(geom: ConvGeometry) -> np.ndarray:
     in the padded window, ``(p // OW)*sh*Wp + (p % OW)*sw``), or an empty array where whole
     images' columns come from row copies (:data:`TABLE_MAX_WIDTH`). Cached per geometry (4.5 us
     of a 33 us call of a small layer; the kernels only read it)."""
-    if geom.out_width >= TABLE_MAX_WIDTH and geom.stride_w == 1:
+    one_tap = geom.filter_height == geom.filter_width == 1
+    if one_tap or (geom.out_width >= TABLE_MAX_WIDTH and geom.stride_w == 1):
         return np.empty(0, dtype=np.int64)
     _, plane_w = _table_plane(geom)
     p = np.arange(geom.out_height * geom.out_width, dtype=np.int64)
