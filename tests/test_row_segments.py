@@ -1,14 +1,24 @@
 """``im2col``'s forward pass on rows too wide for one band's columns (long 1-D signals): jobs are
 segments of a row (``im2col.row_segment``), checked against the independent reference, across
 segment boundaries, ragged last segments, padding, stride and dilation, and bit for bit against
-the same call without segments."""
+the same call without segments. Stride-1 segments read their taps' windows in place
+(``im2col.segment_tap_rows``), and grad-x runs as such a forward pass; the others build columns."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
-from helpers import Cfg, assert_close, make_data
-from naive import conv2d_windows, padding4
+from helpers import (
+    Cfg,
+    assert_close,
+    assert_like_plain_sum,
+    assert_same_bits_on_1_and_2_threads,
+    check_against_reference,
+    make_data,
+    windows_reference,
+)
+from naive import conv2d_grads_windows, conv2d_windows, padding4
 
 import numbaconv as nc
 from numbaconv.geometry import make_geometry
@@ -22,6 +32,7 @@ CASES = [
     Cfg(1, 16, 1, 4101, 32, 1, 9, stride=2, padding=(0, 3), name="stride-2"),
     Cfg(2, 16, 1, 2300, 32, 1, 9, dilation=(1, 3), padding=(0, 5), name="dilated"),
     Cfg(1, 16, 2, 2100, 40, 2, 9, padding=(1, 0), groups=2, name="two-rows-groups"),
+    Cfg(2, 32, 1, 2100, 32, 1, 9, padding=(0, 4), bias=True, name="32-to-32"),
 ]
 
 
@@ -91,3 +102,82 @@ def test_conv1d_of_a_long_signal(dtype):
     y = nc.conv1d(x, w, padding=4, kernel="im2col")
     ref, ref_abs = conv2d_windows(x[:, :, None], w[:, :, None], None, 1, (0, 0, 4, 4), 1, 1)
     assert_close(y, ref[:, :, 0], ref_abs[:, :, 0], dtype, "conv1d")
+
+
+#: The route each case takes: windows read in place (stride 1 along the row, 32 filters a group:
+#: a product numbaconv's own GEMM runs) or columns (stride 2; 20 filters a group).
+WINDOWS = {
+    "same-9": True,
+    "stride-2": False,
+    "dilated": True,
+    "two-rows-groups": False,
+    "32-to-32": True,
+}
+#: grad-x as the adjoint's forward pass on windows: the adjoint needs 32 filters too (16
+#: channels give it 16).
+GRAD_X_WINDOWS = {"32-to-32"}
+
+
+@pytest.mark.parametrize("cfg", CASES, ids=str)
+def test_stride_1_segments_read_their_taps_windows(cfg, dtype):
+    """segment_tap_rows: tap ``(c*R + r)*S + s`` at ``(c*R + r)*L + s*dw`` of the windows
+    (``L``: the segment plus the dilated filter's reach), for the cases that take that route."""
+    itemsize = np.dtype(dtype).itemsize
+    geom, segment = _segment(cfg, dtype)
+    rows = im2col.segment_tap_rows(geom, segment, itemsize)
+    assert (rows.shape[0] > 0) == WINDOWS[cfg.name]
+    by_segments = im2col.input_gradient_by_segments(geom, itemsize)
+    assert by_segments == (cfg.name in GRAD_X_WINDOWS)
+    if rows.shape[0]:
+        r_taps, s_taps = geom.filter_height, geom.filter_width
+        length = segment + (s_taps - 1) * geom.dilation_w
+        want = [
+            (c * r_taps + r) * length + s * geom.dilation_w
+            for c in range(geom.in_channels)
+            for r in range(r_taps)
+            for s in range(s_taps)
+        ]
+        np.testing.assert_array_equal(rows, want)
+
+
+WINDOW_CASES = [c for c in CASES if WINDOWS[c.name]]
+
+
+@pytest.mark.parametrize("cfg", WINDOW_CASES, ids=str)
+def test_segments_by_windows_forward_and_gradients(cfg, dtype, force_parallel):
+    """Forward, grad-x (the adjoint's forward pass on windows) and grad-w against the reference;
+    every bit the same on 1 and 2 threads."""
+    x, w, b, gy = make_data(cfg, dtype, seed=7)
+    check_against_reference(cfg, "im2col", dtype, seed=7, ref=windows_reference(cfg, x, w, b, gy))
+    threads = numba.get_num_threads()
+    try:
+        assert_same_bits_on_1_and_2_threads(cfg, (x, w, b, gy), "im2col")
+    finally:
+        numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CASES if c.name in GRAD_X_WINDOWS], ids=str)
+def test_segments_by_windows_carry_nan_and_inf(cfg, dtype, force_parallel):
+    """A NaN and an Inf in the input reach exactly the outputs whose windows hold them; an Inf
+    in a filter sends grad-x back to gradient columns (the adjoint's forward pass would multiply
+    it by grad_y's zero padding), so grad-x is NaN or Inf exactly where the loops make it."""
+    x, w, b, gy = make_data(cfg, dtype, seed=8)
+    x[0, 3, 0, 1] = np.nan  # inside the first segment's padded reach
+    x[1, 5, 0, 1900] = np.inf  # past a segment boundary
+    y = nc.conv2d(x, w, b, kernel="im2col", **cfg.kwargs)
+    pad4 = padding4(cfg.padding, (cfg.r, cfg.s), cfg.stride, cfg.dilation)
+    want, _ = conv2d_windows(
+        x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+        cfg.stride, pad4, cfg.dilation, cfg.groups,
+    )  # fmt: skip
+    assert np.isnan(want).any() and np.isinf(want).any()
+    assert_like_plain_sum(y, want, dtype, "forward")
+    w_inf = w.copy()
+    w_inf[2, 4, 0, 3] = np.inf
+    gx = nc.conv2d_backward(gy, np.ones_like(x), w_inf, kernel="im2col", **cfg.kwargs)[0]
+    (want_gx, _, _), _ = conv2d_grads_windows(
+        gy.astype(np.float64), np.ones(x.shape), w_inf.astype(np.float64),
+        cfg.stride, pad4, cfg.dilation, cfg.groups,
+    )  # fmt: skip
+    assert np.isinf(want_gx).any()
+    assert_like_plain_sum(gx, want_gx, dtype, "grad_x")

@@ -373,6 +373,30 @@ def channel_planes(x, n, c, dst, sh, sw, phases_h, phases_w, pad_t, pad_l, padde
 
 
 @njit(cache=True)
+def segment_planes(x, n, oh, ow0, planes, geo, length):
+    """The windows that output columns ``ow0:`` of output row ``oh`` of image ``n`` read
+    (stride 1 along the row): per channel ``c`` and filter row ``r``, ``length`` elements of
+    the zero-padded input row ``oh*sh + r*dh - pad_t`` from column ``ow0 - pad_l`` on, at
+    ``planes[(c*R + r)*length:]``. Tap ``(c, r, s)``'s row of the segment's columns is then the
+    window ``s*dw`` further on (:func:`segment_tap_rows`)."""
+    filter_h, _, _, _, sh, _, pad_t, pad_l, dh, _ = geo
+    height, width = x.shape[2], x.shape[3]
+    first = ow0 - pad_l
+    lo = min(max(0, -first), length)
+    hi = max(lo, min(length, width - first))
+    for c in range(x.shape[1]):
+        for r in range(filter_h):
+            dst = planes[(c * filter_h + r) * length : (c * filter_h + r + 1) * length]
+            ih = oh * sh + r * dh - pad_t
+            if ih < 0 or ih >= height:
+                zero_row(dst)
+                continue
+            zero_row(dst[:lo])
+            gather_row(dst[lo:hi], x[n, c, ih], first + lo, 1)
+            zero_row(dst[hi:])
+
+
+@njit(cache=True)
 def padded_planes_transposed(x, n, planes, pad_t, pad_l, padded_h, padded_w):
     """:func:`padded_planes` with each plane transposed: ``padded_w`` rows of ``padded_h``,
     element (h, w) of the padded plane at ``w * padded_h + h``."""
@@ -452,7 +476,7 @@ def implicit_image(
 @njit(parallel=True, cache=True)
 def fused_forward_kernel(
     x, w_mat, bias, has_bias, y, cols_ws, out_ws, groups, band_rows, pointwise, group, geo, segment,
-    tap_rows, transposed, planes, index,
+    tap_rows, transposed, planes, index, segment_rows,
 ):  # fmt: skip
     """The whole forward pass in one parallel region: per band of output rows, the band's
     columns, one single-threaded GEMM per group and the bias, with no pass over the whole batch.
@@ -467,7 +491,10 @@ def fused_forward_kernel(
 
     ``segment`` < OW (only with one-row bands of single images, see :func:`row_segment`): a job
     is a segment of ``segment`` output columns of a row, so that very wide rows (long 1-D
-    signals) still get columns that fit in the cache.
+    signals) still get columns that fit in the cache. With ``segment_rows`` non-empty
+    (:func:`segment_tap_rows`; ``w_mat`` packed), a segment builds no columns: the windows its
+    taps read are copied into the lane's ``cols_ws`` row (:func:`segment_planes`) and the
+    product reads its B rows from them in place, straight into ``y``.
 
     ``tap_rows`` non-empty (implicit GEMM, see :func:`implicit_plan`; a job is one image; the
     filters ``w_mat`` packed for the tiles, :func:`_packed_filters`): no columns. The image is
@@ -504,6 +531,25 @@ def fused_forward_kernel(
             if tap_rows.shape[0] > 0:
                 implicit_image(x, w_mat, bias, y, cols_ws[lane], out_ws[lane], groups, n, oh0, oh1,
                                band_rows, geo, tap_rows, transposed)  # fmt: skip
+                continue
+            if segments > 1 and segment_rows.shape[0] > 0:
+                ow0 = (job - row_job * segments) * segment
+                width = min(out_w, ow0 + segment) - ow0
+                length = segment + (geo[1] - 1) * geo[9]
+                segment_planes(x, n, oh0, ow0, cols_ws[lane], geo, length)
+                p0 = oh0 * out_w + ow0
+                k_g = n_filters // groups
+                for g in range(groups):
+                    gemm_nn_rows(
+                        w_mat[g * k_g : (g + 1) * k_g], cols_ws[lane],
+                        segment_rows[g * taps_g : (g + 1) * taps_g],
+                        y[n, g * k_g : (g + 1) * k_g, p0 : p0 + width], False, 0, 0, True,
+                    )  # fmt: skip
+                for k in range(n_filters):
+                    shift = bias[k]
+                    dst = y[n, k, p0 : p0 + width]
+                    for q in range(width):
+                        dst[q] += shift
                 continue
             if segments > 1:
                 ow0 = (job - row_job * segments) * segment
@@ -939,6 +985,28 @@ def row_segment(geom: ConvGeometry, itemsize: int, band_rows: int, group: int) -
     return int(min(out_w, max(MIN_SEGMENT, BAND_BYTES // (taps * itemsize))))
 
 
+def segment_tap_rows(geom: ConvGeometry, segment: int, itemsize: int) -> np.ndarray:
+    """Where tap ``(c*R + r)*S + s``'s row of a row segment's columns starts in the windows of
+    :func:`segment_planes` (``(c*R + r)*L + s*dw``, ``L`` = ``segment + (S - 1)*dw``), when
+    :func:`fused_forward_kernel` runs segments by implicit GEMM: rows cut into segments
+    (:func:`row_segment`), stride 1 along them, a product that numbaconv's own GEMM runs (as
+    for :func:`implicit_plan`). Else empty.
+
+    Measured: see :data:`SEGMENT_PLANES`."""
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    pays = own_gemm_size_pays.py_func(geom.out_channels_per_group, taps_g, segment, itemsize)
+    if not SEGMENT_PLANES or segment >= geom.out_width or geom.stride_w != 1 or not pays:
+        return np.empty(0, dtype=np.int64)
+    length = segment + (geom.filter_width - 1) * geom.dilation_w
+    planes = np.arange(geom.in_channels * geom.filter_height, dtype=np.int64) * length
+    offsets = np.arange(geom.filter_width, dtype=np.int64) * geom.dilation_w
+    return (planes[:, None] + offsets[None, :]).reshape(-1)
+
+
+#: Segments of rows run implicit GEMM (:func:`segment_tap_rows`).
+SEGMENT_PLANES = True
+
+
 #: Implicit GEMM computes OH x Wp outputs for OH x OW (OW x Hp for OW x OH on transposed
 #: planes): at most this share of them may be the padding's (see :func:`implicit_plan`).
 IMPLICIT_MAX_WASTE = 0.25
@@ -1213,26 +1281,31 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
     lanes = max(1, min(numba.get_num_threads(), jobs, PLAN_LANES))
     tap_rows = implicit_plan(geom, band_rows, group, segment, x.itemsize)
     transposed = _transposed_planes(geom, band_rows)
+    segment_rows = segment_tap_rows(geom, segment, x.itemsize)
     if tap_rows.shape[0]:
         plane_room, wide = implicit_workspace(geom, min(band_rows, oh))
         cols = take("im2col.band_columns", (lanes, plane_room), x.dtype)
         out = take("im2col.band_gemm", (lanes, k * wide), x.dtype)
     elif segment < ow:
         taps = geom.in_channels * geom.filter_height * geom.filter_width
-        cols = take("im2col.band_columns", (lanes, taps * segment), x.dtype)
+        room = taps * segment
+        if segment_rows.shape[0]:  # the windows, no columns
+            length = segment + (geom.filter_width - 1) * geom.dilation_w
+            room = geom.in_channels * geom.filter_height * length
+        cols = take("im2col.band_columns", (lanes, room), x.dtype)
         out = take("im2col.band_gemm", (lanes, k * segment), x.dtype)
     else:
         cols, out = _band_workspace(geom, x.dtype, lanes, band_rows, pointwise, group)
     y = np.empty((n, k, oh * ow), dtype=x.dtype)
     bias = b if b is not None else np.zeros(k, dtype=x.dtype)
     w_mat = w.reshape(k, -1)
-    if tap_rows.shape[0]:
+    if tap_rows.shape[0] or segment_rows.shape[0]:
         w_mat = _packed_filters(w_mat, geom.groups)
     with single_threaded_blas():
         fused_forward_kernel(
             x, w_mat, bias, b is not None, y, cols, out, geom.groups, band_rows, pointwise,
             group, geometry_args(geom), segment, tap_rows, transposed,
-            *_table_workspace("im2col.forward_planes", geom, lanes, x.dtype),
+            *_table_workspace("im2col.forward_planes", geom, lanes, x.dtype), segment_rows,
         )  # fmt: skip
     return y.reshape(n, k, oh, ow)
 
@@ -1697,8 +1770,9 @@ def adjoint_geometry(geom: ConvGeometry) -> ConvGeometry | None:
 
 def input_gradient_as_forward(geom: ConvGeometry, itemsize: int) -> ConvGeometry | None:
     """The adjoint geometry (:func:`adjoint_geometry`) where grad-x runs as its forward pass, by
-    implicit GEMM on whole images (the adjoint's own :func:`forward_plan` and
-    :func:`implicit_plan` say so), rather than by gradient columns and col2im; else None.
+    implicit GEMM on whole images or on row segments (the adjoint's own :func:`forward_plan`,
+    :func:`implicit_plan` and :func:`segment_tap_rows` say so), rather than by gradient columns
+    and col2im; else None.
 
     Measured (AMD EPYC Zen 5, 2 threads, one process, the two alternating, medians of 7 rounds
     of 20 calls, grad-x ms, float32, columns and col2im -> forward of the flipped filters):
@@ -1711,8 +1785,23 @@ def input_gradient_as_forward(geom: ConvGeometry, itemsize: int) -> ConvGeometry
     band_rows, group = forward_plan(adjoint, itemsize)
     segment = row_segment(adjoint, itemsize, band_rows, group)
     if implicit_plan(adjoint, band_rows, group, segment, itemsize).shape[0] == 0:
-        return None
+        if segment_tap_rows(adjoint, segment, itemsize).shape[0] == 0:
+            return None
     return adjoint
+
+
+def input_gradient_by_segments(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether grad-x runs as the adjoint's forward pass on row segments by implicit GEMM
+    (:func:`segment_tap_rows`; long 1-D signals), apart from grad-w, whose bands then build no
+    gradient columns. Measured (AMD EPYC Zen 4, 2 threads, float32, the audio layer
+    16x64x16000 -> 64, kernel 9, ms): grad-x alone by gradient columns and col2im 161, by the
+    forward pass 102; grad-w alone 152; both in the fused bands 293."""
+    adjoint = input_gradient_as_forward(geom, itemsize)
+    if adjoint is None:
+        return False
+    band_rows, group = forward_plan(adjoint, itemsize)
+    segment = row_segment(adjoint, itemsize, band_rows, group)
+    return segment_tap_rows(adjoint, segment, itemsize).shape[0] > 0
 
 
 def _input_gradient_by_forward(grad_y, w, geom: ConvGeometry):
@@ -1776,6 +1865,11 @@ def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     lanes = _backward_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
     if lanes == 0:
         return _backward(grad_y, x, w, geom, input_gradient)
+    if input_gradient and input_gradient_by_segments(geom, x.itemsize):
+        grad_x = _input_gradient_by_forward(grad_y, w, geom)
+        if grad_x is not None:
+            _, grad_w, grad_b = _fused_backward(grad_y, x, w, geom, lanes, False)
+            return grad_x, grad_w, grad_b
     return _fused_backward(grad_y, x, w, geom, lanes, input_gradient)
 
 
