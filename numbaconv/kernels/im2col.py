@@ -382,8 +382,7 @@ def segment_planes(x, n, oh, ow0, planes, geo, length):
     filter_h, _, _, _, sh, _, pad_t, pad_l, dh, _ = geo
     height, width = x.shape[2], x.shape[3]
     first = ow0 - pad_l
-    lo = min(max(0, -first), length)
-    hi = max(lo, min(length, width - first))
+    lo, hi = valid_range(length, 1, first, width)
     for c in range(x.shape[1]):
         for r in range(filter_h):
             dst = planes[(c * filter_h + r) * length : (c * filter_h + r + 1) * length]
@@ -991,14 +990,21 @@ def segment_tap_rows(geom: ConvGeometry, segment: int, itemsize: int) -> np.ndar
     :func:`fused_forward_kernel` runs segments by implicit GEMM: rows cut into segments
     (:func:`row_segment`), stride 1 along them, a product that numbaconv's own GEMM runs (as
     for :func:`implicit_plan`). Else empty."""
-    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
-    pays = own_gemm_size_pays.py_func(geom.out_channels_per_group, taps_g, segment, itemsize)
-    if not SEGMENT_PLANES or segment >= geom.out_width or geom.stride_w != 1 or not pays:
+    if not SEGMENT_PLANES or segment >= geom.out_width or geom.stride_w != 1:
         return np.empty(0, dtype=np.int64)
-    length = segment + (geom.filter_width - 1) * geom.dilation_w
+    taps_g = geom.in_channels // geom.groups * geom.filter_height * geom.filter_width
+    if not own_gemm_size_pays.py_func(geom.out_channels_per_group, taps_g, segment, itemsize):
+        return np.empty(0, dtype=np.int64)
+    length = segment_window(geom, segment)
     planes = np.arange(geom.in_channels * geom.filter_height, dtype=np.int64) * length
     offsets = np.arange(geom.filter_width, dtype=np.int64) * geom.dilation_w
     return (planes[:, None] + offsets[None, :]).reshape(-1)
+
+
+def segment_window(geom: ConvGeometry, segment: int) -> int:
+    """Elements per channel and filter row in :func:`segment_planes`: a segment of ``segment``
+    outputs plus the dilated filter's reach along the row."""
+    return segment + (geom.filter_width - 1) * geom.dilation_w
 
 
 #: Segments of rows run implicit GEMM (:func:`segment_tap_rows`); False builds their columns, as
@@ -1292,8 +1298,7 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
         taps = geom.in_channels * geom.filter_height * geom.filter_width
         room = taps * segment
         if segment_rows.shape[0]:  # the windows, no columns
-            length = segment + (geom.filter_width - 1) * geom.dilation_w
-            room = geom.in_channels * geom.filter_height * length
+            room = geom.in_channels * geom.filter_height * segment_window(geom, segment)
         cols = take("im2col.band_columns", (lanes, room), x.dtype)
         out = take("im2col.band_gemm", (lanes, k * segment), x.dtype)
     else:
@@ -1798,12 +1803,18 @@ def input_gradient_by_segments(geom: ConvGeometry, itemsize: int) -> bool:
     gradient columns. Measured (AMD EPYC Zen 4, 2 threads, float32, the audio layer
     16x64x16000 -> 64, kernel 9, ms): grad-x alone by gradient columns and col2im 161, by the
     forward pass 102; grad-w alone 152; both in the fused bands 293."""
+    # The adjoint (stride 1: K channels, rows as wide as x's) is cut into segments only where
+    # a row's columns exceed BAND_BYTES (row_segment): a cheap test first, so that every other
+    # layer's backward pass pays no plan (7 us on the digits layer).
+    taps = geom.out_channels * geom.filter_height * geom.filter_width
+    if geom.stride_w != 1 or taps * geom.in_width * itemsize <= BAND_BYTES:
+        return False
     adjoint = input_gradient_as_forward(geom, itemsize)
     if adjoint is None:
         return False
+    # As the adjoint's forward pass runs it: implicit GEMM on whole images needs whole rows.
     band_rows, group = forward_plan(adjoint, itemsize)
-    segment = row_segment(adjoint, itemsize, band_rows, group)
-    return segment_tap_rows(adjoint, segment, itemsize).shape[0] > 0
+    return row_segment(adjoint, itemsize, band_rows, group) < adjoint.out_width
 
 
 def _input_gradient_by_forward(grad_y, w, geom: ConvGeometry):
