@@ -2,7 +2,9 @@
 segments of a row (``im2col.row_segment``), checked against the independent reference, across
 segment boundaries, ragged last segments, padding, stride and dilation, and bit for bit against
 the same call without segments. Stride-1 segments read their taps' windows in place
-(``im2col.segment_tap_rows``), and grad-x runs as such a forward pass; the others build columns."""
+(``im2col.segment_tap_rows``), in the forward pass and in grad-w
+(``im2col.segment_weight_gradient``), and grad-x runs as such a forward pass where the adjoint
+has enough filters; the others build columns."""
 
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ from numbaconv.kernels import im2col
 from numbaconv.kernels import microkernel as mk
 
 # Height-1 images (a conv1d's view): 16 channels x 9 taps = 144 rows of columns, so float32
-# rows wider than about 1800 output columns exceed BAND_BYTES (float64: 900).
+# rows wider than about 1800 output columns exceed BAND_BYTES (float64: 900). The stride-1 cases
+# have 4 images, so that their backward passes run the fused or segmented routes rather than
+# blocked_backward (batches of fewer than im2col.SMALL_BATCH_LANES).
 CASES = [
-    Cfg(2, 16, 1, 2500, 32, 1, 9, padding=(0, 4), bias=True, name="same-9"),
+    Cfg(4, 16, 1, 2500, 32, 1, 9, padding=(0, 4), bias=True, name="same-9"),
     Cfg(1, 16, 1, 4101, 32, 1, 9, stride=2, padding=(0, 3), name="stride-2"),
-    Cfg(2, 16, 1, 2300, 32, 1, 9, dilation=(1, 3), padding=(0, 5), name="dilated"),
+    Cfg(4, 16, 1, 4300, 32, 1, 9, dilation=(1, 3), padding=(0, 5), name="dilated"),
     Cfg(1, 16, 2, 2100, 40, 2, 9, padding=(1, 0), groups=2, name="two-rows-groups"),
-    Cfg(2, 32, 1, 2100, 32, 1, 9, padding=(0, 4), bias=True, name="32-to-32"),
+    Cfg(4, 32, 1, 4200, 32, 1, 9, padding=(0, 4), bias=True, name="32-to-32"),
 ]
 
 
@@ -116,6 +120,9 @@ WINDOWS = {
 #: grad-x as the adjoint's forward pass on windows: the adjoint needs 32 filters too (16
 #: channels give it 16).
 GRAD_X_WINDOWS = {"32-to-32"}
+#: grad-w on the segments' windows in both dtypes (in "same-9", float32 runs whole images by
+#: implicit GEMM).
+GRAD_W_SEGMENTS = {"dilated", "32-to-32"}
 
 
 @pytest.mark.parametrize("cfg", CASES, ids=str)
@@ -126,8 +133,14 @@ def test_stride_1_segments_read_their_taps_windows(cfg, dtype):
     geom, segment = _segment(cfg, dtype)
     rows = im2col.segment_tap_rows(geom, segment, itemsize)
     assert (rows.shape[0] > 0) == WINDOWS[cfg.name]
-    by_segments = im2col.input_gradient_by_segments(geom, itemsize)
-    assert by_segments == (cfg.name in GRAD_X_WINDOWS)
+    # grad-w on the same segments' windows (segment_weight_gradient), wherever they run and
+    # whole images' implicit GEMM does not (rows of over 4096 float32 columns: too long for it).
+    assert not im2col.blocked_fits(geom, itemsize) or not WINDOWS[cfg.name]
+    if cfg.name in GRAD_W_SEGMENTS:
+        assert not im2col.implicit_weight_gradient_applies(geom, itemsize)
+    assert im2col.weight_gradient_segment(geom, itemsize) == (segment if WINDOWS[cfg.name] else 0)
+    adjoint = im2col.input_gradient_as_forward(geom, itemsize)
+    assert (adjoint is not None) == (cfg.name in GRAD_X_WINDOWS)
     if rows.shape[0]:
         r_taps, s_taps = geom.filter_height, geom.filter_width
         length = segment + (s_taps - 1) * geom.dilation_w
@@ -181,3 +194,23 @@ def test_segments_by_windows_carry_nan_and_inf(cfg, dtype, force_parallel):
     )  # fmt: skip
     assert np.isinf(want_gx).any()
     assert_like_plain_sum(gx, want_gx, dtype, "grad_x")
+
+
+@pytest.mark.parametrize("cfg", WINDOW_CASES, ids=str)
+def test_segment_weight_gradient_carries_nan_and_inf(cfg, dtype, force_parallel):
+    """grad-w and grad-b on the segments' windows: a NaN and an Inf in the input reach exactly
+    the filter taps whose windows hold them (each tap's row is its segment of the columns, and
+    nothing else is multiplied), NaN in grad_y every tap of its filter."""
+    x, w, b, gy = make_data(cfg, dtype, seed=9)
+    x[0, 3, 0, 1] = np.nan  # in the first segment's padded reach
+    x[-1, 5, 0, 1900] = np.inf  # past a segment boundary
+    gy[-1, 7, -1, 1000] = np.nan
+    _, gw, gb = nc.conv2d_backward(gy, x, w, kernel="im2col", **cfg.kwargs)
+    pad4 = padding4(cfg.padding, (cfg.r, cfg.s), cfg.stride, cfg.dilation)
+    (_, want_gw, want_gb), _ = conv2d_grads_windows(
+        gy.astype(np.float64), x.astype(np.float64), w.astype(np.float64),
+        cfg.stride, pad4, cfg.dilation, cfg.groups,
+    )  # fmt: skip
+    assert np.isnan(want_gw).any() and np.isinf(want_gw).any()
+    assert_like_plain_sum(gw, want_gw, dtype, "grad_w")
+    assert_like_plain_sum(gb, want_gb, dtype, "grad_b")

@@ -1745,6 +1745,92 @@ def implicit_weight_gradient(grad_y, x, w, geom: ConvGeometry, lanes: int):
     return grad_w.reshape(w.shape), grad_b.astype(x.dtype)
 
 
+@njit(parallel=True, cache=True)
+def segment_weight_gradient_kernel(
+    grad_y, x, sums, bias_sums, windows_ws, segment_rows, groups, geo, segment
+):  # fmt: skip
+    """grad-w (transposed, per lane: ``sums[lane]`` is (C/g*R*S, K)) and grad-b (float64, per
+    lane) of rows cut into segments (:func:`weight_gradient_segment`), no columns: the jobs
+    (image, output row, segment of ``segment`` output columns), in that order, are shared out
+    to the lanes in fixed, contiguous runs; a job copies the windows its taps read into the
+    lane's ``windows_ws`` row (:func:`segment_planes`) and adds ``windows @ grad_y.T`` into the
+    lane's sum, the rows of ``windows`` being the taps' (``segment_rows``:
+    :func:`segment_tap_rows`), read in place (:func:`~.microkernel.gemm_rows_nn`), ``grad_y``'s
+    segment read through a transposed view (packed per panel). A tap's row is exactly its
+    segment of the columns, so nothing but the columns' products is computed: an Inf or NaN
+    reaches the sums as it would from the columns. The caller adds the lanes in order."""
+    out_h, out_w = geo[2], geo[3]
+    n_filters = grad_y.shape[1]
+    k_g = n_filters // groups
+    taps_g = sums.shape[1]
+    segments = (out_w + segment - 1) // segment
+    per_image = out_h * segments
+    jobs = x.shape[0] * per_image
+    length = segment + (geo[1] - 1) * geo[9]  # segment_window
+    lanes = sums.shape[0]
+    for lane in prange(lanes):
+        acc = sums[lane]
+        bias_acc = bias_sums[lane]
+        bias_acc[:] = 0
+        windows = windows_ws[lane]
+        first = jobs * lane // lanes
+        last = jobs * (lane + 1) // lanes
+        if first == last:
+            acc[:] = 0
+        for job in range(first, last):
+            n = job // per_image
+            oh = (job - n * per_image) // segments
+            ow0 = (job - n * per_image - oh * segments) * segment
+            width = min(out_w, ow0 + segment) - ow0
+            segment_planes(x, n, oh, ow0, windows, geo, length)
+            p0 = oh * out_w + ow0
+            for k in range(n_filters):
+                bias_acc[k] += row_sum(grad_y[n, k, p0 : p0 + width])
+            for g in range(groups):
+                gemm_rows_nn(
+                    windows, segment_rows[g * taps_g : (g + 1) * taps_g],
+                    grad_y[n, g * k_g : (g + 1) * k_g, p0 : p0 + width].T,
+                    acc[:, g * k_g : (g + 1) * k_g], job > first,
+                )  # fmt: skip
+
+
+def weight_gradient_segment(geom: ConvGeometry, itemsize: int) -> int:
+    """Output columns per job where grad-w runs on row segments by implicit GEMM
+    (:func:`segment_weight_gradient`): as the forward pass cuts them (:func:`row_segment`,
+    rows whose columns exceed :data:`BAND_BYTES`, so that the backward pass's bands are single
+    rows too) and reads their windows (:func:`segment_tap_rows`: stride 1 along the row); else
+    0. (The fused bands' columns of such a layer are a whole row: 37 MB of them for the audio
+    layer, 16x64x16000 -> 64, kernel 9, streamed from memory.)"""
+    taps = geom.in_channels * geom.filter_height * geom.filter_width
+    if geom.stride_w != 1 or taps * geom.out_width * itemsize <= BAND_BYTES:
+        return 0
+    segment = row_segment(geom, itemsize, 1, 1)
+    if segment_tap_rows(geom, segment, itemsize).shape[0] == 0:
+        return 0
+    return segment
+
+
+def segment_weight_gradient(grad_y, x, w, geom: ConvGeometry, lanes: int, segment: int):
+    """``(grad_w, grad_b)`` by :func:`segment_weight_gradient_kernel` on ``lanes`` lanes."""
+    n, k, oh, ow = geom.output_shape
+    taps_g = w[0].size
+    segment_rows = segment_tap_rows(geom, segment, x.itemsize)
+    room = geom.in_channels * geom.filter_height * segment_window(geom, segment)
+    sums = take("im2col.grad_w_lanes", (lanes, taps_g, k), x.dtype)
+    bias_sums = take("im2col.grad_b_lanes", (lanes, k), np.float64)
+    windows = take("im2col.band_columns", (lanes, room), x.dtype)
+    segment_weight_gradient_kernel(
+        grad_y.reshape(n, k, oh * ow), x, sums, bias_sums, windows, segment_rows, geom.groups,
+        geometry_args(geom), segment,
+    )  # fmt: skip
+    grad_w = np.empty((k, taps_g), x.dtype)
+    sum_lanes_transposed(sums, grad_w)
+    grad_b = bias_sums[0].copy()
+    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
+        grad_b += bias_sums[lane]
+    return grad_w.reshape(w.shape), grad_b.astype(x.dtype)
+
+
 def flipped_filters(w: np.ndarray, groups: int) -> np.ndarray:
     """The filters of the adjoint convolution: ``w`` (K, C/g, R, S) flipped in space, input and
     output channels swapped within each group: (C, K/g, R, S), C-contiguous."""
@@ -1797,26 +1883,6 @@ def input_gradient_as_forward(geom: ConvGeometry, itemsize: int) -> ConvGeometry
     return adjoint
 
 
-def input_gradient_by_segments(geom: ConvGeometry, itemsize: int) -> bool:
-    """Whether grad-x runs as the adjoint's forward pass on row segments by implicit GEMM
-    (:func:`segment_tap_rows`; long 1-D signals), apart from grad-w, whose bands then build no
-    gradient columns. Measured (AMD EPYC Zen 4, 2 threads, float32, the audio layer
-    16x64x16000 -> 64, kernel 9, ms): grad-x alone by gradient columns and col2im 161, by the
-    forward pass 102; grad-w alone 152; both in the fused bands 293."""
-    # The adjoint (stride 1: K channels, rows as wide as x's) is cut into segments only where
-    # a row's columns exceed BAND_BYTES (row_segment): a cheap test first, so that every other
-    # layer's backward pass pays no plan (7 us on the digits layer).
-    taps = geom.out_channels * geom.filter_height * geom.filter_width
-    if geom.stride_w != 1 or taps * geom.in_width * itemsize <= BAND_BYTES:
-        return False
-    adjoint = input_gradient_as_forward(geom, itemsize)
-    if adjoint is None:
-        return False
-    # As the adjoint's forward pass runs it: implicit GEMM on whole images needs whole rows.
-    band_rows, group = forward_plan(adjoint, itemsize)
-    return row_segment(adjoint, itemsize, band_rows, group) < adjoint.out_width
-
-
 def _input_gradient_by_forward(grad_y, w, geom: ConvGeometry):
     """grad-x as the adjoint's forward pass (:func:`input_gradient_as_forward`), or None where
     that does not run, or where the filters hold Inf or NaN: the forward pass multiplies every
@@ -1866,24 +1932,26 @@ def _gradients(grad_y, x, w, geom: ConvGeometry, input_gradient: bool):
     weight_alone = not input_gradient and batch_weight_gradient(geom, x.itemsize)
     if blas_inside_kernels() and (blocked_fits(geom, x.itemsize) or weight_alone):
         return blocked_backward(grad_y, x, w, geom, input_gradient, True)
-    if blas_inside_kernels() and implicit_weight_gradient_applies(geom, x.itemsize):
-        lanes = _backward_lanes(geom, x.itemsize)
-        grad_w, grad_b = implicit_weight_gradient(grad_y, x, w, geom, lanes)
-        if not input_gradient:
-            return None, grad_w, grad_b
-        grad_x = _input_gradient_by_forward(grad_y, w, geom)
-        if grad_x is None:
-            grad_x = _fused_backward(grad_y, None, w, geom, lanes, True, weight_gradient=False)[0]
-        return grad_x, grad_w, grad_b
     lanes = _backward_lanes(geom, x.itemsize) if blas_inside_kernels() else 0
     if lanes == 0:
         return _backward(grad_y, x, w, geom, input_gradient)
-    if input_gradient and input_gradient_by_segments(geom, x.itemsize):
-        grad_x = _input_gradient_by_forward(grad_y, w, geom)
-        if grad_x is not None:
-            _, grad_w, grad_b = _fused_backward(grad_y, x, w, geom, lanes, False)
-            return grad_x, grad_w, grad_b
-    return _fused_backward(grad_y, x, w, geom, lanes, input_gradient)
+    # grad-w without columns where implicit GEMM runs it (whole images, or row segments), then
+    # grad-x apart; else both from the fused bands' columns.
+    segment = 0
+    if not implicit_weight_gradient_applies(geom, x.itemsize):
+        segment = weight_gradient_segment(geom, x.itemsize)
+        if not segment:
+            return _fused_backward(grad_y, x, w, geom, lanes, input_gradient)
+    if segment:
+        grad_w, grad_b = segment_weight_gradient(grad_y, x, w, geom, lanes, segment)
+    else:
+        grad_w, grad_b = implicit_weight_gradient(grad_y, x, w, geom, lanes)
+    if not input_gradient:
+        return None, grad_w, grad_b
+    grad_x = _input_gradient_by_forward(grad_y, w, geom)
+    if grad_x is None:
+        grad_x = _fused_backward(grad_y, None, w, geom, lanes, True, weight_gradient=False)[0]
+    return grad_x, grad_w, grad_b
 
 
 def input_gradient(grad_y, w, geom: ConvGeometry):
