@@ -1723,6 +1723,17 @@ def sum_lanes_transposed(sums, out):
                 dst[t] = total[t, k]
 
 
+def _lane_sums(sums, bias_sums, w_shape):
+    """``(grad_w, grad_b)`` from the lanes' transposed grad-w sums (lanes, taps, K) and float64
+    grad-b sums (lanes, K), added in lane order: the same bits on any number of threads."""
+    grad_w = np.empty((sums.shape[2], sums.shape[1]), sums.dtype)
+    sum_lanes_transposed(sums, grad_w)
+    grad_b = bias_sums[0].copy()
+    for lane in range(1, sums.shape[0]):
+        grad_b += bias_sums[lane]
+    return grad_w.reshape(w_shape), grad_b.astype(sums.dtype)
+
+
 def implicit_weight_gradient(grad_y, x, w, geom: ConvGeometry, lanes: int):
     """``(grad_w, grad_b)`` by :func:`implicit_weight_gradient_kernel` on ``lanes`` lanes."""
     n, k, oh, ow = geom.output_shape
@@ -1737,12 +1748,7 @@ def implicit_weight_gradient(grad_y, x, w, geom: ConvGeometry, lanes: int):
         grad_y.reshape(n, k, oh * ow), x, sums, bias_sums, planes, grad_t, tap_rows, geom.groups,
         geometry_args(geom), implicit_transposed(geom),
     )  # fmt: skip
-    grad_w = np.empty((k, taps_g), x.dtype)
-    sum_lanes_transposed(sums, grad_w)
-    grad_b = bias_sums[0].copy()
-    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
-        grad_b += bias_sums[lane]
-    return grad_w.reshape(w.shape), grad_b.astype(x.dtype)
+    return _lane_sums(sums, bias_sums, w.shape)
 
 
 @njit(parallel=True, cache=True)
@@ -1827,12 +1833,7 @@ def segment_weight_gradient(grad_y, x, w, geom: ConvGeometry, lanes: int, segmen
         grad_y.reshape(n, k, oh * ow), x, sums, bias_sums, windows, segment_rows, geom.groups,
         geometry_args(geom), segment,
     )  # fmt: skip
-    grad_w = np.empty((k, taps_g), x.dtype)
-    sum_lanes_transposed(sums, grad_w)
-    grad_b = bias_sums[0].copy()
-    for lane in range(1, lanes):  # in lane order: the same bits on any number of threads
-        grad_b += bias_sums[lane]
-    return grad_w.reshape(w.shape), grad_b.astype(x.dtype)
+    return _lane_sums(sums, bias_sums, w.shape)
 
 
 def flipped_filters(w: np.ndarray, groups: int) -> np.ndarray:
