@@ -53,7 +53,7 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     """Small layers (x shape, w shape, options) that reach every branch of a kernel family:
     plain, 1x1 (the image is its own columns), strided, dilated, grouped; Winograd's own
     geometry and one it hands to im2col; one image of 16 channels (im2col's blocked backward);
-    4 images of 32 channels (im2col's implicit backward pass)."""
+    4 images of 32 channels (im2col's implicit backward pass); 4 long rows (its row segments)."""
     layers = [
         ((2, 4, 7, 6), (4, 4, 3, 3), dict(padding=1)),
         ((2, 6, 5, 5), (4, 6, 1, 1), {}),
@@ -68,6 +68,9 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
         layers.append(((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)))
     if kernel == "im2col":  # 4 images, 288 taps: the backward pass by implicit GEMM
         layers.append(((4, 32, 10, 10), (32, 32, 3, 3), dict(padding=1)))
+        # ... and rows too wide for one band's columns (a long 1-D signal): grad-w on the row
+        # segments' windows (im2col.segment_weight_gradient), in both dtypes.
+        layers.append(((4, 32, 1, 4200), (32, 32, 1, 9), dict(padding=(0, 4))))
     return layers
 
 

@@ -19,7 +19,8 @@ from numbaconv.kernels import direct, im2col, winograd
 # backward, both dtypes. The grouped layer is one Winograd does not cover (so im2col, direct and
 # numpy); the 3x3 one is, so that Winograd's own kernels are compiled too; the strided and dilated
 # one takes direct's row kernels (the others, its plane kernels; the strided one, their phases);
-# one image of 16 channels takes im2col's blocked backward, four of 32 its implicit backward.
+# one image of 16 channels takes im2col's blocked backward, four of 32 its implicit backward
+# (on whole images, and on the segments of rows too wide for one band's columns).
 WORKLOAD = textwrap.dedent(
     """
     import os
@@ -34,6 +35,7 @@ WORKLOAD = textwrap.dedent(
             ((2, 4, 7, 6), (4, 1, 3, 3), dict(padding=1, groups=4)),  # depthwise "same"
             ((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)),
             ((4, 32, 10, 10), (32, 32, 3, 3), dict(padding=1)),  # im2col's implicit backward
+            ((4, 32, 1, 4200), (32, 32, 1, 9), dict(padding=(0, 4))),  # ... on row segments
             ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),  # last: the im2col call below uses it
         ]
         saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")
