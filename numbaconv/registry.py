@@ -79,8 +79,14 @@ WINOGRAD_MAX_FILTER_VALUES = 2**22
 #: 16x256x14x14 (64 / 16 tiles per GEMM) 39.4 against 30.7 / 68.0 against 90.1; 1x128x28x28 (14
 #: tiles) 2.74 against 3.04 / 6.10 against 6.16; 16x128x28x28 (49) 39.5 against 19.6 / 75.0
 #: against 52.6. The forward pass won with few tiles too (1x128x28x28 1.14 against 1.00 ms /
-#: 2.06 against 1.60), so there this bound does not apply.
-WINOGRAD_MIN_TILES = 32
+#: 2.06 against 1.60), so there this bound does not apply. It was 32 until GEMMs of 28 tiles
+#: were measured (AMD EPYC Zen 4, 2 threads, one process, the two alternating, medians of 7
+#: rounds of 3 calls, backward ms, im2col against winograd): float32 2x128x28x28 12.6 against
+#: 8.1, 3x128x28x28 18.9 / 11.5, 2x96x28x28 7.7 / 5.1; float64 (28 tiles where float32 has 49
+#: or more) 2x128x28x28 14.5 / 12.2, 3x128x28x28 23.5 / 18.9, 4x128x28x28 22.5 / 16.5,
+#: 8x128x28x28 41.7 / 24.4, 16x128x28x28 93 / 64. Between 14 tiles (a draw, or a loss) and 28
+#: nothing was measured. No suite or zoo layer changes kernel.
+WINOGRAD_MIN_TILES = 24
 
 #: The backward pass of a layer whose filters exceed :data:`WINOGRAD_MAX_FILTER_VALUES` still
 #: runs Winograd (grad-x; grad-w from ``im2col``) on maps of fewer than ``im2col``'s

@@ -290,6 +290,15 @@ def test_auto_winograd_rule_on_the_measured_layers():
     assert choose(wide_small, np.float64, "backward") == "im2col"
     assert choose(batch1, np.float32, "forward") == "winograd"
     assert choose(batch1, np.float32, "backward") == "im2col"
+    # Two images of the same layer: GEMMs of 28 tiles in both dtypes, which Winograd's backward
+    # pass won (registry.WINOGRAD_MIN_TILES), and in float64 16 images too.
+    two = make((2, 128, 28, 28), (128, 128, 3, 3), padding=1)
+    batch16 = make((16, 128, 28, 28), (128, 128, 3, 3), padding=1)
+    for dtype in (np.float32, np.float64):
+        assert winograd.tiles_per_gemm(two, np.dtype(dtype).itemsize) == 28
+        assert choose(two, dtype, "backward") == "winograd"
+    assert winograd.tiles_per_gemm(batch16, 8) == 28
+    assert choose(batch16, np.float64, "backward") == "winograd"
 
 
 @requires_inside

@@ -37,9 +37,9 @@ SEED = 31
 
 LAYERS = [
     # auto picks winograd: 16 input and output channels, and 1x32 tiles of 4x4 per image give its
-    # GEMMs the 32 tiles WINOGRAD_MIN_TILES asks for (the cheapest such layer: the loop reference
-    # costs about a second per million multiply-adds). Partial tiles both ways (2 of 4 rows, 1 of
-    # 4 columns at the right edge); 2.3 MFLOP, above SERIAL_FLOPS even without forcing.
+    # GEMMs 32 tiles, at least WINOGRAD_MIN_TILES (a cheap such layer: the loop reference costs
+    # about a second per million multiply-adds). Partial tiles both ways (2 of 4 rows, 1 of 4
+    # columns at the right edge); 2.3 MFLOP, above SERIAL_FLOPS even without forcing.
     Cfg(2, 16, 2, 125, 16, 3, 3, padding=1, name="auto-winograd"),
     # auto picks im2col (one filter). Its 144 taps x 30 columns make bands of 60 rows in float32,
     # 30 in float64, so 61 rows are 2 or 3 bands, the last of one row; lanes cut images in two.
