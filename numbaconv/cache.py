@@ -53,7 +53,8 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     """Small layers (x shape, w shape, options) that reach every branch of a kernel family:
     plain, 1x1 (the image is its own columns), strided, dilated, grouped; Winograd's own
     geometry and one it hands to im2col; one image of 16 channels (im2col's blocked backward);
-    4 images of 32 channels (im2col's implicit backward pass); 4 long rows (its row segments)."""
+    4 images of 32 channels (im2col's implicit backward pass); 4 long rows (its row segments);
+    a 1xk layer (``taps`` on swapped axes)."""
     layers = [
         ((2, 4, 7, 6), (4, 4, 3, 3), dict(padding=1)),
         ((2, 6, 5, 5), (4, 6, 1, 1), {}),
@@ -61,6 +62,8 @@ def _layers(kernel: str) -> list[tuple[tuple[int, ...], tuple[int, ...], dict]]:
     ]
     if kernel == "winograd":
         layers.append(((2, 4, 10, 9), (3, 4, 3, 3), dict(padding=(2, 1))))
+    if kernel == "taps":  # 1xk: on the arrays transposed in their spatial axes
+        layers.append(((2, 4, 5, 9), (4, 4, 1, 3), dict(padding=(0, 1))))
     if kernel == "direct":  # depthwise 3x3 at column stride 2, and "same": their own kernels
         layers.append(((2, 4, 7, 6), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)))
         layers.append(((2, 4, 7, 6), (4, 1, 3, 3), dict(padding=1, groups=4)))

@@ -431,6 +431,17 @@ def single(value, name: str) -> int:
         raise TypeError(f"{name} must be an int or a 1-tuple of an int, got {value!r}") from None
 
 
+def swap_axes(geom: ConvGeometry) -> ConvGeometry:
+    """The same convolution with its two spatial axes exchanged: the geometry of the input,
+    filters and output transposed in their last two axes (``x.transpose(0, 1, 3, 2)``)."""
+    g = geom
+    return ConvGeometry(
+        g.batch, g.in_channels, g.in_width, g.in_height, g.out_channels, g.filter_width,
+        g.filter_height, g.stride_w, g.stride_h, g.pad_left, g.pad_right, g.pad_top,
+        g.pad_bottom, g.dilation_w, g.dilation_h, g.groups, g.out_width, g.out_height,
+    )  # fmt: skip
+
+
 def options_1d(stride=1, padding=0, dilation=1, output_padding=None) -> dict:
     """The 2-D keyword options of a 1-D convolution on ``(N, C, 1, L)`` views.
 

@@ -151,6 +151,17 @@ TAPS_MIN_PIXELS = 196
 #: (16x64x28x28 3x1 1.2/3.1 -> 1.5/3.1, 4x32x64x64 5x1 1.0/2.1 -> 1.2/2.6).
 TAPS_WHOLE_ROWS_MIN_CHANNELS = 128
 
+#: ... and so does the forward pass of such 1xk layers (the kx1 layer of the arrays transposed,
+#: :func:`~numbaconv.kernels.taps.by_swapped_axes`) with at least this many taps, where the
+#: transposes cost less than the taps save. AMD EPYC Zen 4 (AVX-512), 2 threads, one process,
+#: the two alternating, medians of 9 rounds of 5 calls, forward / backward ms, im2col -> taps:
+#: float32 Inception's 16x128x17x17 1x7 7.33 -> 6.55 / 14.95 -> 15.02, 7.10 -> 6.25 / 14.79 ->
+#: 14.60, 16x192x17x17 1x7 15.15 -> 13.78 / 30.7 -> 31.1, 16x128x17x17 1x5 6.91 -> 6.40 / 14.65
+#: -> 13.16, 1x3 3.62 -> 3.54 / 7.91 -> 8.05, 8x256x14x14 1x3 4.34 -> 4.92 / 9.10 -> 11.43;
+#: float64 the 1x7 13.15 -> 11.86 / 27.2 -> 28.4. Backward passes stay on ``im2col`` (no gain
+#: beyond the noise, and 1x3 lost).
+TAPS_SWAPPED_MIN_TAPS = 5
+
 
 def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
     """The concrete kernel that ``'auto'`` runs for a geometry (and direction).
@@ -170,7 +181,8 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
       :data:`DIRECT_MAX_CHANNELS_PER_GROUP` input channels per group, use ``direct``;
     - layers where most of ``im2col``'s products would meet padding (large dilations on small
       maps) use ``taps``, within the bounds of :data:`TAPS_MAX_USEFUL`, and so do wide kx1
-      layers (:data:`TAPS_WHOLE_ROWS_MIN_CHANNELS`);
+      layers (:data:`TAPS_WHOLE_ROWS_MIN_CHANNELS`) and the forward pass of wide 1xk ones
+      (:data:`TAPS_SWAPPED_MIN_TAPS`);
     - everything else uses ``im2col``, which was the fastest kernel, or within noise of it, on
       every other layer (``direct`` did not win even on the digits layer).
 
@@ -192,6 +204,13 @@ def choose(geom: ConvGeometry, dtype=None, direction: str = "forward") -> str:
         and geom.out_height * geom.out_width >= TAPS_MIN_PIXELS
         and taps.useful_fraction(geom) <= TAPS_MAX_USEFUL
     ) or (channels >= TAPS_WHOLE_ROWS_MIN_CHANNELS and taps.reads_whole_rows(geom)):
+        return "taps"
+    if (
+        direction == "forward"
+        and channels >= TAPS_WHOLE_ROWS_MIN_CHANNELS
+        and geom.filter_width >= TAPS_SWAPPED_MIN_TAPS
+        and taps.by_swapped_axes(geom) is not None
+    ):
         return "taps"
     runs = winograd.winograd_geometry(geom)  # dilated layers: on polyphase sub-images
     if runs is None or min(geom.in_channels, geom.out_channels) < WINOGRAD_MIN_CHANNELS:

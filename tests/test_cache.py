@@ -12,7 +12,7 @@ import time
 from threadprobe import parallel_kernels
 
 from numbaconv import _numba_internals, cache
-from numbaconv.kernels import direct, im2col, winograd
+from numbaconv.kernels import direct, im2col, taps, winograd
 
 # Every kernel family on both of its paths: the banded passes (BLAS inside the kernels, the
 # default) and the chunked ones (NUMBACONV_BLAS_INSIDE_KERNELS=0, read at each call), forward and
@@ -36,6 +36,7 @@ WORKLOAD = textwrap.dedent(
             ((1, 16, 5, 5), (4, 16, 3, 3), dict(padding=1)),
             ((4, 32, 10, 10), (32, 32, 3, 3), dict(padding=1)),  # im2col's implicit backward
             ((4, 32, 1, 4200), (32, 32, 1, 9), dict(padding=(0, 4))),  # ... on row segments
+            ((2, 4, 5, 9), (4, 4, 1, 3), dict(padding=(0, 1))),  # taps: 1xk on swapped axes
             ((2, 4, 6, 7), (3, 4, 3, 3), dict(padding=1)),  # last: the im2col call below uses it
         ]
         saved = os.environ.get("NUMBACONV_BLAS_INSIDE_KERNELS")
@@ -114,7 +115,7 @@ def test_second_process_compiles_nothing():
     # ... and loaded every parallel kernel of every family from the cache (a kernel the
     # workload never ran would have nothing to miss).
     loaded = set(report["loaded"])
-    for module in (im2col, winograd, direct):
+    for module in (im2col, winograd, direct, taps):
         expected = {f"{module.__name__}.{name}" for name in parallel_kernels(module)}
         assert expected, module.__name__
         assert expected <= loaded, f"not loaded from the cache: {sorted(expected - loaded)}"

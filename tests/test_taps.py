@@ -15,7 +15,7 @@ from helpers import (
 
 import numbaconv as nc
 from numbaconv import _threading, registry
-from numbaconv.geometry import make_geometry
+from numbaconv.geometry import make_geometry, swap_axes
 from numbaconv.kernels import taps
 
 CFGS = [
@@ -26,6 +26,9 @@ CFGS = [
     Cfg(2, 4, 8, 8, 4, 5, 1, padding=(2, 0), groups=4, bias=False, name="depthwise-5x1"),
     Cfg(1, 3, 6, 7, 2, 1, 1, stride=2, name="1x1-stride-2"),
     Cfg(2, 5, 13, 12, 9, 3, 3, padding=6, dilation=6, name="deeplab-like"),
+    # 1xk: every pass on the arrays transposed in their spatial axes (taps.by_swapped_axes).
+    Cfg(2, 4, 7, 9, 5, 1, 5, stride=(1, 2), padding=(0, 3), dilation=(1, 2), name="1x5-swapped"),
+    Cfg(1, 4, 5, 8, 6, 1, 3, padding=(0, 1), groups=2, bias=False, name="1x3-swapped-groups"),
 ]
 
 
@@ -114,14 +117,40 @@ def test_a_nan_reaches_only_the_outputs_that_read_it():
         (Cfg(4, 16, 33, 33, 256, 3, 3, padding=12, dilation=12), False),  # 16 channels
         (Cfg(2, 64, 32, 32, 64, 3, 3, padding=12, dilation=12, groups=4), False),  # 16 per group
         (Cfg(16, 128, 17, 17, 128, 7, 1, padding=(3, 0)), True),  # Inception's 7x1: whole rows
-        (Cfg(16, 128, 17, 17, 128, 1, 7, padding=(0, 3)), False),  # its 1x7
+        (Cfg(16, 128, 17, 17, 128, 1, 7, padding=(0, 3)), (True, False)),  # its 1x7, transposed
+        (Cfg(16, 128, 17, 17, 128, 1, 5, padding=(0, 2)), (True, False)),
+        (Cfg(16, 128, 17, 17, 128, 1, 3, padding=(0, 1)), False),  # 1x3: the copies cost more
+        (Cfg(16, 64, 17, 17, 64, 1, 7, padding=(0, 3)), False),  # 1x7, 64 channels
         (Cfg(16, 64, 28, 28, 64, 3, 1, padding=(1, 0)), False),  # 3x1, 64 channels
     ],
     ids=str,
 )
 def test_auto_gives_taps_the_layers_mostly_in_padding(cfg, chosen):
-    for direction in ("forward", "backward"):
-        assert (registry.choose(geometry(cfg), np.float32, direction) == "taps") == chosen
+    forward, backward = chosen if isinstance(chosen, tuple) else (chosen, chosen)
+    for dtype in (np.float32, np.float64):
+        assert (registry.choose(geometry(cfg), dtype, "forward") == "taps") == forward
+        assert (registry.choose(geometry(cfg), dtype, "backward") == "taps") == backward
+
+
+def test_1xk_layers_run_as_kx1_layers_on_swapped_axes():
+    cfg = Cfg(2, 4, 7, 9, 5, 1, 5, stride=(1, 2), padding=(0, 3), dilation=(1, 2))
+    geom = geometry(cfg)
+    swapped = taps.by_swapped_axes(geom)
+    transposed = dict(stride=(2, 1), padding=(3, 0), dilation=(2, 1))
+    assert swapped == make_geometry((2, 4, 9, 7), (5, 4, 5, 1), **transposed)
+    assert taps.reads_whole_rows(swapped) and not taps.reads_whole_rows(geom)
+    assert swap_axes(swapped) == geom
+    # kx1 layers read whole rows as they are; padded or strided rows cannot.
+    assert taps.by_swapped_axes(swapped) is None
+    assert taps.by_swapped_axes(geometry(Cfg(2, 4, 7, 9, 5, 1, 5, padding=(1, 2)))) is None
+    assert taps.by_swapped_axes(geometry(Cfg(2, 4, 7, 9, 5, 1, 5, stride=2))) is None
+    assert taps.by_swapped_axes(geometry(Cfg(2, 4, 7, 9, 5, 3, 3))) is None
+    assert taps.by_swapped_axes(geometry(Cfg(2, 4, 1, 9, 5, 1, 5, padding=(0, 2)))) is None  # 1-D
+
+
+def test_the_swap_kernel_transposes_every_plane():
+    x = np.arange(2 * 3 * 5 * 7, dtype=np.float32).reshape(2, 3, 5, 7)
+    np.testing.assert_array_equal(taps._swapped(x), x.transpose(0, 1, 3, 2))
 
 
 def test_whole_rows_are_kx1_filters_without_column_padding():

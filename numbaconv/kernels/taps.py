@@ -15,8 +15,11 @@ ms by ``im2col``, 12.0 by taps). Elsewhere it loses (16x512x7x7 3x3: 15.8 agains
 each tap reads and writes the output again, and the GEMMs are a window wide, not a band of all
 the taps. Where a window is whole output rows, its GEMM adds straight into them; where it also
 reads whole, consecutive input rows (kx1 filters, the middle column of a 'same' layer's taps),
-nothing is copied at all. ``auto`` gives it the layers where most products would meet padding
-(:func:`useful_fraction`) and wide kx1 layers (:func:`reads_whole_rows`).
+nothing is copied at all. A 1xk layer runs as the kx1 layer of its arrays transposed in
+their two spatial axes (:func:`by_swapped_axes`): a parallel copy of the input and output
+buffers against a window copied per tap and band. ``auto`` gives it the layers where most
+products would meet padding (:func:`useful_fraction`) and wide kx1 and 1xk layers
+(:func:`reads_whole_rows`).
 
 The backward pass runs the same sum the other way round:
 
@@ -50,7 +53,7 @@ from numba import njit, prange
 
 from .._threading import blas_inside_kernels, single_threaded_blas
 from .._workspace import take
-from ..geometry import ConvGeometry
+from ..geometry import ConvGeometry, swap_axes
 from ._blas import gemm_nn_add, gemm_nn_into, gemm_nt_add
 from ._loops import gather_row, scatter_add_row, valid_range
 from .direct import grad_bias_kernel
@@ -387,6 +390,48 @@ def reads_whole_rows(geom: ConvGeometry) -> bool:
     )
 
 
+def by_swapped_axes(geom: ConvGeometry) -> ConvGeometry | None:
+    """The geometry with the spatial axes exchanged (:func:`~numbaconv.geometry.swap_axes`)
+    where that one reads whole rows and ``geom`` does not (1xk filters), else None: the passes
+    then run on the arrays transposed (:func:`swap_axes_kernel`).
+
+    The copies are cheap next to the windows: Inception's 16x128x17x17 input (2.4 MB in
+    float32) took 0.12-0.13 ms to transpose on 2 threads (AMD EPYC Zen 4), and its 1x7 layer's
+    forward pass 5.77-5.89 ms transposed against 6.83-7.46 on the windows (one process,
+    alternating, medians of 9 rounds of 5 calls, two runs). When ``auto`` takes this path:
+    :data:`~numbaconv.registry.TAPS_SWAPPED_MIN_TAPS`. Not 1-D layers (one input row): their
+    windows are pieces of one row already, and transposed they ran no faster (16x256 channels
+    of 1000 samples, 5 taps, forward 56.8 ms on the windows against 59.3; 4x32x1000, 3 taps,
+    0.38 against 0.42)."""
+    if reads_whole_rows(geom) or geom.in_height == 1:  # a 1-D layer's windows are row pieces
+        return None
+    swapped = swap_axes(geom)
+    return swapped if reads_whole_rows(swapped) else None
+
+
+def reads_whole_rows_either_way(geom: ConvGeometry) -> bool:
+    """Whether :func:`reads_whole_rows` holds for ``geom`` or for its axes exchanged."""
+    return reads_whole_rows(geom) or by_swapped_axes(geom) is not None
+
+
+@njit(parallel=True, cache=True)
+def swap_axes_kernel(src, dst):
+    """``dst[n, c] = src[n, c].T`` for every image and channel, the planes in parallel."""
+    n_batch, n_channels, height, width = src.shape
+    for plane in prange(n_batch * n_channels):
+        n, c = plane // n_channels, plane % n_channels
+        for i in range(height):
+            for j in range(width):
+                dst[n, c, j, i] = src[n, c, i, j]
+
+
+def _swapped(a: np.ndarray) -> np.ndarray:
+    """``a`` transposed in its last two axes, as a new C-ordered array."""
+    out = np.empty(a.shape[:2] + (a.shape[3], a.shape[2]), dtype=a.dtype)
+    swap_axes_kernel(a, out)
+    return out
+
+
 def _geometry(geom: ConvGeometry) -> tuple[int, ...]:
     return (
         geom.filter_height, geom.filter_width, geom.stride_h, geom.stride_w, geom.pad_top,
@@ -432,6 +477,9 @@ def _blas_held(use_blas: bool):
 
 
 def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
+    swapped = by_swapped_axes(geom)
+    if swapped is not None:
+        return _swapped(forward(_swapped(x), _swapped(w), b, swapped))
     n, k, oh, ow = geom.output_shape
     c = geom.in_channels
     band_rows = _bands(oh, c * ow * x.itemsize, n)
@@ -454,6 +502,9 @@ def forward(x, w, b, geom: ConvGeometry) -> np.ndarray:
 
 def input_gradient(grad_y, w, geom: ConvGeometry) -> np.ndarray:
     """grad-x alone (a transposed convolution's forward pass)."""
+    swapped = by_swapped_axes(geom)
+    if swapped is not None:
+        return _swapped(input_gradient(_swapped(grad_y), _swapped(w), swapped))
     n, c, height, width = geom.input_shape
     k, out_w = geom.out_channels, geom.out_width
     # A band of input rows is reached by at most ceil(rows / stride) output rows per tap.
@@ -476,6 +527,9 @@ def input_gradient(grad_y, w, geom: ConvGeometry) -> np.ndarray:
 
 def weight_gradient(grad_y, x, w, geom: ConvGeometry) -> np.ndarray:
     """grad-w alone."""
+    swapped = by_swapped_axes(geom)
+    if swapped is not None:
+        return _swapped(weight_gradient(_swapped(grad_y), _swapped(x), _swapped(w), swapped))
     k, c_g, r, s = w.shape
     k_g, out_h, out_w = k // geom.groups, geom.out_height, geom.out_width
     n_taps = r * s * geom.groups
@@ -504,6 +558,10 @@ def weight_gradient(grad_y, x, w, geom: ConvGeometry) -> np.ndarray:
 
 
 def backward(grad_y, x, w, geom: ConvGeometry):
+    swapped = by_swapped_axes(geom)
+    if swapped is not None:  # grad_y transposed once for both gradients
+        grad_x, grad_w, grad_b = backward(_swapped(grad_y), _swapped(x), _swapped(w), swapped)
+        return _swapped(grad_x), _swapped(grad_w), grad_b
     grad_x = input_gradient(grad_y, w, geom)
     grad_w = weight_gradient(grad_y, x, w, geom)
     grad_b = np.empty(geom.out_channels, dtype=x.dtype)
