@@ -409,11 +409,6 @@ def by_swapped_axes(geom: ConvGeometry) -> ConvGeometry | None:
     return swapped if reads_whole_rows(swapped) else None
 
 
-def reads_whole_rows_either_way(geom: ConvGeometry) -> bool:
-    """Whether :func:`reads_whole_rows` holds for ``geom`` or for its axes exchanged."""
-    return reads_whole_rows(geom) or by_swapped_axes(geom) is not None
-
-
 @njit(parallel=True, cache=True)
 def swap_axes_kernel(src, dst):
     """``dst[n, c] = src[n, c].T`` for every image and channel, the planes in parallel."""
